@@ -1,0 +1,179 @@
+/* zkmem: a memory allocator for async runtimes and servers.
+ *
+ * Threading rules: every call is thread-safe. Memory may be freed by any
+ * thread, not only the one that allocated it. A pool may be used by any number
+ * of threads at once, except zk_pool_destroy and zk_pool_visit, which need the
+ * pool to be quiescent (no concurrent call on that pool).
+ *
+ * Errors: allocation failure returns NULL with errno = ENOMEM. A detected
+ * double free or foreign pointer prints one line on stderr, then aborts
+ * (ZKMEM_ON_ERROR=warn logs and leaks instead). */
+#ifndef ZKMEM_H
+#define ZKMEM_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define ZKMEM_VERSION_MAJOR 0
+#define ZKMEM_VERSION_MINOR 1
+#define ZKMEM_VERSION_PATCH 0
+
+/* ---- malloc API ------------------------------------------------------ */
+
+/* Block of at least `size` bytes, 16-byte aligned from 16 B up (8 below). */
+void *zk_malloc(size_t size);
+/* Zeroed n * size bytes; NULL with ENOMEM when the product overflows. */
+void *zk_calloc(size_t count, size_t size);
+/* Grow or shrink keeping contents. zk_realloc(p, 0) frees p and returns NULL. */
+void *zk_realloc(void *ptr, size_t size);
+/* Free a block of this allocator; NULL is a no-op. */
+void zk_free(void *ptr);
+/* `alignment` must be a power of two (else NULL with EINVAL). */
+void *zk_aligned_alloc(size_t alignment, size_t size);
+/* POSIX contract: 0, EINVAL (alignment not a power-of-two multiple of
+ * sizeof(void *)) or ENOMEM; *out untouched on error. */
+int zk_posix_memalign(void **out, size_t alignment, size_t size);
+/* Bytes usable in the block (>= the size asked for); 0 for NULL. */
+size_t zk_usable_size(const void *ptr);
+
+/* ---- object pools ---------------------------------------------------- */
+
+/* A pool hands out objects of one exact size with 100% reuse of freed ones.
+ * Any thread may allocate and free; each thread caches free objects in a
+ * private magazine, so both calls are a push or pop on a thread-local stack
+ * in the common case. */
+typedef struct zk_pool zk_pool_t;
+
+typedef struct zk_pool_options {
+  size_t alignment;          /* 0: natural (16 from 16 B up); power of two */
+  size_t preallocate;        /* objects carved at creation; 0 = lazy */
+  const char *name;          /* for statistics; copied */
+  size_t max_cached;         /* cap on cached free objects; 0 = adaptive */
+  void (*constructor)(void *object, void *arg); /* once per fresh object */
+  void *constructor_arg;
+} zk_pool_options_t;
+
+typedef struct zk_pool_stats {
+  const char *name;
+  size_t object_size;        /* as asked */
+  size_t slot_size;          /* size with alignment padding */
+  uint64_t allocations;
+  uint64_t frees;
+  uint64_t reused;           /* allocations served by a freed object */
+  double reuse_rate;         /* reused / allocations, 0..1 */
+  uint64_t live;             /* allocations - frees */
+  uint64_t peak_live;        /* highest live seen (sampled, see docs) */
+  uint64_t predicted_live;   /* EWMA of the live high-water mark */
+  uint64_t cached;           /* free objects held for reuse */
+  uint64_t pages;            /* spans the pool holds */
+  size_t bytes_committed;    /* bytes of those spans */
+  double fragmentation;      /* bytes_committed / (live * object_size) */
+} zk_pool_stats_t;
+
+/* NULL options = defaults. Returns NULL (errno EINVAL or ENOMEM) on error. */
+zk_pool_t *zk_pool_create(size_t object_size, const zk_pool_options_t *options);
+void *zk_pool_alloc(zk_pool_t *pool);
+void zk_pool_free(zk_pool_t *pool, void *object);
+/* Frees every object of the pool, live ones included, in O(pages). */
+void zk_pool_destroy(zk_pool_t *pool);
+/* Calls visitor(object, arg) for every live object. */
+void zk_pool_visit(zk_pool_t *pool, void (*visitor)(void *object, void *arg),
+                   void *arg);
+/* 0 on success, -1 (EINVAL) for a NULL pool or out. */
+int zk_pool_stats(const zk_pool_t *pool, zk_pool_stats_t *out);
+
+/* A pool of `type` created on first use: name_alloc() and name_free(obj). */
+#define ZK_POOL_TYPED(name, type)                                          \
+  static zk_pool_t *name##_pool_instance;                                  \
+  static zk_pool_t *name##_pool(void) {                                    \
+    zk_pool_t *pool =                                                      \
+        __atomic_load_n(&name##_pool_instance, __ATOMIC_ACQUIRE);          \
+    if (__builtin_expect(pool == NULL, 0)) {                               \
+      zk_pool_options_t options = {0};                                     \
+      options.alignment = _Alignof(type);                                  \
+      options.name = #name;                                                \
+      zk_pool_t *fresh = zk_pool_create(sizeof(type), &options);           \
+      zk_pool_t *expected = NULL;                                          \
+      if (__atomic_compare_exchange_n(&name##_pool_instance, &expected,    \
+                                      fresh, 0, __ATOMIC_ACQ_REL,          \
+                                      __ATOMIC_ACQUIRE)) {                 \
+        pool = fresh;                                                      \
+      } else {                                                             \
+        zk_pool_destroy(fresh);                                            \
+        pool = expected;                                                   \
+      }                                                                    \
+    }                                                                      \
+    return pool;                                                           \
+  }                                                                        \
+  static inline type *name##_alloc(void) {                                 \
+    return (type *)zk_pool_alloc(name##_pool());                           \
+  }                                                                        \
+  static inline void name##_free(type *object) {                           \
+    zk_pool_free(name##_pool_instance, object);                            \
+  }
+
+/* ---- memory returned to the OS, statistics, options ------------------ */
+
+/* Returns free memory: force = true purges everything free now, false only
+ * what has been free longer than the purge delay. */
+void zk_collect(bool force);
+
+#define ZK_STATS_CLASSES 96
+
+typedef struct zk_class_stats {
+  size_t block_size;
+  uint64_t allocations;
+  uint64_t frees;
+  uint64_t live;
+  uint64_t pages;
+} zk_class_stats_t;
+
+typedef struct zk_stats {
+  size_t class_count;
+  zk_class_stats_t classes[ZK_STATS_CLASSES];
+  uint64_t large_allocations; /* blocks above the size classes (own span) */
+  uint64_t large_live;
+  uint64_t huge_allocations; /* direct mappings */
+  uint64_t huge_live;
+  size_t bytes_live;       /* block bytes handed out and not freed */
+  size_t bytes_committed;  /* bytes of spans in use or cached, unpurged */
+  size_t bytes_purged;     /* cumulative bytes returned to the OS */
+  size_t bytes_huge_pages; /* bytes asked to be huge-page backed */
+  size_t segments_mapped;
+  size_t bytes_mapped;
+  size_t rss;              /* resident set size of the process */
+  size_t peak_rss;
+  double fragmentation;    /* bytes_committed / bytes_live */
+} zk_stats_t;
+
+void zk_stats_get(zk_stats_t *out);
+void zk_stats_print(FILE *out);
+void zk_stats_json(FILE *out);
+
+/* Options, also read once at start-up from ZKMEM_<NAME> variables. */
+typedef enum zk_option {
+  ZK_OPTION_PURGE_DELAY_MS,  /* default 1000; free spans purged after */
+  ZK_OPTION_PURGE_DECOMMIT,  /* default 1: MADV_DONTNEED; 0: MADV_FREE */
+  ZK_OPTION_HUGE_PAGES,      /* default 0; 1 = transparent; 2 = reserved */
+  ZK_OPTION_SECURE,          /* default 0; 1 = full checks, guard pages */
+  ZK_OPTION_ON_ERROR,        /* default 0 = abort; 1 = warn and leak */
+  ZK_OPTION_SHOW_STATS,      /* default 0; 1 = print stats at exit */
+  ZK_OPTION_VERBOSE,         /* default 0; 1 = print options and warnings */
+  ZK_OPTION_COUNT
+} zk_option_t;
+
+long zk_option_get(zk_option_t option);
+/* Returns 0, or -1 (EINVAL) for an unknown option. */
+int zk_option_set(zk_option_t option, long value);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* ZKMEM_H */

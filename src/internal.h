@@ -1,0 +1,265 @@
+/* zkmem internals: the types shared between layers and the map of which file
+ * owns which function.
+ *
+ * Glossary (bottom to top):
+ *   os       the only code that talks to the kernel (os.h).
+ *   segment  4 MiB of address space aligned to 4 MiB. Slice 0 holds the
+ *            segment header and one page descriptor per slice, so any pointer
+ *            finds its metadata by masking. Huge blocks get a segment of
+ *            their own, sized to fit.
+ *   slice    64 KiB, the unit in which segments are cut into spans.
+ *   span     a run of slices: free (in a size bin, merged with free
+ *            neighbours), or in use as one page.
+ *   page     a span in use: blocks of one size class (small), one block
+ *            (large), or objects of one pool. Its descriptor is the page_t of
+ *            the span's first slice.
+ *   block    what malloc returns. Free blocks link through their first word,
+ *            encoded with the page's key.
+ *   heap     per-thread: the pages it allocates from, one queue per class.
+ *   pool     zk_pool_t: exact-size objects, per-thread magazines over pages.
+ *
+ * Layers: alloc.c and pool.c (API) -> heap.c -> page.c -> segment.c -> os.c.
+ * A layer calls only the layers below it.
+ *
+ * Lock order (outer first): pool registry, pool->lock, segment_lock,
+ * abandoned_lock, heaps_lock, meta lock. Fast paths take no lock. */
+#ifndef ZKMEM_INTERNAL_H
+#define ZKMEM_INTERNAL_H
+
+#include "zkmem.h"
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define likely(x) __builtin_expect(!!(x), 1)
+#define unlikely(x) __builtin_expect(!!(x), 0)
+#define ZK_NOINLINE __attribute__((noinline))
+#define ZK_INLINE static inline __attribute__((always_inline))
+#define ZK_EXPORT __attribute__((visibility("default")))
+#define ZK_COLD __attribute__((cold, noinline))
+
+#define SEGMENT_SHIFT 22
+#define SEGMENT_SIZE ((size_t)1 << SEGMENT_SHIFT)
+#define SEGMENT_MASK (SEGMENT_SIZE - 1)
+#define SLICE_SHIFT 16
+#define SLICE_SIZE ((size_t)1 << SLICE_SHIFT)
+#define SLICES_PER_SEGMENT (SEGMENT_SIZE / SLICE_SIZE)
+/* Slice 0 is the header; spans use slices 1..63. */
+#define SEGMENT_FIRST_SLICE 1
+#define SEGMENT_USABLE_SLICES (SLICES_PER_SEGMENT - SEGMENT_FIRST_SLICE)
+
+#define SMALL_MAX ((size_t)64 * 1024)    /* largest size class */
+#define DIRECT_MAX ((size_t)1024)        /* sizes served by heap->direct */
+#define DIRECT_COUNT (DIRECT_MAX / 8 + 1)
+#define LARGE_MAX ((size_t)2 * 1024 * 1024) /* above: huge, own mapping */
+#define CLASS_COUNT 81
+#define POOL_SLOTS 1024
+#define LARGE_CACHE_ENTRIES 8
+#define ZK_ALIGN_MAX_SMALL SLICE_SIZE /* alignment pages give for free */
+
+typedef struct heap heap_t;
+typedef struct page page_t;
+typedef struct segment segment_t;
+typedef struct magazine magazine_t;
+
+/* A free block: its first word is the encoded address of the next one. */
+typedef struct block {
+  uintptr_t next_encoded;
+} block_t;
+
+typedef enum page_kind {
+  PAGE_FREE_SPAN = 0, /* in a segment size bin (or cached, see below) */
+  PAGE_SMALL,         /* blocks of one size class, owned by a heap */
+  PAGE_LARGE,         /* a single block above SMALL_MAX */
+  PAGE_POOL,          /* objects of one zk_pool_t */
+  PAGE_HUGE,          /* the block of a huge segment */
+  PAGE_HEADER,        /* slice 0 */
+} page_kind_t;
+
+/* Invariant for small pages, on the owner's side:
+ *   used == capacity - |free|
+ * and blocks in thread_free are still counted in `used` until the owner
+ * collects them. A page with used == 0 has every block in its own lists. */
+struct page {
+  /* Hot: the malloc and local free fast paths touch only this line. */
+  block_t *free;          /* owner only: malloc pops, the owner's free pushes */
+  uintptr_t key;          /* free-list encoding key, random per page */
+  uint32_t used;          /* blocks handed out (owner's view) */
+  uint8_t in_full;        /* in the heap's full queue: frees must requeue */
+  uint8_t kind;           /* page_kind_t */
+  uint8_t class_index;    /* small pages */
+  uint8_t is_zero;        /* span memory is known to read as zero */
+  _Atomic(heap_t *) owner; /* NULL: abandoned, pool, large or free span */
+  uint64_t frees;          /* blocks freed into this page (stats) */
+
+  /* Cold: shared with other threads or used on slow paths. */
+  _Atomic(block_t *) thread_free __attribute__((aligned(64)));
+  uint32_t block_size;  /* small: class size; pool: stride */
+  uint32_t capacity;    /* blocks carved so far */
+  uint32_t reserved;    /* blocks the span can hold */
+  uint32_t slice_count; /* span length, on the head */
+  uint32_t slice_offset; /* slices back to the span head (0 on the head) */
+  uint8_t purged;        /* free span: returned to the OS */
+  uint8_t huge_pages;    /* backed by huge pages */
+  uint8_t *start;        /* first block */
+  page_t *next, *prev;   /* heap queue, pool list or free bin */
+  uint64_t free_since_ms; /* free span: when it became free */
+  zk_pool_t *pool;        /* pool pages */
+  size_t large_size;      /* large/huge: usable bytes */
+};
+
+typedef enum segment_kind { SEGMENT_NORMAL = 1, SEGMENT_HUGE } segment_kind_t;
+
+struct segment {
+  uintptr_t cookie; /* address ^ process secret: masking found a header */
+  uint8_t kind;     /* segment_kind_t */
+  uint8_t huge_pages;
+  uint32_t used_slices;
+  size_t mapped_size;
+  uint64_t free_since_ms; /* all slices free since (NORMAL) */
+  segment_t *next, *prev; /* list of NORMAL segments */
+  page_t pages[SLICES_PER_SEGMENT] __attribute__((aligned(64)));
+};
+
+typedef struct page_queue {
+  page_t *first;
+  page_t *last;
+} page_queue_t;
+
+/* Per-thread counters, merged on read (stats.c). */
+typedef struct heap_stats {
+  uint64_t class_frees_retired[CLASS_COUNT]; /* from pages no longer held */
+  uint64_t class_allocs_retired[CLASS_COUNT];
+} heap_stats_t;
+
+struct large_cache_entry {
+  page_t *span;
+};
+
+struct heap {
+  /* Fast paths: direct[] maps (size + 7) / 8 to the class's current page;
+   * pool_magazines[] maps a pool slot to this thread's magazine. */
+  page_t *direct[DIRECT_COUNT];
+  magazine_t *pool_magazines[POOL_SLOTS];
+  page_queue_t queues[CLASS_COUNT]; /* pages that may have free blocks */
+  page_queue_t full;                /* pages found without free blocks */
+  atomic_int remote_frees_to_full;  /* hint: scan `full` */
+  uint64_t random_state;
+  page_t *large_cache[LARGE_CACHE_ENTRIES];
+  unsigned large_cache_count;
+  heap_stats_t stats;
+  bool initialized;
+  heap_t *next_heap; /* heaps_lock: all live heaps / free heaps */
+};
+
+/* Pool magazine: a thread's stack of free objects of one pool. */
+struct magazine {
+  uint32_t count;
+  uint32_t capacity;
+  uint64_t allocations; /* by this thread */
+  zk_pool_t *pool;      /* NULL once the pool is destroyed */
+  uint64_t pool_uid;
+  int64_t taken;        /* objects moved in from the pool (fresh or reused) */
+  uint64_t fresh;       /* of those, carved from never-used memory */
+  uint8_t *carve_next, *carve_end; /* fresh objects reserved to this thread */
+  page_t *carve_page;
+  heap_t *heap;
+  magazine_t *next_in_pool, *prev_in_pool;
+  void *items[];
+};
+
+/* ---- os.c: see os.h ---- */
+
+/* ---- segment.c ---- */
+extern uint64_t segment_owned_map[];
+ZK_INLINE segment_t *segment_of(const void *p) {
+  return (segment_t *)((uintptr_t)p & ~(uintptr_t)SEGMENT_MASK);
+}
+ZK_INLINE bool segment_is_owned(const segment_t *segment) {
+  uintptr_t index = (uintptr_t)segment >> SEGMENT_SHIFT;
+  return (segment_owned_map[(index >> 6) & ((1u << 20) - 1)] >>
+          (index & 63)) &
+         1;
+}
+ZK_INLINE page_t *segment_page_of(segment_t *segment, const void *p) {
+  page_t *page =
+      &segment->pages[((uintptr_t)p - (uintptr_t)segment) >> SLICE_SHIFT];
+  return page - page->slice_offset;
+}
+page_t *segment_span_alloc(size_t slices, page_kind_t kind);
+void segment_span_free(page_t *span);
+page_t *segment_huge_alloc(size_t size, size_t alignment);
+void segment_huge_free(page_t *page);
+page_t *segment_huge_resize(page_t *page, size_t new_size);
+size_t segment_purge(uint64_t now_ms, bool force);
+void segment_lock_all(void);
+void segment_unlock_all(void);
+void segment_reinit_after_fork(void);
+void segment_collect_stats(zk_stats_t *out);
+extern pthread_mutex_t segment_lock;
+
+/* ---- page.c ---- */
+void page_init_small(page_t *page, heap_t *heap, unsigned class_index);
+bool page_extend(page_t *page);
+void page_collect(page_t *page);
+void page_free_remote(page_t *page, block_t *block);
+ZK_INLINE block_t *page_decode(const page_t *page, uintptr_t encoded) {
+  return (block_t *)(encoded ^ page->key);
+}
+ZK_INLINE uintptr_t page_encode(const page_t *page, const block_t *next) {
+  return (uintptr_t)next ^ page->key;
+}
+uint64_t random_next(uint64_t *state);
+uint64_t random_seed(void);
+
+/* ---- heap.c ---- */
+extern __thread heap_t *heap_current;
+extern heap_t heap_empty;
+extern page_t page_empty;
+void *heap_malloc_generic(heap_t *heap, size_t size, size_t alignment);
+void heap_free_generic(void *p);
+void heap_free_local_slow(heap_t *heap, page_t *page);
+heap_t *heap_get_initialized(void);
+void heap_collect(heap_t *heap, bool force);
+void heap_reclaim_abandoned(bool force);
+void heap_lock_all(void);
+void heap_unlock_all(void);
+void heap_collect_stats(zk_stats_t *out);
+void process_init(void);
+
+/* ---- large.c ---- */
+void *large_alloc(heap_t *heap, size_t size, size_t alignment);
+void large_free(heap_t *heap, page_t *page);
+void large_cache_flush(heap_t *heap);
+bool large_block_is_zero(const void *p);
+void *large_try_resize(void *p, size_t size);
+void large_collect_stats(zk_stats_t *out);
+
+/* ---- pool.c ---- */
+void pool_heap_exit(heap_t *heap);
+void pool_free_from_malloc(page_t *page, void *object);
+void pool_lock_all(void);
+void pool_unlock_all(void);
+
+/* ---- purge.c ---- */
+uint64_t clock_now_ms(void);
+void purge_maybe(void);
+
+/* ---- options.c ---- */
+extern long option_values[ZK_OPTION_COUNT];
+ZK_INLINE long option(zk_option_t which) { return option_values[which]; }
+void options_init(void);
+
+/* ---- error.c ---- */
+/* Reports misuse on stderr (one line) and aborts, or warns when
+ * ZKMEM_ON_ERROR=warn. The caller then leaks the block. */
+ZK_COLD void error_report(const char *what, const void *pointer, size_t size);
+ZK_COLD void error_warning(const char *format, ...);
+
+/* ---- stats.c ---- */
+size_t stats_rss(size_t *peak);
+
+#endif /* ZKMEM_INTERNAL_H */

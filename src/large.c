@@ -1,0 +1,124 @@
+/* Blocks above the size classes.
+ *
+ * Large (SMALL_MAX < size <= LARGE_MAX): a span of whole slices of its own,
+ * taken from the segment layer, which splits and merges spans. Only the
+ * bytes a program touches become resident. Each heap caches a few freed
+ * spans so that a free/malloc pattern of similar sizes takes no lock.
+ *
+ * Huge (above LARGE_MAX, or alignment above a slice): a mapping of its own,
+ * unmapped on free and resized with mremap. */
+#include "internal.h"
+
+#include <errno.h>
+
+#define LARGE_CACHE_MAX_SLICES 64 /* 4 MiB per heap */
+
+atomic_ullong large_allocations, large_live, huge_allocations, huge_live;
+
+static void *huge_alloc(size_t size, size_t alignment) {
+  page_t *page = segment_huge_alloc(size, alignment);
+  if (page == NULL) {
+    errno = ENOMEM;
+    return NULL;
+  }
+  atomic_fetch_add_explicit(&huge_allocations, 1, memory_order_relaxed);
+  atomic_fetch_add_explicit(&huge_live, 1, memory_order_relaxed);
+  return page->start;
+}
+
+static page_t *large_cache_take(heap_t *heap, size_t slices) {
+  for (unsigned i = heap->large_cache_count; i-- > 0;) {
+    page_t *span = heap->large_cache[i];
+    if (span->slice_count == slices) {
+      heap->large_cache[i] = heap->large_cache[--heap->large_cache_count];
+      return span;
+    }
+  }
+  return NULL;
+}
+
+void *large_alloc(heap_t *heap, size_t size, size_t alignment) {
+  if (unlikely(size > PTRDIFF_MAX)) {
+    errno = ENOMEM;
+    return NULL;
+  }
+  if (size > LARGE_MAX || alignment > SLICE_SIZE)
+    return huge_alloc(size, alignment);
+  size_t slices = (size + SLICE_SIZE - 1) >> SLICE_SHIFT;
+  page_t *span = large_cache_take(heap, slices);
+  if (span == NULL) {
+    purge_maybe();
+    span = segment_span_alloc(slices, PAGE_LARGE);
+    if (span == NULL) {
+      errno = ENOMEM;
+      return NULL;
+    }
+  }
+  span->large_size = slices << SLICE_SHIFT;
+  atomic_fetch_add_explicit(&large_allocations, 1, memory_order_relaxed);
+  atomic_fetch_add_explicit(&large_live, 1, memory_order_relaxed);
+  return span->start;
+}
+
+static size_t large_cache_slices(const heap_t *heap) {
+  size_t total = 0;
+  for (unsigned i = 0; i < heap->large_cache_count; i++)
+    total += heap->large_cache[i]->slice_count;
+  return total;
+}
+
+void large_free(heap_t *heap, page_t *page) {
+  if (page->kind == PAGE_HUGE) {
+    atomic_fetch_sub_explicit(&huge_live, 1, memory_order_relaxed);
+    segment_huge_free(page);
+    return;
+  }
+  atomic_fetch_sub_explicit(&large_live, 1, memory_order_relaxed);
+  page->is_zero = 0;
+  if (heap == &heap_empty || page->slice_count > LARGE_CACHE_MAX_SLICES / 4) {
+    segment_span_free(page);
+    return;
+  }
+  /* Evict the oldest entries until the new one fits. */
+  while (heap->large_cache_count > 0 &&
+         (heap->large_cache_count == LARGE_CACHE_ENTRIES ||
+          large_cache_slices(heap) + page->slice_count >
+              LARGE_CACHE_MAX_SLICES)) {
+    page_t *oldest = heap->large_cache[0];
+    for (unsigned i = 1; i < heap->large_cache_count; i++)
+      heap->large_cache[i - 1] = heap->large_cache[i];
+    heap->large_cache_count--;
+    segment_span_free(oldest);
+  }
+  heap->large_cache[heap->large_cache_count++] = page;
+}
+
+void large_cache_flush(heap_t *heap) {
+  while (heap->large_cache_count > 0)
+    segment_span_free(heap->large_cache[--heap->large_cache_count]);
+}
+
+bool large_block_is_zero(const void *p) {
+  segment_t *segment = segment_of(p);
+  page_t *page = segment_page_of(segment, p);
+  return (page->kind == PAGE_LARGE || page->kind == PAGE_HUGE) &&
+         page->is_zero && p == page->start;
+}
+
+void *large_try_resize(void *p, size_t size) {
+  segment_t *segment = segment_of(p);
+  page_t *page = segment_page_of(segment, p);
+  if (page->kind != PAGE_HUGE || size <= LARGE_MAX || p != page->start)
+    return NULL;
+  page_t *resized = segment_huge_resize(page, size);
+  return resized != NULL ? resized->start : NULL;
+}
+
+void large_collect_stats(zk_stats_t *out) {
+  out->large_allocations =
+      atomic_load_explicit(&large_allocations, memory_order_relaxed);
+  out->large_live = atomic_load_explicit(&large_live, memory_order_relaxed);
+  out->huge_allocations =
+      atomic_load_explicit(&huge_allocations, memory_order_relaxed);
+  out->huge_live = atomic_load_explicit(&huge_live, memory_order_relaxed);
+}

@@ -1,0 +1,178 @@
+/* Linux implementation of os.h. */
+#define _GNU_SOURCE /* mremap */
+#include "os.h"
+#include "internal.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <string.h>
+#include <sys/mman.h>
+
+#ifndef MAP_HUGETLB
+#define MAP_HUGETLB 0x40000
+#endif
+#ifndef MADV_FREE
+#define MADV_FREE 8
+#endif
+
+static void *os_map(void *hint, size_t size, int extra_flags) {
+  void *address = mmap(hint, size, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE |
+                           extra_flags,
+                       -1, 0);
+  if (address == MAP_FAILED) {
+    errno = ENOMEM;
+    return NULL;
+  }
+  return address;
+}
+
+/* Map size + alignment, then trim both ends so what is left is aligned. */
+static void *os_map_trimmed(size_t size, size_t alignment) {
+  size_t oversize = size + alignment;
+  if (oversize < size)
+    return NULL;
+  uint8_t *raw = os_map(NULL, oversize, 0);
+  if (raw == NULL)
+    return NULL;
+  uintptr_t aligned = ((uintptr_t)raw + alignment - 1) & ~(alignment - 1);
+  size_t before = aligned - (uintptr_t)raw;
+  size_t after = oversize - before - size;
+  if (before)
+    munmap(raw, before);
+  if (after)
+    munmap((uint8_t *)aligned + size, after);
+  return (void *)aligned;
+}
+
+void *os_reserve_aligned(size_t size, size_t alignment, int huge_pages,
+                         bool *got_huge) {
+  *got_huge = false;
+  if (huge_pages == 2 && (size & ((2u << 20) - 1)) == 0) {
+    /* Reserve an aligned window, then replace it with huge pages. */
+    void *window = os_map_trimmed(size, alignment);
+    if (window == NULL)
+      return NULL;
+    void *huge = mmap(window, size, PROT_READ | PROT_WRITE,
+                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_HUGETLB,
+                      -1, 0);
+    if (huge != MAP_FAILED) {
+      *got_huge = true;
+      return huge;
+    }
+    /* No reserved huge pages: MAP_FIXED failed and left the window as it
+     * was (a plain mapping), so fall back to it. */
+    return window;
+  }
+  void *address = os_map_trimmed(size, alignment);
+  if (address != NULL && huge_pages >= 1) {
+    *got_huge = madvise(address, size, MADV_HUGEPAGE) == 0;
+  }
+  return address;
+}
+
+void os_release(void *address, size_t size) { munmap(address, size); }
+
+bool os_purge(void *address, size_t size, bool decommit) {
+  if (!decommit && madvise(address, size, MADV_FREE) == 0)
+    return true;
+  return madvise(address, size, MADV_DONTNEED) == 0;
+}
+
+bool os_resize_in_place(void *address, size_t old_size, size_t new_size) {
+  void *moved = mremap(address, old_size, new_size, 0);
+  return moved != MAP_FAILED;
+}
+
+void *os_move_aligned(void *address, size_t old_size, size_t new_size,
+                      size_t alignment) {
+  void *target = os_map_trimmed(new_size, alignment);
+  if (target == NULL)
+    return NULL;
+  void *moved =
+      mremap(address, old_size, new_size, MREMAP_MAYMOVE | MREMAP_FIXED, target);
+  if (moved == MAP_FAILED) {
+    munmap(target, new_size);
+    errno = ENOMEM;
+    return NULL;
+  }
+  return moved;
+}
+
+/* ---- metadata ---- */
+
+/* Free lists by power-of-two size class, 64 B .. 64 KiB; carved from
+ * 1 MiB chunks. Metadata is small and rare (a heap per thread, a pool). */
+#define META_MIN_SHIFT 6
+#define META_MAX_SHIFT 16
+#define META_CHUNK ((size_t)1 << 20)
+
+typedef struct meta_free_block {
+  struct meta_free_block *next;
+} meta_free_block_t;
+
+static pthread_mutex_t meta_lock = PTHREAD_MUTEX_INITIALIZER;
+static meta_free_block_t *meta_free_lists[META_MAX_SHIFT + 1];
+static uint8_t *meta_chunk_next, *meta_chunk_end;
+
+static unsigned meta_shift(size_t size) {
+  unsigned shift = META_MIN_SHIFT;
+  while (((size_t)1 << shift) < size)
+    shift++;
+  return shift;
+}
+
+void *os_meta_alloc(size_t size) {
+  unsigned shift = meta_shift(size);
+  if (shift > META_MAX_SHIFT) {
+    bool huge;
+    return os_reserve_aligned((size + OS_PAGE_SIZE - 1) & ~(OS_PAGE_SIZE - 1),
+                              OS_PAGE_SIZE, 0, &huge);
+  }
+  size_t rounded = (size_t)1 << shift;
+  pthread_mutex_lock(&meta_lock);
+  meta_free_block_t *block = meta_free_lists[shift];
+  if (block != NULL) {
+    meta_free_lists[shift] = block->next;
+    pthread_mutex_unlock(&meta_lock);
+    memset(block, 0, rounded);
+    return block;
+  }
+  /* Blocks are naturally aligned up to a page: keeps hot structs on their
+   * own cache lines. */
+  uintptr_t aligned_mask =
+      (rounded < OS_PAGE_SIZE ? rounded : OS_PAGE_SIZE) - 1;
+  uint8_t *aligned =
+      (uint8_t *)(((uintptr_t)meta_chunk_next + aligned_mask) & ~aligned_mask);
+  if (meta_chunk_next == NULL || aligned + rounded > meta_chunk_end) {
+    bool huge;
+    uint8_t *chunk = os_reserve_aligned(META_CHUNK, OS_PAGE_SIZE, 0, &huge);
+    if (chunk == NULL) {
+      pthread_mutex_unlock(&meta_lock);
+      return NULL;
+    }
+    meta_chunk_end = chunk + META_CHUNK;
+    aligned = chunk;
+  }
+  meta_chunk_next = aligned + rounded;
+  pthread_mutex_unlock(&meta_lock);
+  return aligned; /* fresh mapping: already zero */
+}
+
+void os_meta_lock(void) { pthread_mutex_lock(&meta_lock); }
+void os_meta_unlock(void) { pthread_mutex_unlock(&meta_lock); }
+
+void os_meta_free(void *block, size_t size) {
+  if (block == NULL)
+    return;
+  unsigned shift = meta_shift(size);
+  if (shift > META_MAX_SHIFT) {
+    os_release(block, (size + OS_PAGE_SIZE - 1) & ~(OS_PAGE_SIZE - 1));
+    return;
+  }
+  pthread_mutex_lock(&meta_lock);
+  meta_free_block_t *free_block = block;
+  free_block->next = meta_free_lists[shift];
+  meta_free_lists[shift] = free_block;
+  pthread_mutex_unlock(&meta_lock);
+}

@@ -1,0 +1,41 @@
+/* The OS contract: every call zkmem makes to the kernel goes through here.
+ *
+ * Rules: addresses and sizes are multiples of the OS page size (4 KiB);
+ * functions set errno and return NULL/false on failure and never abort;
+ * nothing here allocates with malloc. Memory from os_reserve reads as zero. */
+#ifndef ZKMEM_OS_H
+#define ZKMEM_OS_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#define OS_PAGE_SIZE ((size_t)4096)
+
+/* Read-write mapping of `size` bytes aligned to `alignment` (a power of two,
+ * >= OS_PAGE_SIZE). huge_pages: 1 = advise transparent huge pages,
+ * 2 = try MAP_HUGETLB 2 MiB pages first; *got_huge says what was obtained. */
+void *os_reserve_aligned(size_t size, size_t alignment, int huge_pages,
+                         bool *got_huge);
+/* Give the mapping back. */
+void os_release(void *address, size_t size);
+/* Tell the kernel the range's contents are not needed. decommit = true:
+ * MADV_DONTNEED (RSS falls now, range reads as zero); false: MADV_FREE
+ * (RSS falls when the kernel needs memory; contents undefined). */
+bool os_purge(void *address, size_t size, bool decommit);
+/* Grow or shrink a mapping in place; false if the neighbours are taken. */
+bool os_resize_in_place(void *address, size_t old_size, size_t new_size);
+/* Move a mapping to a fresh region aligned to `alignment` without copying
+ * pages; NULL on failure (the old mapping is left intact). */
+void *os_move_aligned(void *address, size_t old_size, size_t new_size,
+                      size_t alignment);
+
+/* Metadata for zkmem's own structures (heaps, pools, magazines): zeroed
+ * blocks carved from OS mappings and recycled by size; blocks up to 64 KiB
+ * are never unmapped, so a stale pointer stays readable. */
+void *os_meta_alloc(size_t size);
+void os_meta_free(void *block, size_t size);
+/* Held across fork() so the child never sees the metadata half-updated. */
+void os_meta_lock(void);
+void os_meta_unlock(void);
+
+#endif /* ZKMEM_OS_H */

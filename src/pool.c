@@ -1,0 +1,716 @@
+/* Object pools: exact-size objects with 100% reuse.
+ *
+ * Two layers, after Bonwick's magazines:
+ *   magazine  per thread and pool: a stack of free objects. zk_pool_alloc
+ *             pops, zk_pool_free pushes, with no lock, no atomic and no
+ *             owner check: every object of a pool is interchangeable, so a
+ *             free goes to the freeing thread's magazine.
+ *   slab      per pool, under pool->lock: PAGE_POOL spans whose free objects
+ *             sit in per-page free lists. Magazines exchange MAGAZINE_BATCH
+ *             objects with it at a time. A page whose objects are all back
+ *             in its list can return to the segment layer (and then, after
+ *             the purge delay, to the OS).
+ *
+ * Fresh objects are carved, and constructed, one at a time from a region a
+ * magazine reserves in a page (so "fresh" vs "reused" is exact), with no
+ * lock held.
+ *
+ * Counting: a magazine counts its allocations and `taken` (objects moved in
+ * from the slab minus objects moved out). Over all magazines,
+ *   live = sum(taken - count),  frees = allocations - live,
+ *   reused = allocations - fresh.
+ *
+ * Adaptive reserve: every POOL_EPOCH slab exchanges, predicted_live becomes
+ * an EWMA (weight 1/4) of the epoch's live high-water mark. The slab keeps
+ * at most predicted_live - live free objects (or max_cached, when set);
+ * empty pages beyond that go back to the segment layer.
+ *
+ * Locks: pools_lock (slots, magazine attach/detach, destroy) before
+ * pool->lock before the segment lock. */
+#include "internal.h"
+#include "os.h"
+
+#include <errno.h>
+#include <string.h>
+
+#define MAGAZINE_CAPACITY 128
+#define MAGAZINE_BATCH 64
+#define CARVE_REGION_BYTES 8192
+#define POOL_EPOCH 64
+#define POOL_MAX_PAGE_SLICES 16
+#define POOL_MAX_OBJECT ((size_t)1 << 20)
+
+struct zk_pool {
+  uint32_t slot;
+  uint64_t uid;
+  size_t object_size;
+  size_t stride;
+  size_t max_cached;
+  void (*constructor)(void *object, void *arg);
+  void *constructor_arg;
+  char name[48];
+  pthread_mutex_t lock;
+  page_queue_t partial;  /* pages with objects in their free list */
+  page_queue_t drained;  /* pages without */
+  page_t *carve_page;    /* where the next carve region comes from */
+  uint32_t next_page_slices;
+  uint32_t page_count;
+  uint64_t free_in_pages;
+  magazine_t *magazines; /* attached to a heap */
+  /* Totals of magazines that have been detached. */
+  uint64_t retired_allocations;
+  uint64_t retired_fresh;
+  int64_t retired_taken;
+  uint64_t peak_live;
+  uint64_t epoch_peak;
+  double predicted_live;
+  uint32_t epoch_exchanges;
+};
+
+magazine_t pool_magazine_empty; /* count == capacity == 0 */
+
+static pthread_mutex_t pools_lock = PTHREAD_MUTEX_INITIALIZER;
+static zk_pool_t *pool_slots[POOL_SLOTS];
+static uint64_t pool_next_uid = 1;
+
+/* ---- fast paths ---- */
+
+static ZK_NOINLINE void *pool_alloc_slow(zk_pool_t *pool);
+static ZK_NOINLINE void pool_free_slow(zk_pool_t *pool, void *object);
+
+ZK_EXPORT void *zk_pool_alloc(zk_pool_t *pool) {
+  magazine_t *magazine = heap_current->pool_magazines[pool->slot];
+  if (likely(magazine->count != 0)) {
+    magazine->allocations++;
+    return magazine->items[--magazine->count];
+  }
+  return pool_alloc_slow(pool);
+}
+
+ZK_EXPORT void zk_pool_free(zk_pool_t *pool, void *object) {
+  magazine_t *magazine = heap_current->pool_magazines[pool->slot];
+  if (likely(magazine->count < magazine->capacity)) {
+    magazine->items[magazine->count++] = object;
+    return;
+  }
+  pool_free_slow(pool, object);
+}
+
+/* ---- slab (pool->lock held) ---- */
+
+static void queue_append(page_queue_t *queue, page_t *page) {
+  page->next = NULL;
+  page->prev = queue->last;
+  if (queue->last)
+    queue->last->next = page;
+  else
+    queue->first = page;
+  queue->last = page;
+}
+
+static void queue_unlink(page_queue_t *queue, page_t *page) {
+  if (page->prev)
+    page->prev->next = page->next;
+  else
+    queue->first = page->next;
+  if (page->next)
+    page->next->prev = page->prev;
+  else
+    queue->last = page->prev;
+  page->next = page->prev = NULL;
+}
+
+static page_t *pool_page_new(zk_pool_t *pool, size_t min_objects) {
+  size_t slices = pool->next_page_slices;
+  size_t needed = (min_objects * pool->stride + SLICE_SIZE - 1) >> SLICE_SHIFT;
+  if (slices < needed)
+    slices = needed;
+  if (slices > SEGMENT_USABLE_SLICES)
+    slices = SEGMENT_USABLE_SLICES;
+  page_t *page = segment_span_alloc(slices, PAGE_POOL);
+  if (page == NULL)
+    return NULL;
+  page->pool = pool;
+  page->block_size = (uint32_t)pool->stride;
+  page->reserved = (uint32_t)(((size_t)slices << SLICE_SHIFT) / pool->stride);
+  page->key = random_seed() | 1;
+  queue_append(&pool->drained, page);
+  pool->page_count++;
+  if (pool->next_page_slices < POOL_MAX_PAGE_SLICES)
+    pool->next_page_slices *= 2;
+  return page;
+}
+
+static void pool_page_release(zk_pool_t *pool, page_t *page) {
+  queue_unlink(page->free != NULL ? &pool->partial : &pool->drained, page);
+  pool->free_in_pages -= page->capacity;
+  pool->page_count--;
+  if (pool->carve_page == page)
+    pool->carve_page = NULL;
+  segment_span_free(page);
+}
+
+static int64_t pool_live_locked(const zk_pool_t *pool) {
+  int64_t live = pool->retired_taken;
+  for (const magazine_t *m = pool->magazines; m != NULL; m = m->next_in_pool)
+    live += m->taken - (int64_t)m->count;
+  return live < 0 ? 0 : live;
+}
+
+static uint64_t pool_cache_limit(const zk_pool_t *pool, uint64_t live) {
+  if (pool->max_cached != 0)
+    return pool->max_cached;
+  uint64_t predicted = (uint64_t)pool->predicted_live;
+  return predicted > live ? predicted - live : 0;
+}
+
+/* Return empty pages while the slab caches more than the limit. The page
+ * being carved stays: it is where growth continues. */
+static void pool_trim_locked(zk_pool_t *pool, uint64_t live) {
+  uint64_t limit = pool_cache_limit(pool, live);
+  page_t *page = pool->partial.first;
+  while (page != NULL && pool->free_in_pages > limit) {
+    page_t *next = page->next;
+    if (page->used == 0 && page != pool->carve_page)
+      pool_page_release(pool, page);
+    page = next;
+  }
+}
+
+/* Sample live at every exchange; close an epoch every POOL_EPOCH. */
+static void pool_observe_locked(zk_pool_t *pool) {
+  uint64_t live = (uint64_t)pool_live_locked(pool);
+  if (live > pool->peak_live)
+    pool->peak_live = live;
+  if (live > pool->epoch_peak)
+    pool->epoch_peak = live;
+  if (++pool->epoch_exchanges >= POOL_EPOCH) {
+    pool->predicted_live =
+        pool->predicted_live * 0.75 + (double)pool->epoch_peak * 0.25;
+    if (pool->predicted_live < (double)pool->epoch_peak &&
+        pool->predicted_live < 1.0)
+      pool->predicted_live = (double)pool->epoch_peak;
+    pool->epoch_peak = live;
+    pool->epoch_exchanges = 0;
+    pool_trim_locked(pool, live);
+  }
+}
+
+static page_t *pool_page_of(const void *object) {
+  segment_t *segment = segment_of(object);
+  if (!segment_is_owned(segment))
+    return NULL;
+  page_t *page = segment_page_of(segment, object);
+  return page->kind == PAGE_POOL ? page : NULL;
+}
+
+static bool pool_owns(const zk_pool_t *pool, const page_t *page,
+                      const void *object) {
+  if (page == NULL || page->pool != pool)
+    return false;
+  size_t offset = (size_t)((const uint8_t *)object - page->start);
+  return offset % pool->stride == 0 &&
+         offset < (size_t)page->capacity * pool->stride;
+}
+
+static void slab_put_locked(zk_pool_t *pool, void *object) {
+  page_t *page = pool_page_of(object);
+  if (unlikely(!pool_owns(pool, page, object))) {
+    error_report("object freed to a pool that does not own it", object,
+                 pool->object_size);
+    return;
+  }
+  block_t *block = object;
+  if (page->free == NULL) {
+    queue_unlink(&pool->drained, page);
+    queue_append(&pool->partial, page);
+  }
+  block->next_encoded = page_encode(page, page->free);
+  page->free = block;
+  page->used--;
+  pool->free_in_pages++;
+  if (page->used == 0 && page != pool->carve_page &&
+      pool->free_in_pages > pool_cache_limit(pool, 0) + page->capacity)
+    pool_page_release(pool, page);
+}
+
+static uint32_t slab_take_locked(zk_pool_t *pool, void **out, uint32_t want) {
+  uint32_t taken = 0;
+  while (taken < want && pool->partial.first != NULL) {
+    page_t *page = pool->partial.first;
+    while (taken < want && page->free != NULL) {
+      block_t *block = page->free;
+      page->free = page_decode(page, block->next_encoded);
+      page->used++;
+      out[taken++] = block;
+    }
+    if (page->free == NULL) {
+      queue_unlink(&pool->partial, page);
+      queue_append(&pool->drained, page);
+    }
+  }
+  pool->free_in_pages -= taken;
+  return taken;
+}
+
+/* Reserve uncarved objects of a page to this magazine. */
+static bool pool_reserve_region_locked(zk_pool_t *pool, magazine_t *magazine) {
+  page_t *page = pool->carve_page;
+  if (page == NULL || page->capacity >= page->reserved) {
+    page = NULL;
+    for (page_t *p = pool->drained.first; p != NULL; p = p->next) {
+      if (p->capacity < p->reserved) {
+        page = p;
+        break;
+      }
+    }
+    if (page == NULL)
+      page = pool_page_new(pool, 1);
+    if (page == NULL)
+      return false;
+    pool->carve_page = page;
+  }
+  uint32_t count = (uint32_t)(CARVE_REGION_BYTES / pool->stride);
+  if (count == 0)
+    count = 1;
+  if (count > page->reserved - page->capacity)
+    count = page->reserved - page->capacity;
+  magazine->carve_next = page->start + (size_t)page->capacity * pool->stride;
+  magazine->carve_end = magazine->carve_next + (size_t)count * pool->stride;
+  magazine->carve_page = page;
+  page->capacity += count;
+  page->used += count;
+  return true;
+}
+
+/* Give back the uncarved rest of a magazine's region: roll the page back if
+ * the region is its tail, otherwise construct the objects and free them. */
+static void pool_release_region_locked(zk_pool_t *pool, magazine_t *magazine) {
+  page_t *page = magazine->carve_page;
+  if (page == NULL || magazine->carve_next >= magazine->carve_end) {
+    magazine->carve_next = magazine->carve_end = NULL;
+    magazine->carve_page = NULL;
+    return;
+  }
+  uint32_t count =
+      (uint32_t)((size_t)(magazine->carve_end - magazine->carve_next) /
+                 pool->stride);
+  uint8_t *tail = page->start + (size_t)page->capacity * pool->stride;
+  if (tail == magazine->carve_end) {
+    page->capacity -= count;
+    page->used -= count;
+  } else {
+    for (uint8_t *object = magazine->carve_next; object < magazine->carve_end;
+         object += pool->stride) {
+      if (pool->constructor)
+        pool->constructor(object, pool->constructor_arg);
+      slab_put_locked(pool, object);
+    }
+  }
+  magazine->carve_next = magazine->carve_end = NULL;
+  magazine->carve_page = NULL;
+}
+
+/* ---- magazines ---- */
+
+static size_t magazine_bytes(void) {
+  return sizeof(magazine_t) + MAGAZINE_CAPACITY * sizeof(void *);
+}
+
+/* Flush a magazine into its pool and fold its counters into the pool. */
+static void magazine_detach_locked(zk_pool_t *pool, magazine_t *magazine) {
+  for (uint32_t i = 0; i < magazine->count; i++)
+    slab_put_locked(pool, magazine->items[i]);
+  magazine->taken -= magazine->count;
+  magazine->count = 0;
+  pool_release_region_locked(pool, magazine);
+  pool->retired_allocations += magazine->allocations;
+  pool->retired_fresh += magazine->fresh;
+  pool->retired_taken += magazine->taken;
+  if (magazine->prev_in_pool)
+    magazine->prev_in_pool->next_in_pool = magazine->next_in_pool;
+  else
+    pool->magazines = magazine->next_in_pool;
+  if (magazine->next_in_pool)
+    magazine->next_in_pool->prev_in_pool = magazine->prev_in_pool;
+  magazine->pool = NULL;
+  magazine->capacity = 0;
+}
+
+static magazine_t *magazine_attach(heap_t *heap, zk_pool_t *pool) {
+  magazine_t *stale = heap->pool_magazines[pool->slot];
+  magazine_t *magazine = os_meta_alloc(magazine_bytes());
+  if (magazine == NULL)
+    return NULL;
+  magazine->capacity = option(ZK_OPTION_SECURE) ? 0 : MAGAZINE_CAPACITY;
+  magazine->pool = pool;
+  magazine->pool_uid = pool->uid;
+  magazine->heap = heap;
+  pthread_mutex_lock(&pools_lock);
+  pthread_mutex_lock(&pool->lock);
+  magazine->next_in_pool = pool->magazines;
+  if (pool->magazines)
+    pool->magazines->prev_in_pool = magazine;
+  pool->magazines = magazine;
+  pthread_mutex_unlock(&pool->lock);
+  heap->pool_magazines[pool->slot] = magazine;
+  pthread_mutex_unlock(&pools_lock);
+  /* A magazine left by a destroyed pool in this slot. */
+  if (stale != &pool_magazine_empty)
+    os_meta_free(stale, magazine_bytes());
+  return magazine;
+}
+
+static magazine_t *magazine_for(zk_pool_t *pool) {
+  heap_t *heap = heap_get_initialized();
+  if (heap == NULL)
+    return NULL;
+  magazine_t *magazine = heap->pool_magazines[pool->slot];
+  if (magazine->pool == pool && magazine->pool_uid == pool->uid)
+    return magazine;
+  return magazine_attach(heap, pool);
+}
+
+void pool_heap_exit(heap_t *heap) {
+  pthread_mutex_lock(&pools_lock);
+  for (uint32_t slot = 0; slot < POOL_SLOTS; slot++) {
+    magazine_t *magazine = heap->pool_magazines[slot];
+    if (magazine == &pool_magazine_empty)
+      continue;
+    zk_pool_t *pool = magazine->pool;
+    if (pool != NULL) {
+      pthread_mutex_lock(&pool->lock);
+      magazine_detach_locked(pool, magazine);
+      pthread_mutex_unlock(&pool->lock);
+    }
+    heap->pool_magazines[slot] = &pool_magazine_empty;
+    os_meta_free(magazine, magazine_bytes());
+  }
+  pthread_mutex_unlock(&pools_lock);
+}
+
+/* ---- slow paths ---- */
+
+static void *pool_carve(zk_pool_t *pool, magazine_t *magazine) {
+  void *object = magazine->carve_next;
+  magazine->carve_next += pool->stride;
+  if (pool->constructor)
+    pool->constructor(object, pool->constructor_arg);
+  magazine->fresh++;
+  magazine->taken++;
+  magazine->allocations++;
+  return object;
+}
+
+static ZK_NOINLINE void *pool_alloc_slow(zk_pool_t *pool) {
+  magazine_t *magazine = magazine_for(pool);
+  if (magazine == NULL) {
+    errno = ENOMEM;
+    return NULL;
+  }
+  if (magazine->carve_next < magazine->carve_end)
+    return pool_carve(pool, magazine);
+  pthread_mutex_lock(&pool->lock);
+  uint32_t want = magazine->capacity ? MAGAZINE_BATCH : 1;
+  uint32_t got = slab_take_locked(pool, magazine->items, want);
+  if (magazine->capacity == 0 && got == 1) {
+    /* Secure mode: no caching, hand the object out directly. */
+    magazine->taken++;
+    magazine->allocations++;
+    pool_observe_locked(pool);
+    pthread_mutex_unlock(&pool->lock);
+    return magazine->items[0];
+  }
+  magazine->count = magazine->capacity ? got : 0;
+  magazine->taken += magazine->count;
+  bool carving = false;
+  if (got == 0) {
+    magazine->carve_next = magazine->carve_end = NULL;
+    carving = pool_reserve_region_locked(pool, magazine);
+  }
+  pool_observe_locked(pool);
+  pthread_mutex_unlock(&pool->lock);
+  if (magazine->count != 0) {
+    magazine->allocations++;
+    return magazine->items[--magazine->count];
+  }
+  if (carving)
+    return pool_carve(pool, magazine);
+  errno = ENOMEM;
+  return NULL;
+}
+
+static ZK_NOINLINE void pool_free_slow(zk_pool_t *pool, void *object) {
+  page_t *page = pool_page_of(object);
+  if (unlikely(!pool_owns(pool, page, object))) {
+    error_report("object freed to a pool that does not own it", object,
+                 pool->object_size);
+    return;
+  }
+  magazine_t *magazine = magazine_for(pool);
+  if (magazine != NULL && magazine->count < magazine->capacity) {
+    magazine->items[magazine->count++] = object; /* freshly attached */
+    return;
+  }
+  pthread_mutex_lock(&pool->lock);
+  if (magazine == NULL || magazine->capacity == 0) {
+    slab_put_locked(pool, object);
+    if (magazine != NULL)
+      magazine->taken--;
+    else
+      pool->retired_taken--;
+    pool_observe_locked(pool);
+    pthread_mutex_unlock(&pool->lock);
+    return;
+  }
+  /* Full: the oldest half goes back to the slab. */
+  for (uint32_t i = 0; i < MAGAZINE_BATCH; i++)
+    slab_put_locked(pool, magazine->items[i]);
+  memmove(magazine->items, magazine->items + MAGAZINE_BATCH,
+          (magazine->count - MAGAZINE_BATCH) * sizeof(void *));
+  magazine->count -= MAGAZINE_BATCH;
+  magazine->taken -= MAGAZINE_BATCH;
+  pool_observe_locked(pool);
+  pthread_mutex_unlock(&pool->lock);
+  magazine->items[magazine->count++] = object;
+}
+
+void pool_free_from_malloc(page_t *page, void *object) {
+  zk_pool_free(page->pool, object);
+}
+
+/* ---- life cycle ---- */
+
+ZK_EXPORT zk_pool_t *zk_pool_create(size_t object_size,
+                                    const zk_pool_options_t *options) {
+  zk_pool_options_t defaults = {0};
+  if (options == NULL)
+    options = &defaults;
+  size_t alignment = options->alignment;
+  if (alignment == 0)
+    alignment = object_size >= 16 ? 16 : 8;
+  if (object_size == 0 || object_size > POOL_MAX_OBJECT ||
+      (alignment & (alignment - 1)) != 0 || alignment > SLICE_SIZE) {
+    errno = EINVAL;
+    return NULL;
+  }
+  process_init();
+  zk_pool_t *pool = os_meta_alloc(sizeof(zk_pool_t));
+  if (pool == NULL) {
+    errno = ENOMEM;
+    return NULL;
+  }
+  size_t stride = (object_size + alignment - 1) & ~(alignment - 1);
+  if (stride < sizeof(block_t))
+    stride = sizeof(block_t);
+  pool->object_size = object_size;
+  pool->stride = stride;
+  pool->max_cached = options->max_cached;
+  pool->constructor = options->constructor;
+  pool->constructor_arg = options->constructor_arg;
+  strncpy(pool->name, options->name ? options->name : "pool",
+          sizeof(pool->name) - 1);
+  pthread_mutex_init(&pool->lock, NULL);
+  pool->next_page_slices = 1;
+
+  pthread_mutex_lock(&pools_lock);
+  uint32_t slot = 0;
+  while (slot < POOL_SLOTS && pool_slots[slot] != NULL)
+    slot++;
+  if (slot == POOL_SLOTS) {
+    pthread_mutex_unlock(&pools_lock);
+    os_meta_free(pool, sizeof(zk_pool_t));
+    errno = ENOMEM;
+    return NULL;
+  }
+  pool->slot = slot;
+  pool->uid = pool_next_uid++;
+  pool_slots[slot] = pool;
+  pthread_mutex_unlock(&pools_lock);
+
+  if (options->preallocate != 0) {
+    /* Reserve and fault in the memory now; objects are still carved (and
+     * constructed) on first use, so reuse counts stay exact. */
+    pthread_mutex_lock(&pool->lock);
+    size_t remaining = options->preallocate;
+    while (remaining > 0) {
+      page_t *page = pool_page_new(pool, remaining);
+      if (page == NULL)
+        break;
+      size_t bytes = (size_t)page->reserved * stride;
+      for (size_t offset = 0; offset < bytes; offset += OS_PAGE_SIZE)
+        ((volatile uint8_t *)page->start)[offset] = 0;
+      remaining -= page->reserved < remaining ? page->reserved : remaining;
+      if (pool->carve_page == NULL)
+        pool->carve_page = page;
+    }
+    pool->predicted_live = (double)options->preallocate;
+    pthread_mutex_unlock(&pool->lock);
+    if (remaining > 0) {
+      zk_pool_destroy(pool);
+      errno = ENOMEM;
+      return NULL;
+    }
+  }
+  return pool;
+}
+
+ZK_EXPORT void zk_pool_destroy(zk_pool_t *pool) {
+  if (pool == NULL)
+    return;
+  pthread_mutex_lock(&pools_lock);
+  pthread_mutex_lock(&pool->lock);
+  /* Magazines stay where their heaps point at them, emptied and marked
+   * dead; the heap frees one when it next touches this slot or exits. */
+  for (magazine_t *m = pool->magazines; m != NULL; m = m->next_in_pool) {
+    m->pool = NULL;
+    m->count = 0;
+    m->capacity = 0;
+    m->carve_next = m->carve_end = NULL;
+  }
+  pool->magazines = NULL;
+  page_t *page;
+  while ((page = pool->partial.first) != NULL) {
+    queue_unlink(&pool->partial, page);
+    segment_span_free(page);
+  }
+  while ((page = pool->drained.first) != NULL) {
+    queue_unlink(&pool->drained, page);
+    segment_span_free(page);
+  }
+  pool_slots[pool->slot] = NULL;
+  pthread_mutex_unlock(&pool->lock);
+  pthread_mutex_unlock(&pools_lock);
+  pthread_mutex_destroy(&pool->lock);
+  os_meta_free(pool, sizeof(zk_pool_t));
+}
+
+/* ---- visiting and statistics ---- */
+
+static void bitmap_set(uint64_t *bits, size_t index) {
+  bits[index >> 6] |= (uint64_t)1 << (index & 63);
+}
+
+static bool bitmap_get(const uint64_t *bits, size_t index) {
+  return (bits[index >> 6] >> (index & 63)) & 1;
+}
+
+static void visit_mark_free(zk_pool_t *pool, uint64_t *bits,
+                            const void *object) {
+  page_t *page = pool_page_of(object);
+  if (page == NULL || page->pool != pool)
+    return;
+  /* page->large_size holds the page's first bit while visiting. */
+  size_t index = (size_t)((const uint8_t *)object - page->start) / pool->stride;
+  bitmap_set(bits, page->large_size + index);
+}
+
+static void visit_queue_offsets(page_queue_t *queue, size_t *total_bits) {
+  for (page_t *page = queue->first; page != NULL; page = page->next) {
+    page->large_size = *total_bits;
+    *total_bits += page->reserved;
+  }
+}
+
+static void visit_queue(zk_pool_t *pool, page_queue_t *queue, uint64_t *bits,
+                        void (*visitor)(void *, void *), void *arg) {
+  for (page_t *page = queue->first; page != NULL; page = page->next) {
+    for (uint32_t i = 0; i < page->capacity; i++) {
+      if (!bitmap_get(bits, page->large_size + i))
+        visitor(page->start + (size_t)i * pool->stride, arg);
+    }
+  }
+}
+
+ZK_EXPORT void zk_pool_visit(zk_pool_t *pool,
+                             void (*visitor)(void *object, void *arg),
+                             void *arg) {
+  if (pool == NULL || visitor == NULL)
+    return;
+  pthread_mutex_lock(&pool->lock);
+  size_t total_bits = 0;
+  visit_queue_offsets(&pool->partial, &total_bits);
+  visit_queue_offsets(&pool->drained, &total_bits);
+  size_t bitmap_bytes = ((total_bits + 63) / 64) * 8 + 8;
+  uint64_t *bits = os_meta_alloc(bitmap_bytes);
+  if (bits == NULL) {
+    pthread_mutex_unlock(&pool->lock);
+    return;
+  }
+  /* Free: in page lists, in magazines, or reserved but not yet carved. */
+  for (page_t *page = pool->partial.first; page != NULL; page = page->next)
+    for (block_t *b = page->free; b != NULL;
+         b = page_decode(page, b->next_encoded))
+      visit_mark_free(pool, bits, b);
+  for (magazine_t *m = pool->magazines; m != NULL; m = m->next_in_pool) {
+    for (uint32_t i = 0; i < m->count; i++)
+      visit_mark_free(pool, bits, m->items[i]);
+    for (uint8_t *object = m->carve_next; object < m->carve_end;
+         object += pool->stride)
+      visit_mark_free(pool, bits, object);
+  }
+  /* The visitor may not call into this pool (it is locked). */
+  visit_queue(pool, &pool->partial, bits, visitor, arg);
+  visit_queue(pool, &pool->drained, bits, visitor, arg);
+  pthread_mutex_unlock(&pool->lock);
+  os_meta_free(bits, bitmap_bytes);
+}
+
+ZK_EXPORT int zk_pool_stats(const zk_pool_t *pool, zk_pool_stats_t *out) {
+  if (pool == NULL || out == NULL) {
+    errno = EINVAL;
+    return -1;
+  }
+  zk_pool_t *mutable_pool = (zk_pool_t *)pool;
+  memset(out, 0, sizeof(*out));
+  pthread_mutex_lock(&mutable_pool->lock);
+  uint64_t allocations = pool->retired_allocations;
+  uint64_t fresh = pool->retired_fresh;
+  uint64_t cached = pool->free_in_pages;
+  for (const magazine_t *m = pool->magazines; m != NULL; m = m->next_in_pool) {
+    allocations += m->allocations;
+    fresh += m->fresh;
+    cached += m->count;
+  }
+  uint64_t live = (uint64_t)pool_live_locked(pool);
+  if (live > mutable_pool->peak_live)
+    mutable_pool->peak_live = live;
+  size_t committed = 0;
+  const page_queue_t *queues[2] = {&pool->partial, &pool->drained};
+  for (int q = 0; q < 2; q++)
+    for (const page_t *page = queues[q]->first; page; page = page->next)
+      committed += ((size_t)page->capacity * pool->stride + OS_PAGE_SIZE - 1) &
+                   ~(OS_PAGE_SIZE - 1);
+  out->name = pool->name;
+  out->object_size = pool->object_size;
+  out->slot_size = pool->stride;
+  out->allocations = allocations;
+  out->live = live;
+  out->frees = allocations - live;
+  out->reused = allocations - fresh;
+  out->reuse_rate =
+      allocations ? (double)out->reused / (double)allocations : 0.0;
+  out->peak_live = pool->peak_live;
+  out->predicted_live = (uint64_t)(pool->predicted_live + 0.5);
+  out->cached = cached;
+  out->pages = pool->page_count;
+  out->bytes_committed = committed;
+  out->fragmentation =
+      live ? (double)committed / ((double)live * pool->object_size) : 0.0;
+  pthread_mutex_unlock(&mutable_pool->lock);
+  return 0;
+}
+
+void pool_lock_all(void) {
+  pthread_mutex_lock(&pools_lock);
+  for (uint32_t slot = 0; slot < POOL_SLOTS; slot++)
+    if (pool_slots[slot] != NULL)
+      pthread_mutex_lock(&pool_slots[slot]->lock);
+}
+
+void pool_unlock_all(void) {
+  for (uint32_t slot = 0; slot < POOL_SLOTS; slot++)
+    if (pool_slots[slot] != NULL)
+      pthread_mutex_unlock(&pool_slots[slot]->lock);
+  pthread_mutex_unlock(&pools_lock);
+}

@@ -1,0 +1,397 @@
+/* Segments and spans: the global layer under every heap and pool.
+ *
+ * A span of n slices is taken from the smallest non-empty size bin >= n and
+ * split; a freed span merges with free neighbours on both sides, so free
+ * memory of any size class can serve any other (cross-size reuse).
+ * Segments whose slices are all free are unmapped after a longer delay.
+ *
+ * Lock: segment_lock guards the bins, the segment list and every free span
+ * descriptor. Used spans belong to whoever allocated them. */
+#include "internal.h"
+#include "os.h"
+
+#include <errno.h>
+#include <string.h>
+
+/* One bit per 4 MiB of a 48-bit address space: 8 MiB of zero pages, of
+ * which only the words covering mapped segments are ever touched. */
+uint64_t segment_owned_map[1u << 20];
+
+pthread_mutex_t segment_lock = PTHREAD_MUTEX_INITIALIZER;
+static page_t *span_bins[SLICES_PER_SEGMENT]; /* free spans by slice count */
+static segment_t *segments;                   /* NORMAL segments */
+static uintptr_t segment_secret;
+static size_t segments_mapped, bytes_mapped, bytes_huge_backed;
+static size_t bytes_purged_total, bytes_free_committed;
+
+static void owned_map_set(segment_t *segment, bool owned) {
+  uintptr_t index = (uintptr_t)segment >> SEGMENT_SHIFT;
+  uint64_t bit = (uint64_t)1 << (index & 63);
+  uint64_t *word = &segment_owned_map[(index >> 6) & ((1u << 20) - 1)];
+  if (owned)
+    __atomic_fetch_or(word, bit, __ATOMIC_RELEASE);
+  else
+    __atomic_fetch_and(word, ~bit, __ATOMIC_RELEASE);
+}
+
+static size_t slice_index(const page_t *page) {
+  segment_t *segment = segment_of(page);
+  return (size_t)(page - segment->pages);
+}
+
+static uint8_t *slice_address(const page_t *page) {
+  return (uint8_t *)segment_of(page) + (slice_index(page) << SLICE_SHIFT);
+}
+
+/* Every slice of a span points back to the span head. */
+static void span_mark(page_t *head, size_t slices) {
+  head->slice_count = (uint32_t)slices;
+  head->slice_offset = 0;
+  for (size_t i = 1; i < slices; i++) {
+    head[i].slice_offset = (uint32_t)i;
+    head[i].slice_count = 0;
+    head[i].kind = head->kind;
+  }
+}
+
+static void bin_insert(page_t *span) {
+  page_t **bin = &span_bins[span->slice_count];
+  span->prev = NULL;
+  span->next = *bin;
+  if (*bin)
+    (*bin)->prev = span;
+  *bin = span;
+}
+
+static void bin_remove(page_t *span) {
+  if (span->prev)
+    span->prev->next = span->next;
+  else
+    span_bins[span->slice_count] = span->next;
+  if (span->next)
+    span->next->prev = span->prev;
+  span->next = span->prev = NULL;
+}
+
+static size_t span_bytes(const page_t *span) {
+  return (size_t)span->slice_count << SLICE_SHIFT;
+}
+
+/* A merged span counts as purged only if both parts were; the purged part
+ * of a mixed merge is counted as committed from now on (conservative). */
+static void span_merge_purge_state(page_t *into, const page_t *other) {
+  if (into->purged && !other->purged)
+    bytes_free_committed += span_bytes(into);
+  else if (!into->purged && other->purged)
+    bytes_free_committed += span_bytes(other);
+  into->purged = into->purged && other->purged;
+  into->is_zero = into->is_zero && other->is_zero;
+}
+
+/* Put a free span (not in any bin) into its bin, merged with neighbours.
+ * A merged span is purged only if all its parts were. */
+static void span_insert_free(page_t *span, uint64_t now_ms) {
+  segment_t *segment = segment_of(span);
+  size_t index = slice_index(span);
+  size_t end = index + span->slice_count;
+  if (end < SLICES_PER_SEGMENT) {
+    page_t *after = &segment->pages[end];
+    if (after->kind == PAGE_FREE_SPAN && after->slice_offset == 0) {
+      bin_remove(after);
+      span_merge_purge_state(span, after);
+      span->slice_count += after->slice_count;
+      if (after->free_since_ms > span->free_since_ms)
+        span->free_since_ms = after->free_since_ms;
+    }
+  }
+  if (index > SEGMENT_FIRST_SLICE) {
+    page_t *before = &segment->pages[index - 1];
+    before -= before->slice_offset;
+    if (before->kind == PAGE_FREE_SPAN) {
+      bin_remove(before);
+      span_merge_purge_state(before, span);
+      before->slice_count += span->slice_count;
+      if (span->free_since_ms > before->free_since_ms)
+        before->free_since_ms = span->free_since_ms;
+      span = before;
+    }
+  }
+  (void)now_ms;
+  span->kind = PAGE_FREE_SPAN;
+  span_mark(span, span->slice_count);
+  bin_insert(span);
+}
+
+static segment_t *segment_map_new(void) {
+  bool got_huge = false;
+  int huge_mode = (int)option(ZK_OPTION_HUGE_PAGES);
+  segment_t *segment =
+      os_reserve_aligned(SEGMENT_SIZE, SEGMENT_SIZE, huge_mode, &got_huge);
+  if (segment == NULL)
+    return NULL;
+  segment->cookie = (uintptr_t)segment ^ segment_secret;
+  segment->kind = SEGMENT_NORMAL;
+  segment->huge_pages = got_huge;
+  segment->mapped_size = SEGMENT_SIZE;
+  segment->pages[0].kind = PAGE_HEADER;
+  segment->pages[0].slice_count = 1;
+  page_t *span = &segment->pages[SEGMENT_FIRST_SLICE];
+  span->slice_count = SEGMENT_USABLE_SLICES;
+  span->is_zero = 1;
+  span->huge_pages = got_huge;
+  span->free_since_ms = 0;
+  span->purged = 1; /* never touched: nothing resident */
+  span_insert_free(span, 0);
+  segment->next = segments;
+  if (segments)
+    segments->prev = segment;
+  segments = segment;
+  segments_mapped++;
+  bytes_mapped += SEGMENT_SIZE;
+  if (got_huge)
+    bytes_huge_backed += SEGMENT_SIZE;
+  owned_map_set(segment, true);
+  return segment;
+}
+
+static void segment_unmap(segment_t *segment) {
+  page_t *span = &segment->pages[SEGMENT_FIRST_SLICE];
+  bin_remove(span);
+  if (!span->purged)
+    bytes_free_committed -= span_bytes(span);
+  if (segment->prev)
+    segment->prev->next = segment->next;
+  else
+    segments = segment->next;
+  if (segment->next)
+    segment->next->prev = segment->prev;
+  owned_map_set(segment, false);
+  segments_mapped--;
+  bytes_mapped -= SEGMENT_SIZE;
+  if (segment->huge_pages)
+    bytes_huge_backed -= SEGMENT_SIZE;
+  os_release(segment, SEGMENT_SIZE);
+}
+
+page_t *segment_span_alloc(size_t slices, page_kind_t kind) {
+  if (slices == 0 || slices > SEGMENT_USABLE_SLICES) {
+    errno = ENOMEM;
+    return NULL;
+  }
+  pthread_mutex_lock(&segment_lock);
+  if (segment_secret == 0)
+    segment_secret = (uintptr_t)random_seed() | 1;
+  page_t *span = NULL;
+  for (size_t bin = slices; bin < SLICES_PER_SEGMENT; bin++) {
+    if (span_bins[bin] != NULL) {
+      span = span_bins[bin];
+      break;
+    }
+  }
+  if (span == NULL) {
+    if (segment_map_new() == NULL) {
+      pthread_mutex_unlock(&segment_lock);
+      errno = ENOMEM;
+      return NULL;
+    }
+    span = span_bins[SEGMENT_USABLE_SLICES];
+  }
+  bin_remove(span);
+  if (!span->purged)
+    bytes_free_committed -= span_bytes(span);
+  if (span->slice_count > slices) {
+    page_t *rest = span + slices;
+    rest->slice_count = span->slice_count - (uint32_t)slices;
+    rest->purged = span->purged;
+    rest->is_zero = span->is_zero;
+    rest->huge_pages = span->huge_pages;
+    rest->free_since_ms = span->free_since_ms;
+    rest->kind = PAGE_FREE_SPAN;
+    span_mark(rest, rest->slice_count);
+    bin_insert(rest);
+    if (!rest->purged)
+      bytes_free_committed += span_bytes(rest);
+  }
+  segment_t *segment = segment_of(span);
+  segment->used_slices += (uint32_t)slices;
+  /* Reset the descriptor under the lock: neighbours being freed read its
+   * kind to decide whether to merge. */
+  uint8_t is_zero = span->is_zero;
+  uint8_t huge_pages = span->huge_pages;
+  memset(span, 0, sizeof(*span));
+  span->kind = (uint8_t)kind;
+  span->is_zero = is_zero;
+  span->huge_pages = huge_pages;
+  span->start = slice_address(span);
+  span_mark(span, slices);
+  pthread_mutex_unlock(&segment_lock);
+  return span;
+}
+
+void segment_span_free(page_t *span) {
+  uint64_t now = clock_now_ms();
+  size_t slices = span->slice_count;
+  pthread_mutex_lock(&segment_lock);
+  segment_t *segment = segment_of(span);
+  segment->used_slices -= (uint32_t)slices;
+  span->kind = PAGE_FREE_SPAN;
+  span->purged = 0;
+  span->is_zero = 0;
+  span->free_since_ms = now;
+  __atomic_store_n(&span->owner, NULL, __ATOMIC_RELAXED);
+  span->pool = NULL;
+  bytes_free_committed += slices << SLICE_SHIFT;
+  span_insert_free(span, now);
+  if (segment->used_slices == 0)
+    segment->free_since_ms = now;
+  pthread_mutex_unlock(&segment_lock);
+}
+
+/* ---- huge blocks: a segment of their own ---- */
+
+page_t *segment_huge_alloc(size_t size, size_t alignment) {
+  size_t offset = alignment > SLICE_SIZE ? alignment : SLICE_SIZE;
+  if (offset >= SEGMENT_SIZE) {
+    errno = ENOMEM;
+    return NULL;
+  }
+  size_t total = (offset + size + SEGMENT_MASK) & ~SEGMENT_MASK;
+  if (total < size) {
+    errno = ENOMEM;
+    return NULL;
+  }
+  bool got_huge = false;
+  int huge_mode = (int)option(ZK_OPTION_HUGE_PAGES);
+  segment_t *segment =
+      os_reserve_aligned(total, SEGMENT_SIZE, huge_mode, &got_huge);
+  if (segment == NULL)
+    return NULL;
+  pthread_mutex_lock(&segment_lock);
+  if (segment_secret == 0)
+    segment_secret = (uintptr_t)random_seed() | 1;
+  segment->cookie = (uintptr_t)segment ^ segment_secret;
+  segments_mapped++;
+  bytes_mapped += total;
+  if (got_huge)
+    bytes_huge_backed += total;
+  pthread_mutex_unlock(&segment_lock);
+  segment->kind = SEGMENT_HUGE;
+  segment->huge_pages = got_huge;
+  segment->mapped_size = total;
+  segment->pages[0].kind = PAGE_HEADER;
+  size_t index = offset >> SLICE_SHIFT;
+  page_t *page = &segment->pages[index];
+  page->kind = PAGE_HUGE;
+  page->is_zero = 1;
+  page->huge_pages = got_huge;
+  page->start = (uint8_t *)segment + offset;
+  page->large_size = total - offset;
+  /* Interior slices of the first 4 MiB resolve to the block. */
+  for (size_t i = index + 1; i < SLICES_PER_SEGMENT; i++)
+    segment->pages[i].slice_offset = (uint32_t)(i - index);
+  owned_map_set(segment, true);
+  return page;
+}
+
+void segment_huge_free(page_t *page) {
+  segment_t *segment = segment_of(page);
+  size_t total = segment->mapped_size;
+  pthread_mutex_lock(&segment_lock);
+  segments_mapped--;
+  bytes_mapped -= total;
+  if (segment->huge_pages)
+    bytes_huge_backed -= total;
+  pthread_mutex_unlock(&segment_lock);
+  owned_map_set(segment, false);
+  os_release(segment, total);
+}
+
+page_t *segment_huge_resize(page_t *page, size_t new_size) {
+  segment_t *segment = segment_of(page);
+  size_t offset = (size_t)(page->start - (uint8_t *)segment);
+  size_t old_total = segment->mapped_size;
+  size_t new_total = (offset + new_size + SEGMENT_MASK) & ~SEGMENT_MASK;
+  if (new_total < new_size || segment->huge_pages)
+    return NULL; /* hugetlb mappings cannot be remapped piecewise */
+  if (new_total == old_total)
+    return page;
+  if (os_resize_in_place(segment, old_total, new_total)) {
+    segment->mapped_size = new_total;
+    page->large_size = new_total - offset;
+  } else {
+    segment_t *moved =
+        os_move_aligned(segment, old_total, new_total, SEGMENT_SIZE);
+    if (moved == NULL)
+      return NULL;
+    owned_map_set(segment, false);
+    segment = moved;
+    pthread_mutex_lock(&segment_lock);
+    segment->cookie = (uintptr_t)segment ^ segment_secret;
+    pthread_mutex_unlock(&segment_lock);
+    segment->mapped_size = new_total;
+    page = &segment->pages[offset >> SLICE_SHIFT];
+    page->start = (uint8_t *)segment + offset;
+    page->large_size = new_total - offset;
+    owned_map_set(segment, true);
+  }
+  pthread_mutex_lock(&segment_lock);
+  bytes_mapped += new_total - old_total;
+  pthread_mutex_unlock(&segment_lock);
+  return page;
+}
+
+/* ---- purge ---- */
+
+/* Returns free spans older than the delay (all, if force) to the OS, and
+ * unmaps segments that have been entirely free for four delays. Returns
+ * bytes purged. Called with no lock held. */
+size_t segment_purge(uint64_t now_ms, bool force) {
+  uint64_t delay = (uint64_t)option(ZK_OPTION_PURGE_DELAY_MS);
+  bool decommit = option(ZK_OPTION_PURGE_DECOMMIT) != 0;
+  size_t purged = 0;
+  pthread_mutex_lock(&segment_lock);
+  segment_t *segment = segments;
+  while (segment != NULL) {
+    segment_t *next = segment->next;
+    if (segment->used_slices == 0 &&
+        (force || now_ms - segment->free_since_ms >= 4 * delay)) {
+      page_t *span = &segment->pages[SEGMENT_FIRST_SLICE];
+      if (!span->purged)
+        purged += span_bytes(span);
+      segment_unmap(segment);
+      segment = next;
+      continue;
+    }
+    for (size_t index = SEGMENT_FIRST_SLICE; index < SLICES_PER_SEGMENT;) {
+      page_t *span = &segment->pages[index];
+      size_t slices = span->slice_count ? span->slice_count : 1;
+      if (span->kind == PAGE_FREE_SPAN && !span->purged &&
+          !segment->huge_pages &&
+          (force || now_ms - span->free_since_ms >= delay)) {
+        os_purge(slice_address(span), span_bytes(span), decommit);
+        span->purged = 1;
+        span->is_zero = decommit;
+        bytes_free_committed -= span_bytes(span);
+        purged += span_bytes(span);
+      }
+      index += slices;
+    }
+    segment = next;
+  }
+  bytes_purged_total += purged;
+  pthread_mutex_unlock(&segment_lock);
+  return purged;
+}
+
+void segment_lock_all(void) { pthread_mutex_lock(&segment_lock); }
+void segment_unlock_all(void) { pthread_mutex_unlock(&segment_lock); }
+
+void segment_collect_stats(zk_stats_t *out) {
+  pthread_mutex_lock(&segment_lock);
+  out->segments_mapped = segments_mapped;
+  out->bytes_mapped = bytes_mapped;
+  out->bytes_huge_pages = bytes_huge_backed;
+  out->bytes_purged = bytes_purged_total;
+  out->bytes_committed += bytes_free_committed;
+  pthread_mutex_unlock(&segment_lock);
+}

@@ -1,0 +1,51 @@
+/* Minimal assertions for zkmem's tests: stop at the first failure with the
+ * file, line and expression. */
+#ifndef ZKMEM_TEST_UTIL_H
+#define ZKMEM_TEST_UTIL_H
+
+#include <stdio.h>
+#include <stdlib.h>
+
+#define CHECK(condition)                                                       \
+  do {                                                                         \
+    if (!(condition)) {                                                        \
+      fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__,         \
+              #condition);                                                     \
+      exit(1);                                                                 \
+    }                                                                          \
+  } while (0)
+
+#define CHECK_EQ(actual, expected)                                             \
+  do {                                                                         \
+    long long check_actual = (long long)(actual);                              \
+    long long check_expected = (long long)(expected);                          \
+    if (check_actual != check_expected) {                                      \
+      fprintf(stderr, "%s:%d: %s == %lld, expected %s == %lld\n", __FILE__,    \
+              __LINE__, #actual, check_actual, #expected, check_expected);     \
+      exit(1);                                                                 \
+    }                                                                          \
+  } while (0)
+
+/* A pattern derived from the block's address and a seed: a block holding
+ * another block's pattern, or a stale one, fails the check. */
+static inline unsigned char test_pattern_byte(const void *block, size_t index,
+                                              unsigned seed) {
+  size_t mixed = ((size_t)block >> 4) * 2654435761u + index * 40503u + seed;
+  return (unsigned char)(mixed ^ (mixed >> 13));
+}
+
+static inline void test_fill(void *block, size_t size, unsigned seed) {
+  unsigned char *bytes = block;
+  for (size_t i = 0; i < size; i++)
+    bytes[i] = test_pattern_byte(block, i, seed);
+}
+
+static inline int test_verify(const void *block, size_t size, unsigned seed) {
+  const unsigned char *bytes = block;
+  for (size_t i = 0; i < size; i++)
+    if (bytes[i] != test_pattern_byte(block, i, seed))
+      return 0;
+  return 1;
+}
+
+#endif
