@@ -1,0 +1,994 @@
+#!/usr/bin/env python3
+"""Runs the zkmem allocation benchmarks against every allocator it can find.
+
+Each (scenario, allocator) pair runs in a fresh process; rounds are
+interleaved (A B C, A B C, ...) so slow drifts of the machine hit every
+allocator alike, and the tables report medians. Results go to stdout (tables),
+BUILD/bench/results.json (every run) and BUILD/bench/results.svg (chart).
+
+Allocators, as table rows:
+  zkmem-pool  zk_pool_* through bench_pool (fixed-size scenarios only)
+  zkmem       BUILD/libzkmem.so under LD_PRELOAD
+  glibc       the system malloc, no preload
+  jemalloc, mimalloc, tcmalloc   under LD_PRELOAD, when installed
+  seed        the seed report's stack pool (fixed-size scenarios only)
+
+Standard library only, so it runs wherever the build does.
+"""
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+# ---------------------------------------------------------------------------
+# Scenarios: name, what it does, ops for a full and a --quick run, and which
+# fixed-size rows (pool, seed) it has. Op counts are chosen so a default run
+# of every allocator fits in ten minutes on two cores.
+
+
+class Scenario:
+    def __init__(self, name, title, ops, quick_ops, pool=False, seed=False):
+        self.name = name
+        self.title = title
+        self.ops = ops
+        self.quick_ops = quick_ops
+        self.pool = pool
+        self.seed = seed
+
+
+SCENARIOS = [
+    Scenario("fixed", "alloc+free pairs of 64 B", 100_000_000, 200_000,
+             pool=True, seed=True),
+    Scenario("stress", "batches of 1,000 random 8-256 B, freed in reverse",
+             40_000_000, 200_000, pool=True, seed=True),
+    Scenario("reuse", "one 128 B object allocated and freed repeatedly",
+             100_000_000, 200_000, pool=True, seed=True),
+    Scenario("large", "batches of 100 random 1-5 KB, freed in random order",
+             10_000_000, 40_000),
+    Scenario("mixed",
+             "10,000 live objects, log-uniform 8 B-64 KB, random replacement",
+             10_000_000, 40_000),
+    Scenario("handoff",
+             "64-1,024 B objects allocated on one thread, freed on another",
+             4_000_000, 20_000, pool=True),
+    Scenario("scaling", "scenario stress on 1, 2, 4 ... threads at once",
+             20_000_000, 100_000),
+    Scenario("memory",
+             "RSS of scenario mixed (every page touched), then freed",
+             400_000, 20_000),
+]
+SCENARIO_BY_NAME = {scenario.name: scenario for scenario in SCENARIOS}
+
+PEERS = ["jemalloc", "mimalloc", "tcmalloc"]
+ROW_ORDER = ["zkmem-pool", "zkmem", "glibc"] + PEERS + ["seed"]
+PEER_LIBRARIES = {
+    "jemalloc": ["libjemalloc.so.2", "libjemalloc.so"],
+    "mimalloc": ["libmimalloc.so.2", "libmimalloc.so"],
+    "tcmalloc": ["libtcmalloc_minimal.so.4", "libtcmalloc.so.4",
+                 "libtcmalloc_minimal.so", "libtcmalloc.so"],
+}
+LIBRARY_DIRECTORIES = [
+    "/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64",
+    "/usr/lib", "/usr/local/lib", "/usr/local/lib64"
+]
+
+DEFAULT_RUNS = 5
+DEFAULT_TIME_BUDGET_S = 540  # ten minutes, less a margin for the first round
+PURGE_WAIT_MS = 1500  # zkmem's default purge delay (1000 ms) + margin
+QUICK_PURGE_WAIT_MS = 200
+
+
+def log(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------
+# Allocators
+
+
+class Allocator:
+    def __init__(self, name, binary, arguments=(), preload=None,
+                 scenarios=None, version=None):
+        self.name = name
+        self.binary = binary
+        self.arguments = list(arguments)
+        self.preload = preload
+        self.scenarios = scenarios  # None: every scenario
+        self.version = version
+
+    def runs(self, scenario):
+        return self.scenarios is None or scenario.name in self.scenarios
+
+    def environment(self):
+        environment = dict(os.environ)
+        environment.pop("LD_PRELOAD", None)
+        if self.preload:
+            environment["LD_PRELOAD"] = self.preload
+        return environment
+
+
+def ldconfig_libraries():
+    """Maps library file names to paths as the dynamic linker's cache has
+    them, 64-bit entries first; empty when ldconfig is unavailable."""
+    ldconfig = shutil.which("ldconfig") or "/sbin/ldconfig"
+    try:
+        output = subprocess.run([ldconfig, "-p"], stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True,
+                                timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    entries = []
+    for line in output.splitlines():
+        match = re.match(r"\s*(\S+) \(([^)]*)\) => (\S+)", line)
+        if match:
+            entries.append(match.groups())
+    libraries = {}
+    for name, flags, path in sorted(entries, key=lambda e: "64" not in e[1]):
+        libraries.setdefault(name, path)
+    return libraries
+
+
+def find_peer(name, cache):
+    for library in PEER_LIBRARIES[name]:
+        for directory in LIBRARY_DIRECTORIES:
+            path = os.path.join(directory, library)
+            if os.path.exists(path):
+                return os.path.realpath(path)
+        if library in cache and os.path.exists(cache[library]):
+            return os.path.realpath(cache[library])
+    return None
+
+
+def package_version(path):
+    """Debian package version of the package that owns `path`, if any."""
+    if not shutil.which("dpkg-query"):
+        return None
+    try:
+        owner = subprocess.run(["dpkg-query", "-S", path],
+                               stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True,
+                               timeout=10).stdout
+        if not owner:
+            # dpkg records the path as shipped; the real path may differ
+            # (usrmerge), so try the file name under any directory.
+            owner = subprocess.run(
+                ["dpkg-query", "-S", "*/" + os.path.basename(path)],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                text=True, timeout=10).stdout
+        package = owner.split(":", 1)[0].strip() if owner else ""
+        if not package:
+            return None
+        version = subprocess.run(
+            ["dpkg-query", "-W", "-f=${Version}", package],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            timeout=10).stdout.strip()
+        return f"{package} {version}" if version else package
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def zkmem_version(source_dir):
+    try:
+        with open(os.path.join(source_dir, "include", "zkmem.h")) as handle:
+            header = handle.read()
+    except OSError:
+        return None
+    parts = [re.search(rf"ZKMEM_VERSION_{part}\s+(\d+)", header)
+             for part in ("MAJOR", "MINOR", "PATCH")]
+    if not all(parts):
+        return None
+    version = ".".join(match.group(1) for match in parts)
+    try:
+        commit = subprocess.run(["git", "-C", source_dir, "rev-parse",
+                                 "--short", "HEAD"], stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True,
+                                timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{version} ({commit})" if commit else version
+
+
+def discover_allocators(build_dir, source_dir, wanted):
+    """Returns the allocators to run; says on stderr what was skipped."""
+    bench_dir = os.path.join(build_dir, "bench")
+    bench_malloc = os.path.join(bench_dir, "bench_malloc")
+    bench_pool = os.path.join(bench_dir, "bench_pool")
+    if not os.access(bench_malloc, os.X_OK):
+        raise SystemExit(f"error: {bench_malloc} not found; build first "
+                         f"(make build, or cmake --build {build_dir})")
+    found, skipped = [], []
+    fixed_pool = [s.name for s in SCENARIOS if s.pool]
+    fixed_seed = [s.name for s in SCENARIOS if s.seed]
+    version = zkmem_version(source_dir)
+
+    if os.access(bench_pool, os.X_OK):
+        found.append(Allocator("zkmem-pool", bench_pool, ["--alloc", "pool"],
+                               scenarios=fixed_pool, version=version))
+    else:
+        skipped.append(("zkmem-pool", f"{bench_pool} not built"))
+    library = os.path.join(build_dir, "libzkmem.so")
+    if os.path.exists(library):
+        found.append(Allocator("zkmem", bench_malloc,
+                               preload=os.path.realpath(library),
+                               version=version))
+    else:
+        skipped.append(("zkmem", f"{library} not built"))
+    found.append(Allocator("glibc", bench_malloc,
+                           version=os.confstr("CS_GNU_LIBC_VERSION")
+                           if hasattr(os, "confstr") else None))
+    cache = ldconfig_libraries()
+    for name in PEERS:
+        path = find_peer(name, cache)
+        if path:
+            found.append(Allocator(name, bench_malloc, preload=path,
+                                   version=package_version(path)))
+        else:
+            skipped.append((name, "not installed"))
+    found.append(Allocator("seed", bench_malloc, ["--alloc", "seed"],
+                           scenarios=fixed_seed,
+                           version="reference, in the workload"))
+
+    if wanted:
+        unknown = set(wanted) - set(ROW_ORDER)
+        if unknown:
+            raise SystemExit(f"error: unknown allocator(s) "
+                             f"{', '.join(sorted(unknown))}; known: "
+                             f"{', '.join(ROW_ORDER)}")
+        for allocator in found:
+            if allocator.name not in wanted:
+                skipped.append((allocator.name, "not in --allocators"))
+        found = [a for a in found if a.name in wanted]
+
+    for allocator in found:
+        where = allocator.preload or allocator.binary
+        log(f"found   {allocator.name:<10} {where}"
+            + (f"  [{allocator.version}]" if allocator.version else ""))
+    for name, reason in skipped:
+        log(f"skipped {name:<10} {reason}")
+    if not any(a.name in PEERS for a in found):
+        log("note: no peer allocator found; comparing with glibc only")
+    return found
+
+
+# ---------------------------------------------------------------------------
+# Machine description
+
+
+def machine_info(allocators):
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = os.cpu_count()
+    glibc = (os.confstr("CS_GNU_LIBC_VERSION")
+             if hasattr(os, "confstr") else None)
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "usable_cores": usable,
+        "kernel": f"{platform.system()} {platform.release()}",
+        "glibc": glibc,
+        "python": platform.python_version(),
+        "load_average": list(os.getloadavg())
+        if hasattr(os, "getloadavg") else None,
+        "versions": {a.name: a.version for a in allocators if a.version},
+    }
+
+
+# ---------------------------------------------------------------------------
+# Running
+
+
+class RunFailure(Exception):
+    pass
+
+
+def scenario_ops(scenario, args):
+    ops = scenario.quick_ops if args.quick else scenario.ops
+    return max(2, int(ops * args.ops_scale))
+
+
+def run_once(allocator, scenario, ops, threads, purge_wait_ms, timeout):
+    command = [allocator.binary, "--scenario", scenario.name, "--ops",
+               str(ops), "--json"] + allocator.arguments
+    if scenario.name == "scaling" and threads:
+        command += ["--threads", threads]
+    if scenario.name == "memory":
+        command += ["--purge-wait-ms", str(purge_wait_ms)]
+    started = time.monotonic()
+    try:
+        completed = subprocess.run(command, env=allocator.environment(),
+                                   stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True,
+                                   timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise RunFailure(f"timed out after {timeout} s: {' '.join(command)}")
+    wall = time.monotonic() - started
+    stderr = completed.stderr.strip()
+    if completed.returncode != 0:
+        status = (f"killed by signal {-completed.returncode}"
+                  if completed.returncode < 0
+                  else f"exit status {completed.returncode}")
+        raise RunFailure(f"{status}: {' '.join(command)}"
+                         + (f"\n    {stderr[-2000:]}" if stderr else ""))
+    # ld.so only warns when a preload fails, and the run would silently
+    # measure glibc instead.
+    if "cannot be preloaded" in stderr:
+        raise RunFailure(f"LD_PRELOAD failed: {stderr[-500:]}")
+    lines = [line for line in completed.stdout.splitlines() if line.strip()]
+    try:
+        result = json.loads(lines[-1])
+    except (IndexError, ValueError):
+        raise RunFailure(f"no JSON result from {' '.join(command)}: "
+                         f"{completed.stdout[-500:]!r}")
+    if not (result.get("ops", 0) > 0 and result.get("seconds", 0) > 0
+            and math.isfinite(result.get("ops_per_s", float("nan")))):
+        raise RunFailure(f"implausible result {result}")
+    return result, wall
+
+
+def plan(allocators, scenarios):
+    """The (scenario, allocator) pairs of one round, in order."""
+    return [(scenario, allocator) for scenario in scenarios
+            for allocator in allocators if allocator.runs(scenario)]
+
+
+def run_all(allocators, scenarios, args):
+    pairs = plan(allocators, scenarios)
+    runs = args.runs
+    records, failures = [], []
+    round_index = 0
+    started = time.monotonic()
+    while round_index < runs:
+        round_started = time.monotonic()
+        for index, (scenario, allocator) in enumerate(pairs):
+            ops = scenario_ops(scenario, args)
+            label = (f"[{round_index * len(pairs) + index + 1}/"
+                     f"{runs * len(pairs)}] {scenario.name:<8} "
+                     f"{allocator.name:<10} run {round_index + 1} of {runs}")
+            try:
+                result, wall = run_once(allocator, scenario, ops,
+                                        args.threads, args.purge_wait_ms,
+                                        args.timeout)
+            except RunFailure as failure:
+                log(f"{label}  FAILED\n    {failure}")
+                failures.append({"scenario": scenario.name,
+                                 "allocator": allocator.name,
+                                 "run": round_index + 1,
+                                 "error": str(failure)})
+                continue
+            log(f"{label}  {result['ops_per_s'] / 1e6:9.2f} M ops/s  "
+                f"({wall:.2f} s)")
+            records.append({"scenario": scenario.name,
+                            "allocator": allocator.name,
+                            "run": round_index + 1, "wall_s": round(wall, 3),
+                            "result": result})
+        round_index += 1
+        # A default run must fit the time budget: after the first round we
+        # know what a round costs and drop rounds that would not fit.
+        if round_index == 1 and not args.runs_given and runs > 1:
+            round_time = time.monotonic() - round_started
+            affordable = int(args.time_budget // max(round_time, 1e-3))
+            if affordable < runs:
+                runs = max(1, affordable)
+                log(f"note: a round takes {round_time:.0f} s; running "
+                    f"{runs} round(s) to stay within {args.time_budget} s")
+    elapsed = time.monotonic() - started
+    log(f"done: {len(records)} runs in {elapsed:.0f} s, "
+        f"{len(failures)} failed")
+    return records, failures, runs
+
+
+# ---------------------------------------------------------------------------
+# Summaries
+
+MEMORY_FIELDS = ["rss_baseline_kib", "live_peak_kib", "rss_live_kib",
+                 "rss_after_free_kib", "rss_after_wait_kib",
+                 "rss_after_collect_kib"]
+
+
+def median_or_none(values):
+    values = [value for value in values if value is not None]
+    return statistics.median(values) if values else None
+
+
+def summarise(records):
+    """medians[scenario][allocator] -> dict of median figures."""
+    grouped = {}
+    for record in records:
+        grouped.setdefault(record["scenario"], {}).setdefault(
+            record["allocator"], []).append(record["result"])
+    medians = {}
+    for scenario, by_allocator in grouped.items():
+        medians[scenario] = {}
+        for allocator, results in by_allocator.items():
+            summary = {"runs": len(results)}
+            for field in ["ops", "ops_per_s", "ns_per_op", "peak_rss_kib",
+                          "reuse_rate", "live_peak_kib"] + MEMORY_FIELDS:
+                if any(field in result for result in results):
+                    summary[field] = median_or_none(
+                        [result.get(field) for result in results])
+            if scenario == "scaling":
+                by_threads = {}
+                for result in results:
+                    for point in result.get("points", []):
+                        by_threads.setdefault(point["threads"], []).append(
+                            point)
+                summary["points"] = [{
+                    "threads": threads,
+                    "ops_per_s": median_or_none(
+                        [p["ops_per_s"] for p in points]),
+                    "speedup": median_or_none([p["speedup"] for p in points]),
+                } for threads, points in sorted(by_threads.items())]
+            rates = [result["ops_per_s"] for result in results]
+            # (max - min) / median of the runs: how far to trust the median.
+            summary["spread"] = ((max(rates) - min(rates))
+                                 / statistics.median(rates))
+            medians[scenario][allocator] = summary
+    return medians
+
+
+def format_rate(ops_per_s):
+    millions = ops_per_s / 1e6
+    if millions >= 100:
+        return f"{millions:.0f}"
+    if millions >= 10:
+        return f"{millions:.1f}"
+    return f"{millions:.2f}"
+
+
+def format_kib(kib):
+    if kib is None:
+        return "n/a"
+    return f"{kib / 1024:.1f} MiB"
+
+
+def format_spread(summary):
+    if summary.get("runs", 0) < 2:
+        return "-"
+    return f"{summary['spread']:.0%}"
+
+
+def format_ratio(value, reference):
+    if value is None or not reference:
+        return "-"
+    return f"{value / reference:.2f}x"
+
+
+def print_table(headers, rows, out):
+    widths = [max(len(str(cell)) for cell in column)
+              for column in zip(headers, *rows)]
+    line = "  ".join(f"{header:<{width}}" if index == 0 else
+                     f"{header:>{width}}"
+                     for index, (header, width) in enumerate(
+                         zip(headers, widths)))
+    print(line, file=out)
+    print("  ".join("-" * width for width in widths), file=out)
+    for row in rows:
+        print("  ".join(f"{cell:<{width}}" if index == 0 else
+                        f"{cell:>{width}}"
+                        for index, (cell, width) in enumerate(
+                            zip(row, widths))), file=out)
+
+
+def ordered(by_allocator):
+    return [name for name in ROW_ORDER if name in by_allocator]
+
+
+def best_peer(by_allocator, key="ops_per_s", lowest=False):
+    values = [by_allocator[name][key] for name in PEERS
+              if name in by_allocator and by_allocator[name].get(key)]
+    if not values:
+        return None
+    return min(values) if lowest else max(values)
+
+
+def report(medians, machine, settings, out):
+    print(f"zkmem benchmarks, {settings['date']}", file=out)
+    print(f"machine: {machine['cpu']}, {machine['cores']} cores "
+          f"({machine['usable_cores']} usable), {machine['kernel']}, "
+          f"{machine['glibc'] or 'libc unknown'}", file=out)
+    for name, version in machine["versions"].items():
+        print(f"  {name:<10} {version}", file=out)
+    print(f"runs: {settings['runs']} per (scenario, allocator), each in its "
+          f"own process, interleaved; medians shown"
+          + (" (QUICK SMOKE RUN: figures are meaningless)"
+             if settings["quick"] else ""), file=out)
+    print("ratios: ops/s over glibc's and over the best of "
+          "jemalloc/mimalloc/tcmalloc present (higher is better); spread: "
+          "(max - min) / median of the runs", file=out)
+    load = machine.get("load_average")
+    if load:
+        busy = load[0] > 0.5 * (machine.get("usable_cores") or 1)
+        print(f"load average at start: {load[0]:.2f} {load[1]:.2f} "
+              f"{load[2]:.2f}"
+              + ("  (WARNING: the machine was busy; figures are noisy)"
+                 if busy else ""), file=out)
+
+    for scenario in SCENARIOS:
+        by_allocator = medians.get(scenario.name)
+        if not by_allocator:
+            continue
+        any_result = next(iter(by_allocator.values()))
+        print(f"\n== {scenario.name}: {scenario.title} "
+              f"({int(any_result.get('ops') or 0):,} ops per run) ==",
+              file=out)
+        glibc = by_allocator.get("glibc", {}).get("ops_per_s")
+        peer = best_peer(by_allocator)
+        if scenario.name == "scaling":
+            print_scaling(by_allocator, glibc, peer, out)
+            continue
+        if scenario.name == "memory":
+            print_memory(by_allocator, out)
+            continue
+        headers = ["allocator", "M ops/s", "spread", "ns/op", "vs glibc",
+                   "vs best peer", "peak RSS"]
+        if scenario.name == "reuse":
+            headers.append("reuse rate")
+        rows = []
+        for name in ordered(by_allocator):
+            summary = by_allocator[name]
+            row = [name, format_rate(summary["ops_per_s"]),
+                   format_spread(summary),
+                   f"{summary['ns_per_op']:.2f}",
+                   format_ratio(summary["ops_per_s"], glibc),
+                   format_ratio(summary["ops_per_s"], peer),
+                   format_kib(summary.get("peak_rss_kib"))]
+            if scenario.name == "reuse":
+                rate = summary.get("reuse_rate")
+                row.append("-" if rate is None else f"{rate:.1%}")
+            rows.append(row)
+        print_table(headers, rows, out)
+
+
+def print_scaling(by_allocator, glibc, peer, out):
+    thread_counts = sorted({point["threads"] for summary in
+                            by_allocator.values()
+                            for point in summary.get("points", [])})
+    headers = (["allocator"] + [f"{t} thr M ops/s" for t in thread_counts]
+               + ["spread", f"speed-up {thread_counts[-1]} thr", "vs glibc",
+                  "vs best peer", "peak RSS"])
+    rows = []
+    for name in ordered(by_allocator):
+        summary = by_allocator[name]
+        points = {point["threads"]: point for point in summary["points"]}
+        row = [name]
+        for threads in thread_counts:
+            point = points.get(threads)
+            row.append(format_rate(point["ops_per_s"]) if point else "-")
+        last = points.get(thread_counts[-1])
+        row.append(format_spread(summary))
+        row.append(f"{last['speedup']:.2f}x" if last else "-")
+        row += [format_ratio(summary["ops_per_s"], glibc),
+                format_ratio(summary["ops_per_s"], peer),
+                format_kib(summary.get("peak_rss_kib"))]
+        rows.append(row)
+    print_table(headers, rows, out)
+    print("(ops per thread fixed: ideal speed-up equals the thread count; "
+          "ratios use the largest count)", file=out)
+
+
+def print_memory(by_allocator, out):
+    headers = ["allocator", "peak RSS", "live at end", "after free",
+               "after wait", "after zk_collect", "vs best peer (peak)"]
+    peer = best_peer(by_allocator, "peak_rss_kib", lowest=True)
+    rows = []
+    for name in ordered(by_allocator):
+        summary = by_allocator[name]
+        rows.append([name, format_kib(summary.get("peak_rss_kib")),
+                     format_kib(summary.get("rss_live_kib")),
+                     format_kib(summary.get("rss_after_free_kib")),
+                     format_kib(summary.get("rss_after_wait_kib")),
+                     format_kib(summary.get("rss_after_collect_kib")),
+                     format_ratio(summary.get("peak_rss_kib"), peer)])
+    print_table(headers, rows, out)
+    sample = next(iter(by_allocator.values()))
+    print(f"(bytes asked for at the peak: "
+          f"{format_kib(sample.get('live_peak_kib'))}; process baseline "
+          f"{format_kib(sample.get('rss_baseline_kib'))}; 'after wait' is "
+          f"after sleeping past the purge delay and one malloc/free; lower "
+          f"is better)", file=out)
+
+
+# ---------------------------------------------------------------------------
+# Chart: a hand-written SVG, readable without the tables.
+
+COLOURS = {
+    "zkmem-pool": "#08519c", "zkmem": "#4292c6", "glibc": "#737373",
+    "jemalloc": "#e6550d", "mimalloc": "#31a354", "tcmalloc": "#9e58b5",
+    "seed": "#d6ae2b",
+}
+# Memory bars keep one colour per reading, not per allocator: the panel is
+# grouped by allocator and read left to right as the program's life.
+MEMORY_SERIES = [("peak_rss_kib", "peak", "#08306b"),
+                 ("rss_live_kib", "live at end", "#2171b5"),
+                 ("rss_after_free_kib", "after free", "#6baed6"),
+                 ("rss_after_wait_kib", "after wait", "#bdd7e7"),
+                 ("rss_after_collect_kib", "after zk_collect", "#fd8d3c")]
+FONT = "font-family=\"DejaVu Sans, Helvetica, Arial, sans-serif\""
+
+
+def escape_xml(text):
+    return (str(text).replace("&", "&amp;").replace("<", "&lt;")
+            .replace(">", "&gt;").replace('"', "&quot;"))
+
+
+def svg_text(x, y, text, size=12, anchor="start", weight="normal",
+             fill="#222", rotate=None):
+    transform = (f' transform="rotate({rotate} {x:.1f} {y:.1f})"'
+                 if rotate is not None else "")
+    return (f'<text x="{x:.1f}" y="{y:.1f}" font-size="{size}" {FONT} '
+            f'text-anchor="{anchor}" font-weight="{weight}" '
+            f'fill="{fill}"{transform}>{escape_xml(text)}</text>')
+
+
+def throughput_groups(medians):
+    """(label, caption, {allocator: ops/s}) per scenario with a rate."""
+    groups = []
+    for scenario in SCENARIOS:
+        by_allocator = medians.get(scenario.name)
+        if not by_allocator or scenario.name == "memory":
+            continue
+        values = {name: by_allocator[name]["ops_per_s"]
+                  for name in ordered(by_allocator)
+                  if by_allocator[name].get("ops_per_s")}
+        caption = {
+            "fixed": "64 B pairs", "stress": "8-256 B x1000",
+            "reuse": "one 128 B", "large": "1-5 KB x100",
+            "mixed": "8 B-64 KB, 10k live", "handoff": "2 threads",
+        }.get(scenario.name, "")
+        if scenario.name == "scaling":
+            threads = max((p["threads"] for s in by_allocator.values()
+                           for p in s.get("points", [])), default=1)
+            caption = f"stress, {threads} threads"
+        if values:
+            groups.append((scenario.name, caption, values))
+    return groups
+
+
+def write_svg(path, medians, machine, settings):
+    groups = throughput_groups(medians)
+    memory = medians.get("memory", {})
+    width = 1100
+    left, right = 80, 20
+    top = 70
+    plot_height = 360
+    parts = []
+    height = top + plot_height + 130
+    memory_top = height
+    if memory:
+        height += 330
+    parts.append(f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" '
+                 f'height="{height}" viewBox="0 0 {width} {height}">')
+    parts.append(f'<rect width="{width}" height="{height}" fill="white"/>')
+    parts.append(svg_text(left, 28, "zkmem allocation benchmarks: throughput "
+                          "per scenario (higher is better)", 18, weight="bold"))
+    subtitle = (f"median of {settings['runs']} run(s) per bar, each in its own "
+                f"process; {machine['cpu']}, {machine['usable_cores']} cores, "
+                f"{machine['kernel']}; {settings['date'][:10]}")
+    if settings["quick"]:
+        subtitle = "QUICK SMOKE RUN, figures meaningless; " + subtitle
+    parts.append(svg_text(left, 48, subtitle, 11, fill="#555"))
+
+    if groups:
+        values = [v for _, _, group in groups for v in group.values()]
+        low = 10 ** math.floor(math.log10(min(values) / 1e6))
+        high = 10 ** math.ceil(math.log10(max(values) / 1e6))
+        if high <= low:
+            high = low * 10
+        plot_width = width - left - right
+        bottom = top + plot_height
+
+        def y_of(ops_per_s):
+            fraction = ((math.log10(ops_per_s / 1e6) - math.log10(low))
+                        / (math.log10(high) - math.log10(low)))
+            return bottom - fraction * plot_height
+
+        decade = low
+        while decade <= high * 1.0001:
+            for multiple in (1, 2, 5):
+                value = decade * multiple
+                if value > high * 1.0001:
+                    break
+                y = y_of(value * 1e6)
+                major = multiple == 1
+                parts.append(
+                    f'<line x1="{left}" y1="{y:.1f}" x2="{width - right}" '
+                    f'y2="{y:.1f}" stroke="{"#bbb" if major else "#e5e5e5"}" '
+                    f'stroke-width="1"/>')
+                label = f"{value:g}"
+                parts.append(svg_text(left - 6, y + 4, label, 11 if major
+                                      else 9, anchor="end",
+                                      fill="#333" if major else "#888"))
+            decade *= 10
+        parts.append(f'<line x1="{left}" y1="{top}" x2="{left}" '
+                     f'y2="{bottom}" stroke="#333"/>')
+        parts.append(f'<line x1="{left}" y1="{bottom}" x2="{width - right}" '
+                     f'y2="{bottom}" stroke="#333"/>')
+        parts.append(svg_text(22, top + plot_height / 2,
+                              "million ops/s (log scale)", 13,
+                              anchor="middle", rotate=-90))
+
+        group_width = plot_width / len(groups)
+        for index, (label, caption, group) in enumerate(groups):
+            names = list(group)
+            bar_width = min(22.0, (group_width - 16) / max(len(names), 1))
+            start = (left + index * group_width
+                     + (group_width - bar_width * len(names)) / 2)
+            for position, name in enumerate(names):
+                x = start + position * bar_width
+                y = y_of(group[name])
+                parts.append(
+                    f'<rect x="{x + 1:.1f}" y="{y:.1f}" '
+                    f'width="{bar_width - 2:.1f}" height="{bottom - y:.1f}" '
+                    f'fill="{COLOURS.get(name, "#999")}">'
+                    f'<title>{escape_xml(name)} {escape_xml(label)}: '
+                    f'{group[name] / 1e6:.2f} M ops/s</title></rect>')
+                parts.append(svg_text(x + bar_width / 2 + 3, y - 3,
+                                      format_rate(group[name]), 9,
+                                      anchor="start", fill="#333",
+                                      rotate=-90))
+            centre = left + (index + 0.5) * group_width
+            parts.append(svg_text(centre, bottom + 18, label, 13,
+                                  anchor="middle", weight="bold"))
+            parts.append(svg_text(centre, bottom + 33, caption, 10,
+                                  anchor="middle", fill="#555"))
+
+        # Legend, one entry per allocator present anywhere.
+        present = [name for name in ROW_ORDER
+                   if any(name in group for _, _, group in groups)]
+        legend_y = bottom + 60
+        x = left
+        for name in present:
+            parts.append(f'<rect x="{x}" y="{legend_y - 10}" width="14" '
+                         f'height="14" fill="{COLOURS.get(name, "#999")}"/>')
+            parts.append(svg_text(x + 19, legend_y + 1, name, 12))
+            x += 30 + 8 * len(name)
+        parts.append(svg_text(left, legend_y + 28,
+                              "zkmem-pool: zk_pool_* with one pool of the "
+                              "scenario's largest size; seed: the seed "
+                              "report's stack pool (single-threaded). Bar "
+                              "labels: M ops/s.", 10, fill="#555"))
+
+    if memory:
+        parts.extend(memory_panel(memory, width, left, right, memory_top))
+    parts.append("</svg>")
+    with open(path, "w") as handle:
+        handle.write("\n".join(parts) + "\n")
+
+
+def memory_panel(memory, width, left, right, top):
+    parts = [svg_text(left, top + 10, "memory scenario: resident memory "
+                      "(MiB, lower is better)", 16, weight="bold")]
+    names = ordered(memory)
+    plot_top, plot_height = top + 40, 200
+    bottom = plot_top + plot_height
+    values = [memory[name].get(key) for name in names
+              for key, _, _ in MEMORY_SERIES]
+    high_mib = max([v for v in values if v] + [1024]) / 1024
+    # A 1-2-5 step giving four to ten gridlines.
+    step = 10 ** math.floor(math.log10(high_mib))
+    for factor in (0.1, 0.2, 0.5, 1):
+        if high_mib / (step * factor) <= 10:
+            step *= factor
+            break
+    high = math.ceil(high_mib / step) * step
+    plot_width = width - left - right
+
+    def y_of(kib):
+        return bottom - (kib / 1024) / high * plot_height
+
+    tick = 0.0
+    while tick <= high + 1e-9:
+        y = y_of(tick * 1024)
+        parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{width - right}" '
+                     f'y2="{y:.1f}" stroke="#e5e5e5"/>')
+        parts.append(svg_text(left - 6, y + 4, f"{tick:g}", 11,
+                              anchor="end"))
+        tick += step
+    parts.append(f'<line x1="{left}" y1="{plot_top}" x2="{left}" '
+                 f'y2="{bottom}" stroke="#333"/>')
+    parts.append(f'<line x1="{left}" y1="{bottom}" x2="{width - right}" '
+                 f'y2="{bottom}" stroke="#333"/>')
+    parts.append(svg_text(22, plot_top + plot_height / 2, "MiB resident", 13,
+                          anchor="middle", rotate=-90))
+    sample = memory[names[0]]
+    live = sample.get("live_peak_kib")
+    if live:
+        y = y_of(live + (sample.get("rss_baseline_kib") or 0))
+        parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{width - right}" '
+                     f'y2="{y:.1f}" stroke="#c00" stroke-dasharray="6 4"/>')
+
+    group_width = plot_width / max(len(names), 1)
+    series = MEMORY_SERIES
+    for index, name in enumerate(names):
+        summary = memory[name]
+        bar_width = min(26.0, (group_width - 20) / len(series))
+        start = (left + index * group_width
+                 + (group_width - bar_width * len(series)) / 2)
+        for position, (key, label, colour) in enumerate(series):
+            value = summary.get(key)
+            x = start + position * bar_width
+            if value is None:
+                parts.append(svg_text(x + bar_width / 2, bottom - 4, "n/a", 8,
+                                      anchor="middle", fill="#888"))
+                continue
+            y = y_of(value)
+            parts.append(f'<rect x="{x + 1:.1f}" y="{y:.1f}" '
+                         f'width="{bar_width - 2:.1f}" '
+                         f'height="{bottom - y:.1f}" fill="{colour}">'
+                         f'<title>{escape_xml(name)} {label}: '
+                         f'{value / 1024:.1f} MiB</title></rect>')
+            parts.append(svg_text(x + bar_width / 2, y - 3,
+                                  f"{value / 1024:.0f}", 9, anchor="middle",
+                                  fill="#333"))
+        parts.append(svg_text(left + (index + 0.5) * group_width, bottom + 18,
+                              name, 12, anchor="middle", weight="bold"))
+    legend_y = bottom + 48
+    x = left
+    parts.append(svg_text(x, legend_y + 1, "bars, left to right:", 12))
+    x += 130
+    for key, label, colour in series:
+        parts.append(f'<rect x="{x}" y="{legend_y - 10}" width="14" '
+                     f'height="14" fill="{colour}"/>')
+        parts.append(svg_text(x + 19, legend_y + 1, label, 12))
+        x += 40 + 7 * len(label)
+    if live:
+        parts.append(f'<line x1="{x}" y1="{legend_y - 3}" x2="{x + 24}" '
+                     f'y2="{legend_y - 3}" stroke="#c00" '
+                     f'stroke-dasharray="6 4"/>')
+        parts.append(svg_text(x + 30, legend_y + 1,
+                              "bytes asked for at peak + baseline", 12))
+    parts.append(svg_text(left, legend_y + 24,
+                          "after wait: after sleeping past the purge delay "
+                          "and one malloc/free; after zk_collect: zkmem "
+                          "only (n/a elsewhere). Bar labels: MiB.", 10,
+                          fill="#555"))
+    return parts
+
+
+# ---------------------------------------------------------------------------
+
+
+def parse_list(values):
+    items = []
+    for value in values or []:
+        items += [item.strip() for item in value.split(",") if item.strip()]
+    return items
+
+
+def replay(path):
+    with open(path) as handle:
+        data = json.load(handle)
+    medians = summarise(data["runs"])
+    report(medians, data["machine"], data["settings"], sys.stdout)
+    svg_path = os.path.join(os.path.dirname(os.path.abspath(path)),
+                            "results.svg")
+    write_svg(svg_path, medians, data["machine"], data["settings"])
+    print(f"\nwrote {svg_path}")
+    return 0
+
+
+def main():
+    parser = argparse.ArgumentParser(
+        description="Run the zkmem benchmarks against the allocators found.")
+    parser.add_argument("--build", default="build",
+                        help="CMake build directory (default: build)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: 1 run, tiny op counts, seconds")
+    parser.add_argument("--runs", type=int,
+                        help=f"runs per (scenario, allocator), default "
+                             f"{DEFAULT_RUNS} (fewer if they would not fit "
+                             f"--time-budget)")
+    parser.add_argument("--scenario", action="append",
+                        help="scenario(s) to run, repeatable or comma list: "
+                             + ", ".join(s.name for s in SCENARIOS))
+    parser.add_argument("--allocators",
+                        help="comma list of rows to run: "
+                             + ", ".join(ROW_ORDER))
+    parser.add_argument("--threads",
+                        help="thread counts for scaling, e.g. 1,2,4 "
+                             "(default: powers of two up to nproc, and nproc)")
+    parser.add_argument("--time-budget", type=float,
+                        default=DEFAULT_TIME_BUDGET_S,
+                        help="seconds a default run may take (default "
+                             f"{DEFAULT_TIME_BUDGET_S})")
+    parser.add_argument("--ops-scale", type=float, default=1.0,
+                        help="multiply every scenario's op count")
+    parser.add_argument("--timeout", type=float,
+                        help="seconds before a single run counts as hung")
+    parser.add_argument("--from-json", metavar="RESULTS_JSON",
+                        help="run nothing: print the tables and redraw the "
+                             "chart (beside the file) from an earlier "
+                             "results.json")
+    parser.add_argument("--out", help="directory for results.json and "
+                        "results.svg (default BUILD/bench, or "
+                        "BUILD/bench/quick with --quick)")
+    args = parser.parse_args()
+
+    if args.from_json:
+        return replay(args.from_json)
+
+    args.runs_given = args.runs is not None
+    if args.quick:
+        args.runs = args.runs or 1
+    args.runs = args.runs or DEFAULT_RUNS
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
+    if args.timeout is None:
+        args.timeout = 60 if args.quick else 300
+    args.purge_wait_ms = QUICK_PURGE_WAIT_MS if args.quick else PURGE_WAIT_MS
+    purge_delay = os.environ.get("ZKMEM_PURGE_DELAY_MS", "")
+    if purge_delay.isdigit() and not args.quick:
+        args.purge_wait_ms = max(args.purge_wait_ms, int(purge_delay) + 500)
+
+    names = parse_list(args.scenario)
+    unknown = [name for name in names if name not in SCENARIO_BY_NAME]
+    if unknown:
+        parser.error(f"unknown scenario(s) {', '.join(unknown)}; known: "
+                     + ", ".join(s.name for s in SCENARIOS))
+    scenarios = ([SCENARIO_BY_NAME[name] for name in dict.fromkeys(names)]
+                 if names else SCENARIOS)
+
+    source_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    build_dir = os.path.abspath(args.build)
+    allocators = discover_allocators(build_dir, source_dir,
+                                     parse_list([args.allocators])
+                                     if args.allocators else None)
+    machine = machine_info(allocators)
+    date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+    records, failures, runs = run_all(allocators, scenarios, args)
+    medians = summarise(records)
+    settings = {
+        "date": date, "runs": runs, "quick": args.quick,
+        "threads": args.threads, "purge_wait_ms": args.purge_wait_ms,
+        "ops": {s.name: scenario_ops(s, args) for s in scenarios},
+    }
+
+    out_dir = args.out or os.path.join(build_dir, "bench",
+                                       "quick" if args.quick else "")
+    os.makedirs(out_dir, exist_ok=True)
+    report(medians, machine, settings, sys.stdout)
+    json_path = os.path.join(out_dir, "results.json")
+    svg_path = os.path.join(out_dir, "results.svg")
+    with open(json_path, "w") as handle:
+        json.dump({
+            "machine": machine, "settings": settings,
+            "allocators": [{"name": a.name, "binary": a.binary,
+                            "preload": a.preload, "version": a.version}
+                           for a in allocators],
+            "runs": records, "failures": failures, "medians": medians,
+        }, handle, indent=1)
+        handle.write("\n")
+    write_svg(svg_path, medians, machine, settings)
+    print(f"\nwrote {json_path}\nwrote {svg_path}")
+    if failures:
+        print(f"\n{len(failures)} run(s) FAILED:", file=sys.stderr)
+        for failure in failures:
+            print(f"  {failure['scenario']} / {failure['allocator']} run "
+                  f"{failure['run']}: {failure['error'].splitlines()[0]}",
+                  file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,769 @@
+/* The eight benchmark scenarios. One op is one allocation or one free.
+ *
+ * Each timed loop is an always_inline function taking the backend kind; the
+ * scenario function instantiates it once per supported backend with a
+ * constant kind (see backend.h). Every loop runs a short warm-up first so the
+ * figures describe the steady state, not the allocator's first page faults. */
+#define _GNU_SOURCE
+#include "backend.h"
+#include "bench.h"
+
+#include <dlfcn.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+
+#define unlikely(condition) __builtin_expect(!!(condition), 0)
+
+/* Random inputs are drawn into tables of this many entries before timing and
+ * read cyclically; 64 Ki entries are far more than any allocator can learn. */
+#define TABLE_LENGTH 65536u
+#define TABLE_MASK   (TABLE_LENGTH - 1)
+
+static uint64_t warmup_count(uint64_t count) {
+  return count / 16 + 1;
+}
+
+static uint32_t *size_table_uniform(struct prng *prng, uint32_t low,
+                                    uint32_t high) {
+  uint32_t *table = scaffold_alloc(TABLE_LENGTH * sizeof(uint32_t));
+  for (uint32_t index = 0; index < TABLE_LENGTH; index++)
+    table[index] = (uint32_t)prng_range(prng, low, high);
+  return table;
+}
+
+/* Log-uniform by octave: an octave 2^k (k = 3..15) is picked uniformly, then
+ * a size uniformly inside it, giving 8 B .. 64 KiB - 1 with as many 8-15 B
+ * blocks as 32-64 KiB ones, the shape of real programs' size histograms. */
+static uint32_t *size_table_log_uniform(struct prng *prng) {
+  uint32_t *table = scaffold_alloc(TABLE_LENGTH * sizeof(uint32_t));
+  for (uint32_t index = 0; index < TABLE_LENGTH; index++) {
+    unsigned octave = (unsigned)prng_range(prng, 3, 15);
+    uint32_t base = 1u << octave;
+    table[index] = base + (uint32_t)prng_range(prng, 0, base - 1);
+  }
+  return table;
+}
+
+static void free_table(uint32_t *table) {
+  scaffold_free(table, TABLE_LENGTH * sizeof(uint32_t));
+}
+
+static void check_block(void *block, size_t size) {
+  if (unlikely(block == NULL))
+    bench_fail("allocation of %zu bytes failed", size);
+}
+
+static int unsupported(const struct bench_options *options) {
+  (void)options;
+  return 2;
+}
+
+/* ---- 1. fixed: alloc + free pairs of 64 B ------------------------------ */
+
+#define FIXED_SIZE 64
+
+static ALWAYS_INLINE void fixed_loop(struct backend *backend,
+                                     enum backend_kind kind, uint64_t pairs) {
+  for (uint64_t pair = 0; pair < pairs; pair++) {
+    void *block = backend_alloc(backend, kind, FIXED_SIZE);
+    check_block(block, FIXED_SIZE);
+    touch_first(block, pair);
+    escape(block);
+    backend_free(backend, kind, block);
+  }
+}
+
+static ALWAYS_INLINE double
+fixed_timed(struct backend *backend, enum backend_kind kind, uint64_t pairs) {
+  fixed_loop(backend, kind, warmup_count(pairs));
+  double start = now_seconds();
+  fixed_loop(backend, kind, pairs);
+  return now_seconds() - start;
+}
+
+static int scenario_fixed(const struct bench_options *options,
+                          struct bench_result *result) {
+  uint64_t pairs = options->ops / 2;
+  struct backend backend;
+  backend_open(&backend, options->backend, FIXED_SIZE);
+  switch (options->backend) {
+  case BACKEND_MALLOC:
+    result->seconds = fixed_timed(&backend, BACKEND_MALLOC, pairs);
+    break;
+  case BACKEND_SEED:
+    result->seconds = fixed_timed(&backend, BACKEND_SEED, pairs);
+    break;
+  case BACKEND_POOL:
+    result->seconds = fixed_timed(&backend, BACKEND_POOL, pairs);
+    break;
+  }
+  backend_close(&backend);
+  result->ops = pairs * 2;
+  result_add_u64(result, "object_size", FIXED_SIZE);
+  return 0;
+}
+
+/* ---- 2. stress: batches of 1,000 random 8-256 B, freed in reverse ------- */
+
+#define STRESS_BATCH    1000
+#define STRESS_MIN_SIZE 8
+#define STRESS_MAX_SIZE 256
+
+struct stress_state {
+  const uint32_t *sizes;
+  void **blocks; /* STRESS_BATCH entries */
+  uint32_t cursor;
+};
+
+static ALWAYS_INLINE void stress_loop(struct backend *backend,
+                                      enum backend_kind kind,
+                                      struct stress_state *state,
+                                      uint64_t batches) {
+  void **blocks = state->blocks;
+  uint32_t cursor = state->cursor;
+  for (uint64_t batch = 0; batch < batches; batch++) {
+    for (unsigned index = 0; index < STRESS_BATCH; index++) {
+      uint32_t size = state->sizes[cursor++ & TABLE_MASK];
+      void *block = backend_alloc(backend, kind, size);
+      check_block(block, size);
+      touch_first(block, size);
+      escape(block);
+      blocks[index] = block;
+    }
+    for (unsigned index = STRESS_BATCH; index > 0; index--)
+      backend_free(backend, kind, blocks[index - 1]);
+  }
+  state->cursor = cursor;
+}
+
+static ALWAYS_INLINE double stress_timed(struct backend *backend,
+                                         enum backend_kind kind,
+                                         struct stress_state *state,
+                                         uint64_t batches) {
+  stress_loop(backend, kind, state, warmup_count(batches));
+  double start = now_seconds();
+  stress_loop(backend, kind, state, batches);
+  return now_seconds() - start;
+}
+
+static uint64_t stress_batches(uint64_t ops) {
+  uint64_t batches = ops / (2 * STRESS_BATCH);
+  return batches > 0 ? batches : 1;
+}
+
+static int scenario_stress(const struct bench_options *options,
+                           struct bench_result *result) {
+  struct prng prng;
+  prng_seed(&prng, options->seed);
+  struct stress_state state = {
+      .sizes = size_table_uniform(&prng, STRESS_MIN_SIZE, STRESS_MAX_SIZE),
+      .blocks = scaffold_alloc(STRESS_BATCH * sizeof(void *)),
+  };
+  uint64_t batches = stress_batches(options->ops);
+  struct backend backend;
+  /* Fixed-size backends get one pool of the largest size in the range. */
+  backend_open(&backend, options->backend, STRESS_MAX_SIZE);
+  switch (options->backend) {
+  case BACKEND_MALLOC:
+    result->seconds = stress_timed(&backend, BACKEND_MALLOC, &state, batches);
+    break;
+  case BACKEND_SEED:
+    result->seconds = stress_timed(&backend, BACKEND_SEED, &state, batches);
+    break;
+  case BACKEND_POOL:
+    result->seconds = stress_timed(&backend, BACKEND_POOL, &state, batches);
+    break;
+  }
+  backend_close(&backend);
+  result->ops = batches * STRESS_BATCH * 2;
+  result_add_u64(result, "batch", STRESS_BATCH);
+  scaffold_free(state.blocks, STRESS_BATCH * sizeof(void *));
+  free_table((uint32_t *)state.sizes);
+  return 0;
+}
+
+/* ---- 3. reuse: one 128 B object allocated and freed repeatedly ---------- */
+
+#define REUSE_SIZE 128
+
+/* Returns how many allocations got the same address as the one before. */
+static ALWAYS_INLINE uint64_t reuse_loop(struct backend *backend,
+                                         enum backend_kind kind,
+                                         uint64_t pairs) {
+  uint64_t same_address = 0;
+  uintptr_t previous = 0;
+  for (uint64_t pair = 0; pair < pairs; pair++) {
+    void *block = backend_alloc(backend, kind, REUSE_SIZE);
+    check_block(block, REUSE_SIZE);
+    same_address += (uintptr_t)block == previous;
+    previous = (uintptr_t)block;
+    touch_first(block, pair);
+    escape(block);
+    backend_free(backend, kind, block);
+  }
+  return same_address;
+}
+
+static ALWAYS_INLINE double reuse_timed(struct backend *backend,
+                                        enum backend_kind kind, uint64_t pairs,
+                                        uint64_t *same_address) {
+  reuse_loop(backend, kind, warmup_count(pairs));
+  double start = now_seconds();
+  *same_address = reuse_loop(backend, kind, pairs);
+  return now_seconds() - start;
+}
+
+static int scenario_reuse(const struct bench_options *options,
+                          struct bench_result *result) {
+  uint64_t pairs = options->ops / 2;
+  uint64_t same_address = 0;
+  struct backend backend;
+  backend_open(&backend, options->backend, REUSE_SIZE);
+  switch (options->backend) {
+  case BACKEND_MALLOC:
+    result->seconds =
+        reuse_timed(&backend, BACKEND_MALLOC, pairs, &same_address);
+    break;
+  case BACKEND_SEED:
+    result->seconds = reuse_timed(&backend, BACKEND_SEED, pairs, &same_address);
+    break;
+  case BACKEND_POOL:
+    result->seconds = reuse_timed(&backend, BACKEND_POOL, pairs, &same_address);
+    break;
+  }
+  result->ops = pairs * 2;
+  /* The first timed allocation has no predecessor in the timed loop. */
+  uint64_t comparable = pairs > 1 ? pairs - 1 : 1;
+  double rate = (double)same_address / (double)comparable;
+  result_add_double(result, "reuse_rate", rate > 1.0 ? 1.0 : rate);
+#ifdef BENCH_POOL
+  if (options->backend == BACKEND_POOL) {
+    zk_pool_stats_t stats;
+    if (zk_pool_stats(backend.pool, &stats) == 0)
+      result_add_double(result, "pool_reuse_rate", stats.reuse_rate);
+  }
+#endif
+  backend_close(&backend);
+  return 0;
+}
+
+/* ---- 4. large: batches of 100 random 1-5 KB, freed in random order ------ */
+
+#define LARGE_BATCH        100
+#define LARGE_MIN_SIZE     1024
+#define LARGE_MAX_SIZE     5120
+#define LARGE_PERMUTATIONS 64
+
+struct large_state {
+  const uint32_t *sizes;
+  uint8_t (*free_orders)[LARGE_BATCH]; /* LARGE_PERMUTATIONS shuffles */
+  void **blocks;
+  uint32_t cursor;
+};
+
+static void large_loop(struct large_state *state, uint64_t batches) {
+  void **blocks = state->blocks;
+  uint32_t cursor = state->cursor;
+  for (uint64_t batch = 0; batch < batches; batch++) {
+    for (unsigned index = 0; index < LARGE_BATCH; index++) {
+      uint32_t size = state->sizes[cursor++ & TABLE_MASK];
+      void *block = malloc(size);
+      check_block(block, size);
+      touch_first(block, size);
+      escape(block);
+      blocks[index] = block;
+    }
+    const uint8_t *order = state->free_orders[batch % LARGE_PERMUTATIONS];
+    for (unsigned index = 0; index < LARGE_BATCH; index++)
+      free(blocks[order[index]]);
+  }
+  state->cursor = cursor;
+}
+
+static int scenario_large(const struct bench_options *options,
+                          struct bench_result *result) {
+  struct prng prng;
+  prng_seed(&prng, options->seed);
+  struct large_state state = {
+      .sizes = size_table_uniform(&prng, LARGE_MIN_SIZE, LARGE_MAX_SIZE),
+      .free_orders = scaffold_alloc(LARGE_PERMUTATIONS * LARGE_BATCH),
+      .blocks = scaffold_alloc(LARGE_BATCH * sizeof(void *)),
+  };
+  for (unsigned permutation = 0; permutation < LARGE_PERMUTATIONS;
+       permutation++) {
+    uint8_t *order = state.free_orders[permutation];
+    for (unsigned index = 0; index < LARGE_BATCH; index++)
+      order[index] = (uint8_t)index;
+    for (unsigned index = LARGE_BATCH - 1; index > 0; index--) {
+      unsigned other = (unsigned)prng_range(&prng, 0, index);
+      uint8_t swap = order[index];
+      order[index] = order[other];
+      order[other] = swap;
+    }
+  }
+  uint64_t batches = options->ops / (2 * LARGE_BATCH);
+  batches = batches > 0 ? batches : 1;
+  large_loop(&state, warmup_count(batches));
+  double start = now_seconds();
+  large_loop(&state, batches);
+  result->seconds = now_seconds() - start;
+  result->ops = batches * LARGE_BATCH * 2;
+  result_add_u64(result, "batch", LARGE_BATCH);
+  scaffold_free(state.blocks, LARGE_BATCH * sizeof(void *));
+  scaffold_free(state.free_orders, LARGE_PERMUTATIONS * LARGE_BATCH);
+  free_table((uint32_t *)state.sizes);
+  return 0;
+}
+
+/* ---- 5. mixed: 10,000 live objects, log-uniform 8 B-64 KB, replaced ----- */
+
+#define MIXED_LIVE 10000
+
+struct mixed_state {
+  const uint32_t *sizes;
+  const uint32_t *slots; /* which live object each step replaces */
+  void **blocks;         /* MIXED_LIVE entries */
+  uint32_t *block_sizes; /* MIXED_LIVE entries */
+  uint32_t cursor;
+  uint64_t live_bytes;
+  uint64_t live_bytes_peak;
+  bool touch_every_page; /* the memory scenario wants RSS to mean bytes */
+};
+
+static void mixed_touch(const struct mixed_state *state, char *block,
+                        uint32_t size) {
+  touch_first(block, size);
+  if (state->touch_every_page) {
+    for (uint32_t offset = 4096; offset < size; offset += 4096)
+      ((volatile char *)block)[offset] = 1;
+    ((volatile char *)block)[size - 1] = 1;
+  }
+  escape(block);
+}
+
+static void mixed_fill(struct mixed_state *state) {
+  for (unsigned slot = 0; slot < MIXED_LIVE; slot++) {
+    uint32_t size = state->sizes[state->cursor++ & TABLE_MASK];
+    void *block = malloc(size);
+    check_block(block, size);
+    mixed_touch(state, block, size);
+    state->blocks[slot] = block;
+    state->block_sizes[slot] = size;
+    state->live_bytes += size;
+  }
+  state->live_bytes_peak = state->live_bytes;
+}
+
+static void mixed_loop(struct mixed_state *state, uint64_t steps) {
+  uint32_t cursor = state->cursor;
+  for (uint64_t step = 0; step < steps; step++, cursor++) {
+    uint32_t slot = state->slots[cursor & TABLE_MASK];
+    uint32_t size = state->sizes[cursor & TABLE_MASK];
+    free(state->blocks[slot]);
+    void *block = malloc(size);
+    check_block(block, size);
+    mixed_touch(state, block, size);
+    state->blocks[slot] = block;
+    state->live_bytes += (uint64_t)size - state->block_sizes[slot];
+    state->block_sizes[slot] = size;
+    if (state->live_bytes > state->live_bytes_peak)
+      state->live_bytes_peak = state->live_bytes;
+  }
+  state->cursor = cursor;
+}
+
+static void mixed_free_all(struct mixed_state *state) {
+  for (unsigned slot = 0; slot < MIXED_LIVE; slot++) {
+    free(state->blocks[slot]);
+    state->blocks[slot] = NULL;
+  }
+  state->live_bytes = 0;
+}
+
+static void mixed_init(struct mixed_state *state, uint64_t seed,
+                       bool touch_every_page) {
+  struct prng prng;
+  prng_seed(&prng, seed);
+  uint32_t *slots = scaffold_alloc(TABLE_LENGTH * sizeof(uint32_t));
+  for (uint32_t index = 0; index < TABLE_LENGTH; index++)
+    slots[index] = (uint32_t)prng_range(&prng, 0, MIXED_LIVE - 1);
+  *state = (struct mixed_state){
+      .sizes = size_table_log_uniform(&prng),
+      .slots = slots,
+      .blocks = scaffold_alloc(MIXED_LIVE * sizeof(void *)),
+      .block_sizes = scaffold_alloc(MIXED_LIVE * sizeof(uint32_t)),
+      .touch_every_page = touch_every_page,
+  };
+}
+
+static void mixed_release(struct mixed_state *state) {
+  free_table((uint32_t *)state->sizes);
+  free_table((uint32_t *)state->slots);
+  scaffold_free(state->blocks, MIXED_LIVE * sizeof(void *));
+  scaffold_free(state->block_sizes, MIXED_LIVE * sizeof(uint32_t));
+}
+
+static int scenario_mixed(const struct bench_options *options,
+                          struct bench_result *result) {
+  struct mixed_state state;
+  mixed_init(&state, options->seed, false);
+  mixed_fill(&state);
+  uint64_t steps = options->ops / 2;
+  mixed_loop(&state, warmup_count(steps));
+  double start = now_seconds();
+  mixed_loop(&state, steps);
+  result->seconds = now_seconds() - start;
+  result->ops = steps * 2;
+  mixed_free_all(&state);
+  result_add_u64(result, "live_objects", MIXED_LIVE);
+  result_add_u64(result, "live_peak_kib", state.live_bytes_peak / 1024);
+  mixed_release(&state);
+  return 0;
+}
+
+/* ---- 6. handoff: one thread allocates, another frees ------------------- */
+
+#define HANDOFF_MIN_SIZE 64
+#define HANDOFF_MAX_SIZE 1024
+#define RING_CAPACITY    1024u /* power of two */
+
+static void cpu_relax(unsigned *spins) {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  __asm__ volatile("yield");
+#endif
+  /* On a machine with fewer cores than threads the peer needs our core. */
+  if (++*spins % 256 == 0)
+    sched_yield();
+}
+
+/* Single-producer single-consumer ring of pointers, built once: the handoff
+ * itself allocates nothing. Positions only grow; the slot is pos % capacity. */
+struct handoff_ring {
+  _Alignas(64) _Atomic uint64_t head; /* next slot the consumer reads */
+  _Alignas(64) _Atomic uint64_t tail; /* next slot the producer writes */
+  _Alignas(64) void *slots[RING_CAPACITY];
+};
+
+/* Written into each object so the consumer can check that what it frees is
+ * what the producer built: the handoff moves real, initialised memory. */
+struct handoff_header {
+  uint32_t size;
+  uint32_t sequence;
+};
+
+struct handoff_shared {
+  struct handoff_ring *ring;
+  struct backend *backend;
+  const uint32_t *sizes;
+  uint64_t objects;
+  _Atomic bool consumer_ready;
+  /* The producer starts the clock once the consumer runs, and the consumer
+   * stops it: neither thread start-up nor join is timed. */
+  double started;
+  double finished;
+  uint64_t corrupt; /* objects whose marks did not survive the handoff */
+};
+
+static ALWAYS_INLINE void handoff_consume(struct handoff_shared *shared,
+                                          enum backend_kind kind) {
+  struct handoff_ring *ring = shared->ring;
+  uint64_t head = 0;
+  uint64_t tail_seen = 0;
+  uint64_t corrupt = 0;
+  unsigned spins = 0;
+  atomic_store_explicit(&shared->consumer_ready, true, memory_order_release);
+  while (head < shared->objects) {
+    while (head == tail_seen) {
+      tail_seen = atomic_load_explicit(&ring->tail, memory_order_acquire);
+      if (head == tail_seen)
+        cpu_relax(&spins);
+    }
+    struct handoff_header *header = ring->slots[head & (RING_CAPACITY - 1)];
+    uint32_t size = header->size;
+    if (size < HANDOFF_MIN_SIZE || size > HANDOFF_MAX_SIZE ||
+        header->sequence != (uint32_t)head ||
+        ((unsigned char *)header)[size - 1] != (unsigned char)head)
+      corrupt++;
+    backend_free(shared->backend, kind, header);
+    head++;
+    atomic_store_explicit(&ring->head, head, memory_order_release);
+  }
+  shared->finished = now_seconds();
+  shared->corrupt = corrupt;
+}
+
+static ALWAYS_INLINE void handoff_produce(struct handoff_shared *shared,
+                                          enum backend_kind kind) {
+  struct handoff_ring *ring = shared->ring;
+  uint64_t head_seen = 0;
+  unsigned spins = 0;
+  while (!atomic_load_explicit(&shared->consumer_ready, memory_order_acquire))
+    cpu_relax(&spins);
+  shared->started = now_seconds();
+  for (uint64_t tail = 0; tail < shared->objects; tail++) {
+    uint32_t size = shared->sizes[tail & TABLE_MASK];
+    struct handoff_header *header = backend_alloc(shared->backend, kind, size);
+    check_block(header, size);
+    header->size = size;
+    header->sequence = (uint32_t)tail;
+    ((unsigned char *)header)[size - 1] = (unsigned char)tail;
+    while (tail - head_seen == RING_CAPACITY) {
+      head_seen = atomic_load_explicit(&ring->head, memory_order_acquire);
+      if (tail - head_seen == RING_CAPACITY)
+        cpu_relax(&spins);
+    }
+    ring->slots[tail & (RING_CAPACITY - 1)] = header;
+    atomic_store_explicit(&ring->tail, tail + 1, memory_order_release);
+  }
+}
+
+static void *handoff_consumer_malloc(void *shared) {
+  handoff_consume(shared, BACKEND_MALLOC);
+  return NULL;
+}
+
+static void *handoff_consumer_pool(void *shared) {
+  handoff_consume(shared, BACKEND_POOL);
+  return NULL;
+}
+
+/* Runs one full handoff of `objects` objects; returns its wall time. */
+static double handoff_run(struct handoff_shared *shared, uint64_t objects) {
+  struct handoff_ring *ring = shared->ring;
+  atomic_store(&ring->head, 0);
+  atomic_store(&ring->tail, 0);
+  atomic_store(&shared->consumer_ready, false);
+  shared->objects = objects;
+  shared->corrupt = 0;
+  enum backend_kind kind = shared->backend->kind;
+  pthread_t consumer;
+  if (pthread_create(&consumer, NULL,
+                     kind == BACKEND_POOL ? handoff_consumer_pool
+                                          : handoff_consumer_malloc,
+                     shared) != 0)
+    bench_fail("pthread_create failed");
+  if (kind == BACKEND_POOL)
+    handoff_produce(shared, BACKEND_POOL);
+  else
+    handoff_produce(shared, BACKEND_MALLOC);
+  pthread_join(consumer, NULL);
+  double seconds = shared->finished - shared->started;
+  if (shared->corrupt != 0)
+    bench_fail("handoff: %" PRIu64 " objects arrived corrupted",
+               shared->corrupt);
+  return seconds;
+}
+
+static int scenario_handoff(const struct bench_options *options,
+                            struct bench_result *result) {
+  if (options->backend == BACKEND_SEED)
+    return unsupported(options); /* the seed pool is single-threaded */
+  struct prng prng;
+  prng_seed(&prng, options->seed);
+  struct backend backend;
+  backend_open(&backend, options->backend, HANDOFF_MAX_SIZE);
+  struct handoff_shared shared = {
+      .ring = scaffold_alloc(sizeof(struct handoff_ring)),
+      .backend = &backend,
+      .sizes = size_table_uniform(&prng, HANDOFF_MIN_SIZE, HANDOFF_MAX_SIZE),
+  };
+  uint64_t objects = options->ops / 2;
+  handoff_run(&shared, warmup_count(objects));
+  result->seconds = handoff_run(&shared, objects);
+  result->ops = objects * 2;
+  result_add_u64(result, "ring_capacity", RING_CAPACITY);
+  result_add_u64(result, "corrupt", shared.corrupt);
+  backend_close(&backend);
+  free_table((uint32_t *)shared.sizes);
+  scaffold_free(shared.ring, sizeof(struct handoff_ring));
+  return 0;
+}
+
+/* ---- 7. scaling: scenario 2 on 1, 2, 4 ... N threads at once ----------- */
+
+struct scaling_worker {
+  pthread_t thread;
+  pthread_barrier_t *start_line;
+  struct stress_state state;
+  uint64_t batches;
+  /* Each worker reads the clock itself: the barrier's last arrival may run
+   * long before the main thread is woken. */
+  double started;
+  double finished;
+};
+
+static void *scaling_worker_main(void *argument) {
+  struct scaling_worker *worker = argument;
+  struct backend backend = {.kind = BACKEND_MALLOC};
+  stress_loop(&backend, BACKEND_MALLOC, &worker->state,
+              warmup_count(worker->batches));
+  pthread_barrier_wait(worker->start_line);
+  worker->started = now_seconds();
+  stress_loop(&backend, BACKEND_MALLOC, &worker->state, worker->batches);
+  worker->finished = now_seconds();
+  return NULL;
+}
+
+/* Weak scaling: every thread does the same amount of work, so the ideal is
+ * throughput growing linearly with the thread count. */
+static double scaling_run(const uint32_t *sizes, unsigned threads,
+                          uint64_t batches) {
+  struct scaling_worker *workers =
+      scaffold_alloc(threads * sizeof(struct scaling_worker));
+  pthread_barrier_t start_line;
+  pthread_barrier_init(&start_line, NULL, threads + 1);
+  for (unsigned index = 0; index < threads; index++) {
+    struct scaling_worker *worker = &workers[index];
+    worker->start_line = &start_line;
+    worker->batches = batches;
+    /* Each thread starts at its own place in the shared size table. */
+    worker->state = (struct stress_state){
+        .sizes = sizes,
+        .blocks = scaffold_alloc(STRESS_BATCH * sizeof(void *)),
+        .cursor = index * (TABLE_LENGTH / 16 + 7),
+    };
+    if (pthread_create(&worker->thread, NULL, scaling_worker_main, worker) != 0)
+      bench_fail("pthread_create failed");
+  }
+  pthread_barrier_wait(&start_line);
+  double first_start = 0, last_finish = 0;
+  for (unsigned index = 0; index < threads; index++) {
+    pthread_join(workers[index].thread, NULL);
+    if (index == 0 || workers[index].started < first_start)
+      first_start = workers[index].started;
+    if (workers[index].finished > last_finish)
+      last_finish = workers[index].finished;
+  }
+  double seconds = last_finish - first_start;
+  pthread_barrier_destroy(&start_line);
+  for (unsigned index = 0; index < threads; index++)
+    scaffold_free(workers[index].state.blocks, STRESS_BATCH * sizeof(void *));
+  scaffold_free(workers, threads * sizeof(struct scaling_worker));
+  return seconds;
+}
+
+static int scenario_scaling(const struct bench_options *options,
+                            struct bench_result *result) {
+  struct prng prng;
+  prng_seed(&prng, options->seed);
+  uint32_t *sizes = size_table_uniform(&prng, STRESS_MIN_SIZE, STRESS_MAX_SIZE);
+  uint64_t batches = stress_batches(options->ops);
+  uint64_t ops_per_thread = batches * STRESS_BATCH * 2;
+  char points[2048];
+  size_t length = 0;
+  double single_thread_rate = 0;
+  length += (size_t)snprintf(points + length, sizeof points - length, "[");
+  for (unsigned index = 0; index < options->thread_count; index++) {
+    unsigned threads = options->threads[index];
+    double seconds = scaling_run(sizes, threads, batches);
+    uint64_t ops = ops_per_thread * threads;
+    double rate = (double)ops / seconds;
+    if (index == 0)
+      single_thread_rate = rate / threads;
+    length += (size_t)snprintf(
+        points + length, sizeof points - length,
+        "%s{\"threads\":%u,\"ops\":%" PRIu64
+        ",\"seconds\":%.6f,\"ops_per_s\":%.1f,\"speedup\":%.3f}",
+        index ? "," : "", threads, ops, seconds, rate,
+        rate / single_thread_rate);
+    /* The headline figures are those of the largest thread count. */
+    result->ops = ops;
+    result->seconds = seconds;
+  }
+  snprintf(points + length, sizeof points - length, "]");
+  result_add_u64(result, "threads",
+                 options->threads[options->thread_count - 1]);
+  result_add_raw(result, "points", points);
+  free_table(sizes);
+  return 0;
+}
+
+/* ---- 8. memory: RSS of scenario 5 at peak and after everything is freed - */
+
+typedef void (*collect_function)(bool force);
+
+static int scenario_memory(const struct bench_options *options,
+                           struct bench_result *result) {
+  uint64_t rss_baseline = rss_now_kib();
+  struct mixed_state state;
+  /* Every page of every object is written, so RSS follows the bytes asked. */
+  mixed_init(&state, options->seed, true);
+  mixed_fill(&state);
+  uint64_t steps = options->ops / 2;
+  double start = now_seconds();
+  mixed_loop(&state, steps);
+  result->seconds = now_seconds() - start;
+  result->ops = steps * 2;
+  uint64_t rss_live = rss_now_kib();
+  mixed_free_all(&state);
+  uint64_t rss_after_free = rss_now_kib();
+
+  /* Past the purge delay; one small call gives a lazy allocator the slow-path
+   * visit on which it returns memory. */
+  struct timespec wait = {
+      .tv_sec = options->purge_wait_ms / 1000,
+      .tv_nsec = (long)(options->purge_wait_ms % 1000) * 1000000L,
+  };
+  nanosleep(&wait, NULL);
+  void *poke = malloc(16);
+  check_block(poke, 16);
+  escape(poke);
+  free(poke);
+  uint64_t rss_after_wait = rss_now_kib();
+
+  result_add_u64(result, "rss_baseline_kib", rss_baseline);
+  result_add_u64(result, "live_peak_kib", state.live_bytes_peak / 1024);
+  result_add_u64(result, "rss_live_kib", rss_live);
+  result_add_u64(result, "rss_after_free_kib", rss_after_free);
+  result_add_u64(result, "rss_after_wait_kib", rss_after_wait);
+  result_add_u64(result, "purge_wait_ms", options->purge_wait_ms);
+
+  /* Looked up at run time so one binary serves every allocator: only an
+   * allocator that exports zk_collect (zkmem) gets the third reading. */
+  collect_function collect;
+  void *symbol = dlsym(RTLD_DEFAULT, "zk_collect");
+  memcpy(&collect, &symbol, sizeof collect);
+  if (collect != NULL) {
+    collect(true);
+    result_add_u64(result, "rss_after_collect_kib", rss_now_kib());
+  } else {
+    result_add_null(result, "rss_after_collect_kib");
+  }
+  mixed_release(&state);
+  return 0;
+}
+
+/* ---- table ------------------------------------------------------------- */
+
+#define ALL_BACKENDS                                                           \
+  ((1u << BACKEND_MALLOC) | (1u << BACKEND_SEED) | (1u << BACKEND_POOL))
+#define MALLOC_AND_POOL ((1u << BACKEND_MALLOC) | (1u << BACKEND_POOL))
+#define MALLOC_ONLY     (1u << BACKEND_MALLOC)
+
+const struct scenario_entry scenario_table[] = {
+    {"fixed", "alloc+free pairs of 64 B", 40000000, scenario_fixed,
+     ALL_BACKENDS},
+    {"stress", "batches of 1,000 random 8-256 B, freed in reverse", 20000000,
+     scenario_stress, ALL_BACKENDS},
+    {"reuse", "one 128 B object allocated and freed repeatedly", 40000000,
+     scenario_reuse, ALL_BACKENDS},
+    {"large", "batches of 100 random 1-5 KB, freed in random order", 4000000,
+     scenario_large, MALLOC_ONLY},
+    {"mixed", "10,000 live objects, log-uniform 8 B-64 KB, replaced at random",
+     4000000, scenario_mixed, MALLOC_ONLY},
+    {"handoff", "64-1,024 B objects allocated on one thread, freed on another",
+     10000000, scenario_handoff, MALLOC_AND_POOL},
+    {"scaling", "scenario stress on 1, 2, 4 ... threads (ops per thread)",
+     10000000, scenario_scaling, MALLOC_ONLY},
+    {"memory", "RSS of scenario mixed at peak, after free, wait, collect",
+     400000, scenario_memory, MALLOC_ONLY},
+};
+
+const size_t scenario_count = sizeof scenario_table / sizeof scenario_table[0];
