@@ -34,7 +34,7 @@ static const char *const backend_names[] = {
     [BACKEND_POOL] = "pool",
 };
 
-/* ---- helpers declared in bench.h -------------------------------------- */
+/* ---- shared utilities declared in bench.h ------------------------------ */
 
 void bench_fail(const char *format, ...) {
   va_list arguments;
