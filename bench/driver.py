@@ -188,8 +188,10 @@ def zkmem_version(source_dir):
         return None
     version = ".".join(match.group(1) for match in parts)
     try:
-        commit = subprocess.run(["git", "-C", source_dir, "rev-parse",
-                                 "--short", "HEAD"], stdout=subprocess.PIPE,
+        # -dirty marks figures measured on uncommitted sources.
+        commit = subprocess.run(["git", "-C", source_dir, "describe",
+                                 "--always", "--dirty"],
+                                stdout=subprocess.PIPE,
                                 stderr=subprocess.DEVNULL, text=True,
                                 timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
@@ -445,6 +447,15 @@ def summarise(records):
     return medians
 
 
+# Fixed-size rows serve varying sizes with one pool of the largest size,
+# which the reader must know to compare them with malloc rows.
+FIXED_SIZE_NOTES = {
+    "stress": "(zkmem-pool and seed: one pool of 256 B objects serves every "
+              "size)",
+    "handoff": "(zkmem-pool: one pool of 1,024 B objects serves every size)",
+}
+
+
 def format_rate(ops_per_s):
     millions = ops_per_s / 1e6
     if millions >= 100:
@@ -556,6 +567,10 @@ def report(medians, machine, settings, out):
                 row.append("-" if rate is None else f"{rate:.1%}")
             rows.append(row)
         print_table(headers, rows, out)
+        note = FIXED_SIZE_NOTES.get(scenario.name)
+        if note and any(name in by_allocator for name in ("zkmem-pool",
+                                                          "seed")):
+            print(note, file=out)
 
 
 def print_scaling(by_allocator, glibc, peer, out):
