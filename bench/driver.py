@@ -700,6 +700,9 @@ def write_svg(path, medians, machine, settings):
                 f"{machine['kernel']}; {settings['date'][:10]}")
     if settings["quick"]:
         subtitle = "QUICK SMOKE RUN, figures meaningless; " + subtitle
+    load = machine.get("load_average")
+    if load and load[0] > 0.5 * (machine.get("usable_cores") or 1):
+        subtitle += f"; machine busy (load {load[0]:.1f}): noisy"
     parts.append(svg_text(left, 48, subtitle, 11, fill="#555"))
 
     if groups:
