@@ -487,6 +487,8 @@ def main():
     if not os.path.exists(options.preload):
         print("FAIL: %s does not exist" % options.preload)
         return 1
+    # a name without a slash would be looked up in the library path
+    options.preload = os.path.abspath(options.preload)
     os.makedirs(options.workdir, exist_ok=True)
     root = tempfile.mkdtemp(prefix=options.case + "-", dir=options.workdir)
     case = CASES[options.case]
