@@ -88,19 +88,20 @@ void zk_pool_visit(zk_pool_t *pool, void (*visitor)(void *object, void *arg),
 /* 0 on success, -1 (EINVAL) for a NULL pool or out. */
 int zk_pool_stats(const zk_pool_t *pool, zk_pool_stats_t *out);
 
-/* A pool of `type` created on first use: name_alloc() and name_free(obj). */
-#define ZK_POOL_TYPED(name, type)                                          \
-  static zk_pool_t *name##_pool_instance;                                  \
-  static zk_pool_t *name##_pool(void) {                                    \
+/* A pool of `type` created on first use: prefix_alloc() and
+ * prefix_free(object), with the size known at compile time. */
+#define ZK_POOL_TYPED(prefix, type)                                          \
+  static zk_pool_t *prefix##_pool_instance;                                  \
+  static zk_pool_t *prefix##_pool(void) {                                    \
     zk_pool_t *pool =                                                      \
-        __atomic_load_n(&name##_pool_instance, __ATOMIC_ACQUIRE);          \
+        __atomic_load_n(&prefix##_pool_instance, __ATOMIC_ACQUIRE);          \
     if (__builtin_expect(pool == NULL, 0)) {                               \
       zk_pool_options_t options = {0};                                     \
       options.alignment = _Alignof(type);                                  \
-      options.name = #name;                                                \
+      options.name = #prefix;                                                \
       zk_pool_t *fresh = zk_pool_create(sizeof(type), &options);           \
       zk_pool_t *expected = NULL;                                          \
-      if (__atomic_compare_exchange_n(&name##_pool_instance, &expected,    \
+      if (__atomic_compare_exchange_n(&prefix##_pool_instance, &expected,    \
                                       fresh, 0, __ATOMIC_ACQ_REL,          \
                                       __ATOMIC_ACQUIRE)) {                 \
         pool = fresh;                                                      \
@@ -111,11 +112,11 @@ int zk_pool_stats(const zk_pool_t *pool, zk_pool_stats_t *out);
     }                                                                      \
     return pool;                                                           \
   }                                                                        \
-  static inline type *name##_alloc(void) {                                 \
-    return (type *)zk_pool_alloc(name##_pool());                           \
+  static inline type *prefix##_alloc(void) {                                 \
+    return (type *)zk_pool_alloc(prefix##_pool());                           \
   }                                                                        \
-  static inline void name##_free(type *object) {                           \
-    zk_pool_free(name##_pool_instance, object);                            \
+  static inline void prefix##_free(type *object) {                           \
+    zk_pool_free(prefix##_pool_instance, object);                            \
   }
 
 /* ---- memory returned to the OS, statistics, options ------------------ */

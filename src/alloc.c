@@ -37,7 +37,7 @@ ZK_EXPORT void zk_free(void *p) {
       block->next_encoded = page_encode(page, page->free);
       page->free = block;
       page->frees++;
-      if (unlikely(--page->used == 0 || page->in_full))
+      if (unlikely(--page->used < page->free_trigger))
         heap_free_local_slow(heap, page);
       return;
     }

@@ -36,6 +36,7 @@ __thread heap_t *heap_current = &heap_empty;
 
 static pthread_mutex_t abandoned_lock = PTHREAD_MUTEX_INITIALIZER;
 static page_queue_t abandoned[CLASS_COUNT];
+static atomic_uint abandoned_count[CLASS_COUNT]; /* peeked without the lock */
 static pthread_mutex_t heaps_lock = PTHREAD_MUTEX_INITIALIZER;
 static heap_t *heaps_live;
 static heap_t *heaps_free;
@@ -79,10 +80,18 @@ static void queue_remove(page_queue_t *queue, page_t *page) {
 
 /* ---- direct map: granule -> current page of its class ---- */
 
+/* Called whenever the first page of a queue may have changed: it becomes
+ * current (its frees stay on the fast path), and the page it displaced
+ * gets released when it empties. */
 static void heap_update_direct(heap_t *heap, unsigned class_index) {
+  page_t *page = heap->queues[class_index].first;
+  if (page != NULL) {
+    page->free_trigger = 0;
+    if (page->next != NULL)
+      page->next->free_trigger = 1;
+  }
   if (class_block_size[class_index] > DIRECT_MAX)
     return;
-  page_t *page = heap->queues[class_index].first;
   if (page == NULL)
     page = &page_empty;
   /* Granules g with size_to_class(8g) == class_index form one range. */
@@ -161,6 +170,7 @@ static void stats_retire_page(heap_stats_t *stats, page_t *page) {
 static void heap_page_release(heap_t *heap, page_t *page) {
   stats_retire_page(&heap->stats, page);
   segment_span_free(page);
+  purge_maybe();
 }
 
 static void abandon_page(heap_t *heap, page_t *page) {
@@ -171,10 +181,11 @@ static void abandon_page(heap_t *heap, page_t *page) {
   }
   /* The page carries its counters to the abandoned list and on to the heap
    * that reclaims it. */
-  page->in_full = 0;
+  __atomic_store_n(&page->in_full, 0, __ATOMIC_RELAXED);
   atomic_store_explicit(&page->owner, NULL, memory_order_release);
   pthread_mutex_lock(&abandoned_lock);
   queue_push_back(&abandoned[page->class_index], page);
+  atomic_fetch_add(&abandoned_count[page->class_index], 1);
   pthread_mutex_unlock(&abandoned_lock);
 }
 
@@ -223,13 +234,16 @@ static void heap_thread_exit(void *value) {
 /* ---- abandoned pages ---- */
 
 static page_t *heap_reclaim_page(heap_t *heap, unsigned class_index) {
-  page_queue_t *list = &abandoned[class_index];
-  if (__atomic_load_n(&list->first, __ATOMIC_RELAXED) == NULL)
+  if (atomic_load_explicit(&abandoned_count[class_index],
+                           memory_order_relaxed) == 0)
     return NULL;
+  page_queue_t *list = &abandoned[class_index];
   pthread_mutex_lock(&abandoned_lock);
   page_t *page = list->first;
-  if (page != NULL)
+  if (page != NULL) {
     queue_remove(list, page);
+    atomic_fetch_sub(&abandoned_count[class_index], 1);
+  }
   pthread_mutex_unlock(&abandoned_lock);
   if (page == NULL)
     return NULL;
@@ -250,6 +264,7 @@ void heap_reclaim_abandoned(bool force) {
       page_collect(page);
       if (page->used == 0) {
         queue_remove(&abandoned[c], page);
+        atomic_fetch_sub(&abandoned_count[c], 1);
         pthread_mutex_lock(&heaps_lock);
         stats_retire_page(&heaps_retired_stats, page);
         pthread_mutex_unlock(&heaps_lock);
@@ -265,12 +280,13 @@ void heap_reclaim_abandoned(bool force) {
 
 static void heap_move_to_full(heap_t *heap, page_t *page) {
   queue_remove(&heap->queues[page->class_index], page);
-  __atomic_store_n(&page->in_full, 1, __ATOMIC_RELAXED);
+  page->free_trigger = UINT32_MAX;
   queue_push_back(&heap->full, page);
-  /* Pairs with the fence in heap_free_remote: a remote free that missed
-   * in_full == 1 left its block where this load sees it. */
-  atomic_thread_fence(memory_order_seq_cst);
-  if (atomic_load_explicit(&page->thread_free, memory_order_relaxed) != NULL)
+  /* Dekker with heap_free_remote, both sides sequentially consistent: a
+   * remote free that missed in_full == 1 left its block where this load
+   * sees it. */
+  __atomic_store_n(&page->in_full, 1, __ATOMIC_SEQ_CST);
+  if (atomic_load_explicit(&page->thread_free, memory_order_seq_cst) != NULL)
     atomic_store_explicit(&heap->remote_frees_to_full, 1,
                           memory_order_relaxed);
 }
@@ -278,6 +294,7 @@ static void heap_move_to_full(heap_t *heap, page_t *page) {
 static void heap_unfull(heap_t *heap, page_t *page) {
   queue_remove(&heap->full, page);
   __atomic_store_n(&page->in_full, 0, __ATOMIC_RELAXED);
+  page->free_trigger = 1;
   queue_push_back(&heap->queues[page->class_index], page);
   if (heap->queues[page->class_index].first == page)
     heap_update_direct(heap, page->class_index);
@@ -329,6 +346,7 @@ static page_t *heap_find_page(heap_t *heap, unsigned class_index) {
   if (page->free == NULL && !page_extend(page)) {
     /* A reclaimed page that is still full. */
     __atomic_store_n(&page->in_full, 1, __ATOMIC_RELAXED);
+    page->free_trigger = UINT32_MAX;
     queue_push_back(&heap->full, page);
     return heap_find_page(heap, class_index);
   }
@@ -394,9 +412,8 @@ ZK_NOINLINE void heap_free_local_slow(heap_t *heap, page_t *page) {
 }
 
 static void heap_free_remote(page_t *page, block_t *block) {
-  page_free_remote(page, block);
-  atomic_thread_fence(memory_order_seq_cst);
-  if (__atomic_load_n(&page->in_full, __ATOMIC_RELAXED)) {
+  page_free_remote(page, block); /* a sequentially consistent CAS */
+  if (__atomic_load_n(&page->in_full, __ATOMIC_SEQ_CST)) {
     heap_t *owner = atomic_load_explicit(&page->owner, memory_order_relaxed);
     if (owner != NULL &&
         !atomic_load_explicit(&owner->remote_frees_to_full,
@@ -421,8 +438,9 @@ void heap_free_generic(void *p) {
   switch ((page_kind_t)page->kind) {
   case PAGE_SMALL: {
     size_t offset = (size_t)((uint8_t *)p - page->start);
+    uint32_t capacity = __atomic_load_n(&page->capacity, __ATOMIC_RELAXED);
     if (unlikely(offset % page->block_size != 0 ||
-                 offset >= (size_t)page->capacity * page->block_size)) {
+                 offset >= (size_t)capacity * page->block_size)) {
       error_report("free of a pointer inside a block (not its start)", p,
                    page->block_size);
       return;

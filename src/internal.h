@@ -88,7 +88,12 @@ struct page {
   block_t *free;          /* owner only: malloc pops, the owner's free pushes */
   uintptr_t key;          /* free-list encoding key, random per page */
   uint32_t used;          /* blocks handed out (owner's view) */
-  uint8_t in_full;        /* in the heap's full queue: frees must requeue */
+  /* The owner's free takes the slow path when used drops below this:
+   * 0 for a class's current page (never), 1 for the other pages of the
+   * queue (when empty, to release them), UINT32_MAX for pages in `full`
+   * (always, to requeue them). One compare covers all three. */
+  uint32_t free_trigger;
+  uint8_t in_full;        /* in the heap's full queue */
   uint8_t kind;           /* page_kind_t */
   uint8_t class_index;    /* small pages */
   uint8_t is_zero;        /* span memory is known to read as zero */
@@ -96,7 +101,7 @@ struct page {
   uint64_t frees;          /* blocks freed into this page (stats) */
 
   /* Cold: shared with other threads or used on slow paths. */
-  _Atomic(block_t *) thread_free __attribute__((aligned(64)));
+  _Atomic(block_t *) thread_free;
   uint32_t block_size;  /* small: class size; pool: stride */
   uint32_t capacity;    /* blocks carved so far */
   uint32_t reserved;    /* blocks the span can hold */
@@ -110,6 +115,8 @@ struct page {
   zk_pool_t *pool;        /* pool pages */
   size_t large_size;      /* large/huge: usable bytes */
 };
+/* A power of two, so that finding a slice's descriptor is a shift. */
+_Static_assert(sizeof(struct page) == 128, "page_t must stay 128 bytes");
 
 typedef enum segment_kind { SEGMENT_NORMAL = 1, SEGMENT_HUGE } segment_kind_t;
 
@@ -167,6 +174,11 @@ struct magazine {
   uint8_t *carve_next, *carve_end; /* fresh objects reserved to this thread */
   page_t *carve_page;
   heap_t *heap;
+  /* Snapshot for other threads' statistics, taken under the pool lock at
+   * every exchange: the fields above are the owner's alone. */
+  int64_t published_live;
+  uint64_t published_allocations;
+  uint64_t published_fresh;
   magazine_t *next_in_pool, *prev_in_pool;
   void *items[];
 };
@@ -180,9 +192,9 @@ ZK_INLINE segment_t *segment_of(const void *p) {
 }
 ZK_INLINE bool segment_is_owned(const segment_t *segment) {
   uintptr_t index = (uintptr_t)segment >> SEGMENT_SHIFT;
-  return (segment_owned_map[(index >> 6) & ((1u << 20) - 1)] >>
-          (index & 63)) &
-         1;
+  uint64_t word = __atomic_load_n(
+      &segment_owned_map[(index >> 6) & ((1u << 20) - 1)], __ATOMIC_RELAXED);
+  return (word >> (index & 63)) & 1;
 }
 ZK_INLINE page_t *segment_page_of(segment_t *segment, const void *p) {
   page_t *page =

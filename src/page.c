@@ -83,6 +83,7 @@ void page_init_small(page_t *page, heap_t *heap, unsigned class_index) {
       (uint32_t)(((size_t)page->slice_count << SLICE_SHIFT) / block_size);
   page->capacity = 0;
   page->used = 0;
+  page->free_trigger = 1;
   page->free = NULL;
   page->frees = 0;
   page->key = random_next(&heap->random_state) | 1;
@@ -109,7 +110,8 @@ bool page_extend(page_t *page) {
         page_encode(page, (block_t *)((uint8_t *)block + page->block_size));
   }
   page->free = (block_t *)first;
-  page->capacity += batch;
+  /* Read by other threads' frees to validate pointers. */
+  __atomic_store_n(&page->capacity, page->capacity + batch, __ATOMIC_RELAXED);
   return true;
 }
 
@@ -142,6 +144,6 @@ void page_free_remote(page_t *page, block_t *block) {
   do {
     block->next_encoded = page_encode(page, head);
   } while (!atomic_compare_exchange_weak_explicit(
-      &page->thread_free, &head, block, memory_order_release,
+      &page->thread_free, &head, block, memory_order_seq_cst,
       memory_order_relaxed));
 }

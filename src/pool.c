@@ -1,15 +1,21 @@
 /* Object pools: exact-size objects with 100% reuse.
  *
- * Two layers, after Bonwick's magazines:
+ * Three layers, after Bonwick's magazines and depot:
  *   magazine  per thread and pool: a stack of free objects. zk_pool_alloc
  *             pops, zk_pool_free pushes, with no lock, no atomic and no
  *             owner check: every object of a pool is interchangeable, so a
  *             free goes to the freeing thread's magazine.
+ *   depot     per pool, under pool->lock: full rounds of MAGAZINE_CAPACITY
+ *             objects. A full magazine is copied into a round, an empty one
+ *             refilled from a round: O(1) per MAGAZINE_CAPACITY operations,
+ *             whatever the threads do (one thread allocating and another
+ *             freeing is the async-runtime case).
  *   slab      per pool, under pool->lock: PAGE_POOL spans whose free objects
- *             sit in per-page free lists. Magazines exchange MAGAZINE_BATCH
- *             objects with it at a time. A page whose objects are all back
- *             in its list can return to the segment layer (and then, after
- *             the purge delay, to the OS).
+ *             sit in per-page free lists. The depot spills rounds into it
+ *             when it holds more than the reserve allows; magazines take
+ *             from it when the depot is empty. A page whose objects are all
+ *             back in its list can return to the segment layer (and then,
+ *             after the purge delay, to the OS).
  *
  * Fresh objects are carved, and constructed, one at a time from a region a
  * magazine reserves in a page (so "fresh" vs "reused" is exact), with no
@@ -34,11 +40,16 @@
 #include <string.h>
 
 #define MAGAZINE_CAPACITY 128
-#define MAGAZINE_BATCH 64
+#define MAGAZINE_BATCH 64 /* objects taken from the slab at once */
 #define CARVE_REGION_BYTES 8192
 #define POOL_EPOCH 64
 #define POOL_MAX_PAGE_SLICES 16
 #define POOL_MAX_OBJECT ((size_t)1 << 20)
+
+typedef struct depot_round {
+  struct depot_round *next;
+  void *items[MAGAZINE_CAPACITY];
+} depot_round_t;
 
 struct zk_pool {
   uint32_t slot;
@@ -56,6 +67,9 @@ struct zk_pool {
   uint32_t next_page_slices;
   uint32_t page_count;
   uint64_t free_in_pages;
+  depot_round_t *depot_full;  /* each holds MAGAZINE_CAPACITY objects */
+  depot_round_t *depot_empty; /* spare rounds */
+  uint64_t depot_rounds;      /* in depot_full */
   magazine_t *magazines; /* attached to a heap */
   /* Totals of magazines that have been detached. */
   uint64_t retired_allocations;
@@ -97,6 +111,16 @@ ZK_EXPORT void zk_pool_free(zk_pool_t *pool, void *object) {
 }
 
 /* ---- slab (pool->lock held) ---- */
+
+/* Counters written under pool->lock and peeked without it. */
+static void relaxed_set(uint64_t *counter, uint64_t value) {
+  __atomic_store_n(counter, value, __ATOMIC_RELAXED);
+}
+
+static bool pool_has_reusable(const zk_pool_t *pool) {
+  return __atomic_load_n(&pool->depot_rounds, __ATOMIC_RELAXED) != 0 ||
+         __atomic_load_n(&pool->free_in_pages, __ATOMIC_RELAXED) != 0;
+}
 
 static void queue_append(page_queue_t *queue, page_t *page) {
   page->next = NULL;
@@ -143,17 +167,24 @@ static page_t *pool_page_new(zk_pool_t *pool, size_t min_objects) {
 
 static void pool_page_release(zk_pool_t *pool, page_t *page) {
   queue_unlink(page->free != NULL ? &pool->partial : &pool->drained, page);
-  pool->free_in_pages -= page->capacity;
+  relaxed_set(&pool->free_in_pages, pool->free_in_pages - page->capacity);
   pool->page_count--;
   if (pool->carve_page == page)
     pool->carve_page = NULL;
   segment_span_free(page);
 }
 
+static void magazine_publish_locked(magazine_t *magazine) {
+  magazine->published_live = magazine->taken - (int64_t)magazine->count;
+  magazine->published_allocations = magazine->allocations;
+  magazine->published_fresh = magazine->fresh;
+}
+
+/* Live objects as of each thread's last exchange. */
 static int64_t pool_live_locked(const zk_pool_t *pool) {
   int64_t live = pool->retired_taken;
   for (const magazine_t *m = pool->magazines; m != NULL; m = m->next_in_pool)
-    live += m->taken - (int64_t)m->count;
+    live += m->published_live;
   return live < 0 ? 0 : live;
 }
 
@@ -166,8 +197,24 @@ static uint64_t pool_cache_limit(const zk_pool_t *pool, uint64_t live) {
 
 /* Return empty pages while the slab caches more than the limit. The page
  * being carved stays: it is where growth continues. */
+static void slab_put_locked(zk_pool_t *pool, void *object);
+
+static void depot_spill_locked(zk_pool_t *pool) {
+  depot_round_t *round = pool->depot_full;
+  pool->depot_full = round->next;
+  relaxed_set(&pool->depot_rounds, pool->depot_rounds - 1);
+  for (uint32_t i = 0; i < MAGAZINE_CAPACITY; i++)
+    slab_put_locked(pool, round->items[i]);
+  round->next = pool->depot_empty;
+  pool->depot_empty = round;
+}
+
 static void pool_trim_locked(zk_pool_t *pool, uint64_t live) {
   uint64_t limit = pool_cache_limit(pool, live);
+  while (pool->depot_full != NULL &&
+         pool->free_in_pages + pool->depot_rounds * MAGAZINE_CAPACITY >
+             limit + MAGAZINE_CAPACITY)
+    depot_spill_locked(pool);
   page_t *page = pool->partial.first;
   while (page != NULL && pool->free_in_pages > limit) {
     page_t *next = page->next;
@@ -178,7 +225,9 @@ static void pool_trim_locked(zk_pool_t *pool, uint64_t live) {
 }
 
 /* Sample live at every exchange; close an epoch every POOL_EPOCH. */
-static void pool_observe_locked(zk_pool_t *pool) {
+static void pool_observe_locked(zk_pool_t *pool, magazine_t *magazine) {
+  if (magazine != NULL)
+    magazine_publish_locked(magazine);
   uint64_t live = (uint64_t)pool_live_locked(pool);
   if (live > pool->peak_live)
     pool->peak_live = live;
@@ -209,8 +258,9 @@ static bool pool_owns(const zk_pool_t *pool, const page_t *page,
   if (page == NULL || page->pool != pool)
     return false;
   size_t offset = (size_t)((const uint8_t *)object - page->start);
+  uint32_t capacity = __atomic_load_n(&page->capacity, __ATOMIC_RELAXED);
   return offset % pool->stride == 0 &&
-         offset < (size_t)page->capacity * pool->stride;
+         offset < (size_t)capacity * pool->stride;
 }
 
 static void slab_put_locked(zk_pool_t *pool, void *object) {
@@ -228,7 +278,7 @@ static void slab_put_locked(zk_pool_t *pool, void *object) {
   block->next_encoded = page_encode(page, page->free);
   page->free = block;
   page->used--;
-  pool->free_in_pages++;
+  relaxed_set(&pool->free_in_pages, pool->free_in_pages + 1);
   if (page->used == 0 && page != pool->carve_page &&
       pool->free_in_pages > pool_cache_limit(pool, 0) + page->capacity)
     pool_page_release(pool, page);
@@ -249,7 +299,7 @@ static uint32_t slab_take_locked(zk_pool_t *pool, void **out, uint32_t want) {
       queue_append(&pool->drained, page);
     }
   }
-  pool->free_in_pages -= taken;
+  relaxed_set(&pool->free_in_pages, pool->free_in_pages - taken);
   return taken;
 }
 
@@ -278,7 +328,7 @@ static bool pool_reserve_region_locked(zk_pool_t *pool, magazine_t *magazine) {
   magazine->carve_next = page->start + (size_t)page->capacity * pool->stride;
   magazine->carve_end = magazine->carve_next + (size_t)count * pool->stride;
   magazine->carve_page = page;
-  page->capacity += count;
+  __atomic_store_n(&page->capacity, page->capacity + count, __ATOMIC_RELAXED);
   page->used += count;
   return true;
 }
@@ -297,7 +347,8 @@ static void pool_release_region_locked(zk_pool_t *pool, magazine_t *magazine) {
                  pool->stride);
   uint8_t *tail = page->start + (size_t)page->capacity * pool->stride;
   if (tail == magazine->carve_end) {
-    page->capacity -= count;
+    __atomic_store_n(&page->capacity, page->capacity - count,
+                     __ATOMIC_RELAXED);
     page->used -= count;
   } else {
     for (uint8_t *object = magazine->carve_next; object < magazine->carve_end;
@@ -408,27 +459,40 @@ static ZK_NOINLINE void *pool_alloc_slow(zk_pool_t *pool) {
     errno = ENOMEM;
     return NULL;
   }
-  if (magazine->carve_next < magazine->carve_end)
+  /* Freed objects first (100% reuse), then fresh ones from the region. */
+  if (magazine->carve_next < magazine->carve_end && !pool_has_reusable(pool))
     return pool_carve(pool, magazine);
   pthread_mutex_lock(&pool->lock);
+  if (pool->depot_full != NULL && magazine->capacity != 0) {
+    depot_round_t *round = pool->depot_full;
+    pool->depot_full = round->next;
+    relaxed_set(&pool->depot_rounds, pool->depot_rounds - 1);
+    memcpy(magazine->items, round->items, sizeof(round->items));
+    magazine->count = MAGAZINE_CAPACITY;
+    magazine->taken += MAGAZINE_CAPACITY;
+    round->next = pool->depot_empty;
+    pool->depot_empty = round;
+    pool_observe_locked(pool, magazine);
+    pthread_mutex_unlock(&pool->lock);
+    magazine->allocations++;
+    return magazine->items[--magazine->count];
+  }
   uint32_t want = magazine->capacity ? MAGAZINE_BATCH : 1;
   uint32_t got = slab_take_locked(pool, magazine->items, want);
   if (magazine->capacity == 0 && got == 1) {
     /* Secure mode: no caching, hand the object out directly. */
     magazine->taken++;
     magazine->allocations++;
-    pool_observe_locked(pool);
+    pool_observe_locked(pool, magazine);
     pthread_mutex_unlock(&pool->lock);
     return magazine->items[0];
   }
   magazine->count = magazine->capacity ? got : 0;
   magazine->taken += magazine->count;
-  bool carving = false;
-  if (got == 0) {
-    magazine->carve_next = magazine->carve_end = NULL;
+  bool carving = magazine->carve_next < magazine->carve_end;
+  if (got == 0 && !carving)
     carving = pool_reserve_region_locked(pool, magazine);
-  }
-  pool_observe_locked(pool);
+  pool_observe_locked(pool, magazine);
   pthread_mutex_unlock(&pool->lock);
   if (magazine->count != 0) {
     magazine->allocations++;
@@ -459,18 +523,30 @@ static ZK_NOINLINE void pool_free_slow(zk_pool_t *pool, void *object) {
       magazine->taken--;
     else
       pool->retired_taken--;
-    pool_observe_locked(pool);
+    pool_observe_locked(pool, magazine);
     pthread_mutex_unlock(&pool->lock);
     return;
   }
-  /* Full: the oldest half goes back to the slab. */
-  for (uint32_t i = 0; i < MAGAZINE_BATCH; i++)
-    slab_put_locked(pool, magazine->items[i]);
-  memmove(magazine->items, magazine->items + MAGAZINE_BATCH,
-          (magazine->count - MAGAZINE_BATCH) * sizeof(void *));
-  magazine->count -= MAGAZINE_BATCH;
-  magazine->taken -= MAGAZINE_BATCH;
-  pool_observe_locked(pool);
+  /* Full: the whole magazine becomes a depot round. */
+  depot_round_t *round = pool->depot_empty;
+  if (round != NULL) {
+    pool->depot_empty = round->next;
+  } else {
+    round = os_meta_alloc(sizeof(depot_round_t));
+    if (round == NULL) { /* no memory for a round: spill to the slab */
+      for (uint32_t i = 0; i < magazine->count; i++)
+        slab_put_locked(pool, magazine->items[i]);
+    }
+  }
+  if (round != NULL) {
+    memcpy(round->items, magazine->items, sizeof(round->items));
+    round->next = pool->depot_full;
+    pool->depot_full = round;
+    relaxed_set(&pool->depot_rounds, pool->depot_rounds + 1);
+  }
+  magazine->taken -= magazine->count;
+  magazine->count = 0;
+  pool_observe_locked(pool, magazine);
   pthread_mutex_unlock(&pool->lock);
   magazine->items[magazine->count++] = object;
 }
@@ -569,6 +645,14 @@ ZK_EXPORT void zk_pool_destroy(zk_pool_t *pool) {
     m->carve_next = m->carve_end = NULL;
   }
   pool->magazines = NULL;
+  depot_round_t *lists[2] = {pool->depot_full, pool->depot_empty};
+  for (int l = 0; l < 2; l++) {
+    while (lists[l] != NULL) {
+      depot_round_t *next = lists[l]->next;
+      os_meta_free(lists[l], sizeof(depot_round_t));
+      lists[l] = next;
+    }
+  }
   page_t *page;
   while ((page = pool->partial.first) != NULL) {
     queue_unlink(&pool->partial, page);
@@ -642,6 +726,9 @@ ZK_EXPORT void zk_pool_visit(zk_pool_t *pool,
     for (block_t *b = page->free; b != NULL;
          b = page_decode(page, b->next_encoded))
       visit_mark_free(pool, bits, b);
+  for (depot_round_t *r = pool->depot_full; r != NULL; r = r->next)
+    for (uint32_t i = 0; i < MAGAZINE_CAPACITY; i++)
+      visit_mark_free(pool, bits, r->items[i]);
   for (magazine_t *m = pool->magazines; m != NULL; m = m->next_in_pool) {
     for (uint32_t i = 0; i < m->count; i++)
       visit_mark_free(pool, bits, m->items[i]);
@@ -666,13 +753,24 @@ ZK_EXPORT int zk_pool_stats(const zk_pool_t *pool, zk_pool_stats_t *out) {
   pthread_mutex_lock(&mutable_pool->lock);
   uint64_t allocations = pool->retired_allocations;
   uint64_t fresh = pool->retired_fresh;
-  uint64_t cached = pool->free_in_pages;
+  uint64_t cached =
+      pool->free_in_pages + pool->depot_rounds * MAGAZINE_CAPACITY;
+  for (const magazine_t *m = pool->magazines; m != NULL; m = m->next_in_pool)
+    if (m->heap == heap_current)
+      cached += m->count; /* others' magazines are theirs to read */
+  int64_t signed_live = pool->retired_taken;
   for (const magazine_t *m = pool->magazines; m != NULL; m = m->next_in_pool) {
-    allocations += m->allocations;
-    fresh += m->fresh;
-    cached += m->count;
+    if (m->heap == heap_current) { /* this thread's: exact */
+      allocations += m->allocations;
+      fresh += m->fresh;
+      signed_live += m->taken - (int64_t)m->count;
+    } else {
+      allocations += m->published_allocations;
+      fresh += m->published_fresh;
+      signed_live += m->published_live;
+    }
   }
-  uint64_t live = (uint64_t)pool_live_locked(pool);
+  uint64_t live = signed_live > 0 ? (uint64_t)signed_live : 0;
   if (live > mutable_pool->peak_live)
     mutable_pool->peak_live = live;
   size_t committed = 0;
