@@ -22,13 +22,19 @@ if(NOT TARGET zkmem::zkmem_static)
   add_library(zkmem::zkmem_static ALIAS zkmem_static)
 endif()
 
+# The targets already name <prefix>/include for installed use; only another
+# include directory needs adding.
+set(zkmem_install_includes "")
+if(NOT CMAKE_INSTALL_INCLUDEDIR STREQUAL "include")
+  set(zkmem_install_includes INCLUDES DESTINATION "${CMAKE_INSTALL_INCLUDEDIR}")
+endif()
 install(TARGETS zkmem_shared zkmem_static
   EXPORT zkmemTargets
   LIBRARY DESTINATION "${CMAKE_INSTALL_LIBDIR}"
     COMPONENT Runtime NAMELINK_COMPONENT Development
   ARCHIVE DESTINATION "${CMAKE_INSTALL_LIBDIR}" COMPONENT Development
   RUNTIME DESTINATION "${CMAKE_INSTALL_BINDIR}" COMPONENT Runtime
-  INCLUDES DESTINATION "${CMAKE_INSTALL_INCLUDEDIR}")
+  ${zkmem_install_includes})
 install(FILES "${PROJECT_SOURCE_DIR}/include/zkmem.h"
   DESTINATION "${CMAKE_INSTALL_INCLUDEDIR}" COMPONENT Development)
 

@@ -53,8 +53,8 @@ prefix="$workdir/prefix"
 
 step "install into $prefix"
 quiet "$cmake" --install "$build_dir" --prefix "$prefix"
-header="$prefix/include/zkmem.h"
-[ -f "$header" ] || fail "zkmem.h not installed at $header"
+header=$(find "$prefix" -name zkmem.h -print -quit)
+[ -n "$header" ] || fail "zkmem.h not installed"
 config=$(find "$prefix" -name zkmemConfig.cmake -print -quit)
 [ -n "$config" ] || fail "zkmemConfig.cmake not installed"
 [ -f "$(dirname "$config")/zkmemConfigVersion.cmake" ] ||
@@ -72,10 +72,18 @@ next_major=$(($(version_part MAJOR) + 1))
 
 step "find_package(zkmem) consumer"
 consumer_build="$workdir/cmake-consumer"
+# find_package searches <prefix>/lib, lib/<arch> and share on its own; a
+# custom CMAKE_INSTALL_LIBDIR (lib64 on Debian) needs zkmem_DIR.
+search=(-DCMAKE_PREFIX_PATH="$prefix")
+case "$(dirname "$config")" in
+  "$prefix"/lib/cmake/zkmem | "$prefix"/lib/*-*/cmake/zkmem) ;;
+  "$prefix"/share/cmake/zkmem) ;;
+  *) search+=(-Dzkmem_DIR="$(dirname "$config")") ;;
+esac
 quiet "$cmake" -S "$consumer" -B "$consumer_build" -DCMAKE_BUILD_TYPE=Release \
-  -DCMAKE_PREFIX_PATH="$prefix" -DCMAKE_FIND_USE_PACKAGE_REGISTRY=OFF \
+  "${search[@]}" -DCMAKE_FIND_USE_PACKAGE_REGISTRY=OFF \
   -DCMAKE_C_COMPILER="$cc" -DCMAKE_CXX_COMPILER="$cxx"
-found_dir=$(sed -n 's/^zkmem_DIR:PATH=//p' "$consumer_build/CMakeCache.txt")
+found_dir=$(sed -n 's/^zkmem_DIR:[A-Z]*=//p' "$consumer_build/CMakeCache.txt")
 case "$found_dir" in
   "$prefix"/*) ;;
   *) fail "find_package(zkmem) found $found_dir, not the scratch prefix" ;;
@@ -103,7 +111,7 @@ if(zkmem_FOUND)
 endif()
 EOF
 quiet "$cmake" -S "$workdir/version-check" -B "$workdir/version-check/build" \
-  -DCMAKE_PREFIX_PATH="$prefix" -DCMAKE_C_COMPILER="$cc"
+  "${search[@]}" -DCMAKE_C_COMPILER="$cc"
 
 step "pkg-config consumer"
 if ! command -v "$pkg_config" >/dev/null 2>&1; then
