@@ -10,14 +10,18 @@
 
 ZK_EXPORT void *zk_malloc(size_t size) {
   heap_t *heap = heap_current;
-  if (likely(size <= DIRECT_MAX)) {
-    page_t *page = heap->direct[(size + 7) >> 3];
-    block_t *block = page->free;
-    if (likely(block != NULL)) {
-      page->free = page_decode(page, block->next_encoded);
-      page->used++;
-      return block;
-    }
+  page_t *page;
+  if (likely(size <= DIRECT_MAX))
+    page = heap->direct[(size + 7) >> 3];
+  else if (likely(size <= SMALL_MAX))
+    page = heap->class_pages[size_to_class(size)];
+  else
+    return heap_malloc_generic(heap, size, 0);
+  block_t *block = page->free;
+  if (likely(block != NULL)) {
+    page->free = page_decode(page, block->next_encoded);
+    page->used++;
+    return block;
   }
   return heap_malloc_generic(heap, size, 0);
 }

@@ -27,8 +27,10 @@ page_t page_empty; /* free == NULL: every fast path falls through */
 
 #define ALL_DIRECT(value) [0 ... DIRECT_COUNT - 1] = (value)
 #define ALL_POOLS(value) [0 ... POOL_SLOTS - 1] = (value)
+#define ALL_CLASSES(value) [0 ... CLASS_COUNT - 1] = (value)
 heap_t heap_empty = {
     .direct = {ALL_DIRECT(&page_empty)},
+    .class_pages = {ALL_CLASSES(&page_empty)},
     .pool_magazines = {ALL_POOLS(&pool_magazine_empty)},
 };
 
@@ -89,11 +91,12 @@ static void heap_update_direct(heap_t *heap, unsigned class_index) {
     page->free_trigger = 0;
     if (page->next != NULL)
       page->next->free_trigger = 1;
+  } else {
+    page = &page_empty;
   }
+  heap->class_pages[class_index] = page;
   if (class_block_size[class_index] > DIRECT_MAX)
     return;
-  if (page == NULL)
-    page = &page_empty;
   /* Granules g with size_to_class(8g) == class_index form one range. */
   size_t granule = class_block_size[class_index] / 8;
   for (size_t g = granule; g > 0 && size_to_class(g * 8) == class_index; g--)
@@ -135,6 +138,8 @@ static heap_t *heap_create(void) {
   memset(heap, 0, sizeof(*heap));
   for (size_t i = 0; i < DIRECT_COUNT; i++)
     heap->direct[i] = &page_empty;
+  for (size_t i = 0; i < CLASS_COUNT; i++)
+    heap->class_pages[i] = &page_empty;
   for (size_t i = 0; i < POOL_SLOTS; i++)
     heap->pool_magazines[i] = &pool_magazine_empty;
   heap->random_state = random_seed() ^ (uint64_t)(uintptr_t)heap;

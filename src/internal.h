@@ -147,9 +147,11 @@ struct large_cache_entry {
 };
 
 struct heap {
-  /* Fast paths: direct[] maps (size + 7) / 8 to the class's current page;
+  /* Fast paths: direct[] maps (size + 7) / 8 to the class's current page,
+   * class_pages[] a class to it (page_empty when there is none);
    * pool_magazines[] maps a pool slot to this thread's magazine. */
   page_t *direct[DIRECT_COUNT];
+  page_t *class_pages[CLASS_COUNT];
   magazine_t *pool_magazines[POOL_SLOTS];
   page_queue_t queues[CLASS_COUNT]; /* pages that may have free blocks */
   page_queue_t full;                /* pages found without free blocks */
@@ -197,9 +199,12 @@ ZK_INLINE bool segment_is_owned(const segment_t *segment) {
   return (word >> (index & 63)) & 1;
 }
 ZK_INLINE page_t *segment_page_of(segment_t *segment, const void *p) {
-  page_t *page =
-      &segment->pages[((uintptr_t)p - (uintptr_t)segment) >> SLICE_SHIFT];
-  return page - page->slice_offset;
+  /* In byte arithmetic: the compiler then needs one shift per step. */
+  uintptr_t slice = ((uintptr_t)p >> SLICE_SHIFT) & (SLICES_PER_SEGMENT - 1);
+  uintptr_t address = (uintptr_t)segment + offsetof(segment_t, pages) +
+                      slice * sizeof(page_t);
+  uintptr_t back = (uintptr_t)((const page_t *)address)->slice_offset;
+  return (page_t *)(address - back * sizeof(page_t));
 }
 page_t *segment_span_alloc(size_t slices, page_kind_t kind);
 void segment_span_free(page_t *span);
