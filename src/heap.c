@@ -405,9 +405,12 @@ ZK_NOINLINE void heap_free_local_slow(heap_t *heap, page_t *page) {
   if (page->used != 0)
     return;
   page_queue_t *queue = &heap->queues[page->class_index];
-  /* Keep a class's only page: the next malloc of that size would want it
-   * back at once. */
-  if (queue->first == page && page->next == NULL)
+  /* Keep a class's only page, and one empty spare behind the current
+   * page: the next malloc of that size would want it back at once, and a
+   * workload whose live set hovers at a page boundary would otherwise
+   * take and return a span on every swing. zk_collect releases spares. */
+  if (page->next == NULL &&
+      (queue->first == page || queue->first->next == page))
     return;
   bool was_current = queue->first == page;
   queue_remove(queue, page);
