@@ -166,9 +166,13 @@ struct heap {
 
 /* Pool magazine: a thread's stack of free objects of one pool. */
 struct magazine {
-  uint32_t count;
+  /* Objects held (low MAGAZINE_COUNT_BITS) and allocations since the last
+   * fold (the rest): one word, so the allocation fast path counts with the
+   * same store that pops. Slow paths fold the high part into allocations;
+   * 40 bits leave 10^12 allocations between two slow paths. */
+  uint64_t state;
   uint32_t capacity;
-  uint64_t allocations; /* by this thread */
+  uint64_t allocations; /* by this thread, folded */
   zk_pool_t *pool;      /* NULL once the pool is destroyed */
   uint64_t pool_uid;
   int64_t taken;        /* objects moved in from the pool (fresh or reused) */
@@ -184,6 +188,18 @@ struct magazine {
   magazine_t *next_in_pool, *prev_in_pool;
   void *items[];
 };
+
+#define MAGAZINE_COUNT_BITS 24
+#define MAGAZINE_COUNT_MASK ((UINT64_C(1) << MAGAZINE_COUNT_BITS) - 1)
+ZK_INLINE uint32_t magazine_count(const magazine_t *magazine) {
+  return (uint32_t)(magazine->state & MAGAZINE_COUNT_MASK);
+}
+ZK_INLINE void magazine_set_count(magazine_t *magazine, uint32_t count) {
+  magazine->state = (magazine->state & ~MAGAZINE_COUNT_MASK) | count;
+}
+ZK_INLINE uint64_t magazine_allocations(const magazine_t *magazine) {
+  return magazine->allocations + (magazine->state >> MAGAZINE_COUNT_BITS);
+}
 
 /* ---- os.c: see os.h ---- */
 

@@ -79,12 +79,22 @@ struct zk_pool {
   uint64_t epoch_peak;
   double predicted_live;
   uint32_t epoch_exchanges;
-};
+} __attribute__((aligned(256)));
 
 magazine_t pool_magazine_empty; /* count == capacity == 0 */
 
 static pthread_mutex_t pools_lock = PTHREAD_MUTEX_INITIALIZER;
-static zk_pool_t *pool_slots[POOL_SLOTS];
+static zk_pool_t *pool_slots[POOL_SLOTS]; /* non-NULL: slot in use */
+/* Pools live in one table, so a pool's slot is its index, found from its
+ * address with no load on the fast path. Half a MiB of address space, touched
+ * only as pools are created. */
+static zk_pool_t pool_table[POOL_SLOTS];
+_Static_assert((sizeof(zk_pool_t) & (sizeof(zk_pool_t) - 1)) == 0,
+               "pool slot arithmetic wants a power-of-two size");
+
+ZK_INLINE size_t pool_slot(const zk_pool_t *pool) {
+  return (size_t)(pool - pool_table);
+}
 static uint64_t pool_next_uid = 1;
 
 /* ---- fast paths ---- */
@@ -93,18 +103,22 @@ static ZK_NOINLINE void *pool_alloc_slow(zk_pool_t *pool);
 static ZK_NOINLINE void pool_free_slow(zk_pool_t *pool, void *object);
 
 ZK_EXPORT void *zk_pool_alloc(zk_pool_t *pool) {
-  magazine_t *magazine = heap_current->pool_magazines[pool->slot];
-  if (likely(magazine->count != 0)) {
-    magazine->allocations++;
-    return magazine->items[--magazine->count];
+  magazine_t *magazine = heap_current->pool_magazines[pool_slot(pool)];
+  uint64_t state = magazine->state;
+  if (likely((state & MAGAZINE_COUNT_MASK) != 0)) {
+    state += (UINT64_C(1) << MAGAZINE_COUNT_BITS) - 1; /* count one, pop */
+    magazine->state = state;
+    return magazine->items[state & MAGAZINE_COUNT_MASK];
   }
   return pool_alloc_slow(pool);
 }
 
 ZK_EXPORT void zk_pool_free(zk_pool_t *pool, void *object) {
-  magazine_t *magazine = heap_current->pool_magazines[pool->slot];
-  if (likely(magazine->count < magazine->capacity)) {
-    magazine->items[magazine->count++] = object;
+  magazine_t *magazine = heap_current->pool_magazines[pool_slot(pool)];
+  uint64_t state = magazine->state;
+  if (likely((state & MAGAZINE_COUNT_MASK) < magazine->capacity)) {
+    magazine->items[state & MAGAZINE_COUNT_MASK] = object;
+    magazine->state = state + 1;
     return;
   }
   pool_free_slow(pool, object);
@@ -174,9 +188,12 @@ static void pool_page_release(zk_pool_t *pool, page_t *page) {
   segment_span_free(page);
 }
 
+/* Owner only (every caller is the magazine's thread). */
 static void magazine_publish_locked(magazine_t *magazine) {
-  magazine->published_live = magazine->taken - (int64_t)magazine->count;
-  magazine->published_allocations = magazine->allocations;
+  magazine->allocations += magazine->state >> MAGAZINE_COUNT_BITS;
+  magazine->state &= MAGAZINE_COUNT_MASK;
+  magazine->published_live = magazine->taken - (int64_t)magazine_count(magazine);
+  magazine->published_allocations = magazine_allocations(magazine);
   magazine->published_fresh = magazine->fresh;
 }
 
@@ -370,12 +387,13 @@ static size_t magazine_bytes(void) {
 
 /* Flush a magazine into its pool and fold its counters into the pool. */
 static void magazine_detach_locked(zk_pool_t *pool, magazine_t *magazine) {
-  for (uint32_t i = 0; i < magazine->count; i++)
+  uint32_t count = magazine_count(magazine);
+  for (uint32_t i = 0; i < count; i++)
     slab_put_locked(pool, magazine->items[i]);
-  magazine->taken -= magazine->count;
-  magazine->count = 0;
+  magazine->taken -= count;
+  magazine_set_count(magazine, 0);
   pool_release_region_locked(pool, magazine);
-  pool->retired_allocations += magazine->allocations;
+  pool->retired_allocations += magazine_allocations(magazine);
   pool->retired_fresh += magazine->fresh;
   pool->retired_taken += magazine->taken;
   if (magazine->prev_in_pool)
@@ -389,7 +407,7 @@ static void magazine_detach_locked(zk_pool_t *pool, magazine_t *magazine) {
 }
 
 static magazine_t *magazine_attach(heap_t *heap, zk_pool_t *pool) {
-  magazine_t *stale = heap->pool_magazines[pool->slot];
+  magazine_t *stale = heap->pool_magazines[pool_slot(pool)];
   magazine_t *magazine = os_meta_alloc(magazine_bytes());
   if (magazine == NULL)
     return NULL;
@@ -404,7 +422,7 @@ static magazine_t *magazine_attach(heap_t *heap, zk_pool_t *pool) {
     pool->magazines->prev_in_pool = magazine;
   pool->magazines = magazine;
   pthread_mutex_unlock(&pool->lock);
-  heap->pool_magazines[pool->slot] = magazine;
+  heap->pool_magazines[pool_slot(pool)] = magazine;
   pthread_mutex_unlock(&pools_lock);
   /* A magazine left by a destroyed pool in this slot. */
   if (stale != &pool_magazine_empty)
@@ -416,7 +434,7 @@ static magazine_t *magazine_for(zk_pool_t *pool) {
   heap_t *heap = heap_get_initialized();
   if (heap == NULL)
     return NULL;
-  magazine_t *magazine = heap->pool_magazines[pool->slot];
+  magazine_t *magazine = heap->pool_magazines[pool_slot(pool)];
   if (magazine->pool == pool && magazine->pool_uid == pool->uid)
     return magazine;
   return magazine_attach(heap, pool);
@@ -468,14 +486,14 @@ static ZK_NOINLINE void *pool_alloc_slow(zk_pool_t *pool) {
     pool->depot_full = round->next;
     relaxed_set(&pool->depot_rounds, pool->depot_rounds - 1);
     memcpy(magazine->items, round->items, sizeof(round->items));
-    magazine->count = MAGAZINE_CAPACITY;
+    magazine_set_count(magazine, MAGAZINE_CAPACITY - 1);
     magazine->taken += MAGAZINE_CAPACITY;
     round->next = pool->depot_empty;
     pool->depot_empty = round;
     pool_observe_locked(pool, magazine);
     pthread_mutex_unlock(&pool->lock);
     magazine->allocations++;
-    return magazine->items[--magazine->count];
+    return magazine->items[MAGAZINE_CAPACITY - 1];
   }
   uint32_t want = magazine->capacity ? MAGAZINE_BATCH : 1;
   uint32_t got = slab_take_locked(pool, magazine->items, want);
@@ -487,16 +505,19 @@ static ZK_NOINLINE void *pool_alloc_slow(zk_pool_t *pool) {
     pthread_mutex_unlock(&pool->lock);
     return magazine->items[0];
   }
-  magazine->count = magazine->capacity ? got : 0;
-  magazine->taken += magazine->count;
+  if (magazine->capacity == 0)
+    got = 0;
+  magazine_set_count(magazine, got);
+  magazine->taken += got;
   bool carving = magazine->carve_next < magazine->carve_end;
   if (got == 0 && !carving)
     carving = pool_reserve_region_locked(pool, magazine);
   pool_observe_locked(pool, magazine);
   pthread_mutex_unlock(&pool->lock);
-  if (magazine->count != 0) {
+  if (got != 0) {
     magazine->allocations++;
-    return magazine->items[--magazine->count];
+    magazine_set_count(magazine, got - 1);
+    return magazine->items[got - 1];
   }
   if (carving)
     return pool_carve(pool, magazine);
@@ -512,8 +533,10 @@ static ZK_NOINLINE void pool_free_slow(zk_pool_t *pool, void *object) {
     return;
   }
   magazine_t *magazine = magazine_for(pool);
-  if (magazine != NULL && magazine->count < magazine->capacity) {
-    magazine->items[magazine->count++] = object; /* freshly attached */
+  if (magazine != NULL && magazine_count(magazine) < magazine->capacity) {
+    uint32_t count = magazine_count(magazine); /* freshly attached */
+    magazine->items[count] = object;
+    magazine_set_count(magazine, count + 1);
     return;
   }
   pthread_mutex_lock(&pool->lock);
@@ -534,7 +557,7 @@ static ZK_NOINLINE void pool_free_slow(zk_pool_t *pool, void *object) {
   } else {
     round = os_meta_alloc(sizeof(depot_round_t));
     if (round == NULL) { /* no memory for a round: spill to the slab */
-      for (uint32_t i = 0; i < magazine->count; i++)
+      for (uint32_t i = 0; i < magazine_count(magazine); i++)
         slab_put_locked(pool, magazine->items[i]);
     }
   }
@@ -544,11 +567,12 @@ static ZK_NOINLINE void pool_free_slow(zk_pool_t *pool, void *object) {
     pool->depot_full = round;
     relaxed_set(&pool->depot_rounds, pool->depot_rounds + 1);
   }
-  magazine->taken -= magazine->count;
-  magazine->count = 0;
+  magazine->taken -= magazine_count(magazine);
+  magazine_set_count(magazine, 0);
   pool_observe_locked(pool, magazine);
   pthread_mutex_unlock(&pool->lock);
-  magazine->items[magazine->count++] = object;
+  magazine->items[0] = object;
+  magazine_set_count(magazine, 1);
 }
 
 void pool_free_from_malloc(page_t *page, void *object) {
@@ -571,11 +595,20 @@ ZK_EXPORT zk_pool_t *zk_pool_create(size_t object_size,
     return NULL;
   }
   process_init();
-  zk_pool_t *pool = os_meta_alloc(sizeof(zk_pool_t));
-  if (pool == NULL) {
+  pthread_mutex_lock(&pools_lock);
+  uint32_t slot = 0;
+  while (slot < POOL_SLOTS && pool_slots[slot] != NULL)
+    slot++;
+  if (slot == POOL_SLOTS) {
+    pthread_mutex_unlock(&pools_lock);
     errno = ENOMEM;
     return NULL;
   }
+  zk_pool_t *pool = &pool_table[slot];
+  memset(pool, 0, sizeof(*pool));
+  pool->slot = slot;
+  pool->uid = pool_next_uid++;
+  pool_slots[slot] = pool;
   size_t stride = (object_size + alignment - 1) & ~(alignment - 1);
   if (stride < sizeof(block_t))
     stride = sizeof(block_t);
@@ -588,20 +621,6 @@ ZK_EXPORT zk_pool_t *zk_pool_create(size_t object_size,
           sizeof(pool->name) - 1);
   pthread_mutex_init(&pool->lock, NULL);
   pool->next_page_slices = 1;
-
-  pthread_mutex_lock(&pools_lock);
-  uint32_t slot = 0;
-  while (slot < POOL_SLOTS && pool_slots[slot] != NULL)
-    slot++;
-  if (slot == POOL_SLOTS) {
-    pthread_mutex_unlock(&pools_lock);
-    os_meta_free(pool, sizeof(zk_pool_t));
-    errno = ENOMEM;
-    return NULL;
-  }
-  pool->slot = slot;
-  pool->uid = pool_next_uid++;
-  pool_slots[slot] = pool;
   pthread_mutex_unlock(&pools_lock);
 
   if (options->preallocate != 0) {
@@ -640,7 +659,7 @@ ZK_EXPORT void zk_pool_destroy(zk_pool_t *pool) {
    * dead; the heap frees one when it next touches this slot or exits. */
   for (magazine_t *m = pool->magazines; m != NULL; m = m->next_in_pool) {
     m->pool = NULL;
-    m->count = 0;
+    m->state = 0;
     m->capacity = 0;
     m->carve_next = m->carve_end = NULL;
   }
@@ -662,11 +681,11 @@ ZK_EXPORT void zk_pool_destroy(zk_pool_t *pool) {
     queue_unlink(&pool->drained, page);
     segment_span_free(page);
   }
-  pool_slots[pool->slot] = NULL;
   pthread_mutex_unlock(&pool->lock);
-  pthread_mutex_unlock(&pools_lock);
   pthread_mutex_destroy(&pool->lock);
-  os_meta_free(pool, sizeof(zk_pool_t));
+  pool->uid = 0; /* no magazine matches a free slot */
+  pool_slots[pool->slot] = NULL;
+  pthread_mutex_unlock(&pools_lock);
 }
 
 /* ---- visiting and statistics ---- */
@@ -730,7 +749,7 @@ ZK_EXPORT void zk_pool_visit(zk_pool_t *pool,
     for (uint32_t i = 0; i < MAGAZINE_CAPACITY; i++)
       visit_mark_free(pool, bits, r->items[i]);
   for (magazine_t *m = pool->magazines; m != NULL; m = m->next_in_pool) {
-    for (uint32_t i = 0; i < m->count; i++)
+    for (uint32_t i = 0; i < magazine_count(m); i++)
       visit_mark_free(pool, bits, m->items[i]);
     for (uint8_t *object = m->carve_next; object < m->carve_end;
          object += pool->stride)
@@ -757,13 +776,13 @@ ZK_EXPORT int zk_pool_stats(const zk_pool_t *pool, zk_pool_stats_t *out) {
       pool->free_in_pages + pool->depot_rounds * MAGAZINE_CAPACITY;
   for (const magazine_t *m = pool->magazines; m != NULL; m = m->next_in_pool)
     if (m->heap == heap_current)
-      cached += m->count; /* others' magazines are theirs to read */
+      cached += magazine_count(m); /* others' magazines are theirs */
   int64_t signed_live = pool->retired_taken;
   for (const magazine_t *m = pool->magazines; m != NULL; m = m->next_in_pool) {
     if (m->heap == heap_current) { /* this thread's: exact */
-      allocations += m->allocations;
+      allocations += magazine_allocations(m);
       fresh += m->fresh;
-      signed_live += m->taken - (int64_t)m->count;
+      signed_live += m->taken - (int64_t)magazine_count(m);
     } else {
       allocations += m->published_allocations;
       fresh += m->published_fresh;
