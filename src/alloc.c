@@ -14,7 +14,7 @@ ZK_EXPORT void *zk_malloc(size_t size) {
   if (likely(size <= DIRECT_MAX))
     page = heap->direct[(size + 7) >> 3];
   else if (likely(size <= SMALL_MAX))
-    page = heap->class_pages[size_to_class(size)];
+    page = heap->class_pages[class_by_128[(size + 127) >> 7]];
   else
     return heap_malloc_generic(heap, size, 0);
   block_t *block = page->free;

@@ -113,6 +113,7 @@ void process_init(void) {
   int expected = 0;
   if (atomic_compare_exchange_strong(&process_state, &expected, 1)) {
     options_init();
+    sizeclass_init();
     pthread_key_create(&heap_exit_key, heap_thread_exit);
     atomic_store(&process_state, 2);
     return;

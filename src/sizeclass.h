@@ -13,6 +13,13 @@ extern const uint32_t class_block_size[CLASS_COUNT];
 /* Slices of a page of this class: enough for several blocks. */
 extern const uint8_t class_page_slices[CLASS_COUNT];
 
+/* Above DIRECT_MAX every class boundary is a multiple of 128, so a byte
+ * table indexed by (size + 127) / 128 gives the class in one load. Filled
+ * by sizeclass_init before any heap exists. */
+#define CLASS_BY_128_COUNT (SMALL_MAX / 128 + 1)
+extern uint8_t class_by_128[CLASS_BY_128_COUNT];
+void sizeclass_init(void);
+
 /* size (<= SMALL_MAX) -> class index, in a few shifts. */
 ZK_INLINE unsigned size_to_class(size_t size) {
   if (size <= 128) {
