@@ -618,8 +618,8 @@ def print_memory(by_allocator, out):
     print(f"(bytes asked for at the peak: "
           f"{format_kib(sample.get('live_peak_kib'))}; process baseline "
           f"{format_kib(sample.get('rss_baseline_kib'))}; 'after wait' is "
-          f"after sleeping past the purge delay and one malloc/free; lower "
-          f"is better)", file=out)
+          f"after sleeping past the purge delay and 1,000 malloc/free "
+          f"pairs of 16 B-256 KiB; lower is better)", file=out)
 
 
 # ---------------------------------------------------------------------------
@@ -876,7 +876,7 @@ def memory_panel(memory, width, left, right, top):
                               "bytes asked for at peak + baseline", 12))
     parts.append(svg_text(left, legend_y + 24,
                           "after wait: after sleeping past the purge delay "
-                          "and one malloc/free; after zk_collect: zkmem "
+                          "and 1,000 malloc/free pairs; after zk_collect: zkmem "
                           "only (n/a elsewhere). Bar labels: MiB.", 10,
                           fill="#555"))
     return parts

@@ -406,12 +406,14 @@ ZK_NOINLINE void heap_free_local_slow(heap_t *heap, page_t *page) {
   if (page->used != 0)
     return;
   page_queue_t *queue = &heap->queues[page->class_index];
-  /* Keep a class's only page, and one empty spare behind the current
-   * page: the next malloc of that size would want it back at once, and a
-   * workload whose live set hovers at a page boundary would otherwise
-   * take and return a span on every swing. zk_collect releases spares. */
+  /* Keep a class's only page, and one empty single-slice spare behind
+   * the current page: the next malloc of that size would want it back at
+   * once, and a workload whose live set hovers at a page boundary would
+   * otherwise take and return a span on every swing. Larger pages hold few
+   * blocks and much memory: no spare. zk_collect releases spares. */
   if (page->next == NULL &&
-      (queue->first == page || queue->first->next == page))
+      (queue->first == page ||
+       (queue->first->next == page && page->slice_count == 1)))
     return;
   bool was_current = queue->first == page;
   queue_remove(queue, page);
