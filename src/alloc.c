@@ -19,7 +19,13 @@ ZK_EXPORT void *zk_malloc(size_t size) {
     return heap_malloc_generic(heap, size, 0);
   block_t *block = page->free;
   if (likely(block != NULL)) {
-    page->free = page_decode(page, block->next_encoded);
+    block_t *next = page_decode(page, block->next_encoded);
+    /* A link leaving the block's segment was overwritten (use after free
+     * or overflow): the key makes a forged link land anywhere. */
+    if (unlikely(((uintptr_t)next ^ (uintptr_t)block) >> SEGMENT_SHIFT) &&
+        next != NULL)
+      return heap_free_list_corrupted(page, block);
+    page->free = next;
     page->used++;
     return block;
   }

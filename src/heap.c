@@ -397,6 +397,14 @@ void *heap_malloc_generic(heap_t *heap, size_t size, size_t alignment) {
   return block;
 }
 
+ZK_COLD void *heap_free_list_corrupted(page_t *page, block_t *block) {
+  error_report("corrupted free list (write after free or overflow)", block,
+               page->block_size);
+  /* ZKMEM_ON_ERROR=warn: drop the page's list rather than follow it. */
+  page->free = NULL;
+  return heap_malloc_generic(heap_current, page->block_size, 0);
+}
+
 /* ---- free slow paths ---- */
 
 /* Owner's free hit a page that is in `full` or became empty. */

@@ -255,6 +255,7 @@ extern page_t page_empty;
 void *heap_malloc_generic(heap_t *heap, size_t size, size_t alignment);
 void heap_free_generic(void *p);
 void heap_free_local_slow(heap_t *heap, page_t *page);
+void *heap_free_list_corrupted(page_t *page, block_t *block);
 heap_t *heap_get_initialized(void);
 void heap_collect(heap_t *heap, bool force);
 void heap_reclaim_abandoned(bool force);
