@@ -30,7 +30,8 @@ extern "C" {
 void *zk_malloc(size_t size);
 /* Zeroed n * size bytes; NULL with ENOMEM when the product overflows. */
 void *zk_calloc(size_t count, size_t size);
-/* Grow or shrink keeping contents. zk_realloc(p, 0) frees p and returns NULL. */
+/* Grow or shrink keeping contents. zk_realloc(p, 0) frees p and returns NULL.
+ */
 void *zk_realloc(void *ptr, size_t size);
 /* Free a block of this allocator; NULL is a no-op. */
 void zk_free(void *ptr);
@@ -51,29 +52,29 @@ size_t zk_usable_size(const void *ptr);
 typedef struct zk_pool zk_pool_t;
 
 typedef struct zk_pool_options {
-  size_t alignment;          /* 0: natural (16 from 16 B up); power of two */
-  size_t preallocate;        /* objects carved at creation; 0 = lazy */
-  const char *name;          /* for statistics; copied */
-  size_t max_cached;         /* cap on cached free objects; 0 = adaptive */
+  size_t alignment;   /* 0: natural (16 from 16 B up); power of two */
+  size_t preallocate; /* objects carved at creation; 0 = lazy */
+  const char *name;   /* for statistics; copied */
+  size_t max_cached;  /* cap on cached free objects; 0 = adaptive */
   void (*constructor)(void *object, void *arg); /* once per fresh object */
   void *constructor_arg;
 } zk_pool_options_t;
 
 typedef struct zk_pool_stats {
   const char *name;
-  size_t object_size;        /* as asked */
-  size_t slot_size;          /* size with alignment padding */
+  size_t object_size; /* as asked */
+  size_t slot_size;   /* size with alignment padding */
   uint64_t allocations;
   uint64_t frees;
-  uint64_t reused;           /* allocations served by a freed object */
-  double reuse_rate;         /* reused / allocations, 0..1 */
-  uint64_t live;             /* allocations - frees */
-  uint64_t peak_live;        /* highest live seen (sampled, see docs) */
-  uint64_t predicted_live;   /* EWMA of the live high-water mark */
-  uint64_t cached;           /* free objects held for reuse */
-  uint64_t pages;            /* spans the pool holds */
-  size_t bytes_committed;    /* bytes of those spans */
-  double fragmentation;      /* bytes_committed / (live * object_size) */
+  uint64_t reused;         /* allocations served by a freed object */
+  double reuse_rate;       /* reused / allocations, 0..1 */
+  uint64_t live;           /* allocations - frees */
+  uint64_t peak_live;      /* highest live seen (sampled, see docs) */
+  uint64_t predicted_live; /* EWMA of the live high-water mark */
+  uint64_t cached;         /* free objects held for reuse */
+  uint64_t pages;          /* spans the pool holds */
+  size_t bytes_committed;  /* bytes of those spans */
+  double fragmentation;    /* bytes_committed / (live * object_size) */
 } zk_pool_stats_t;
 
 /* NULL options = defaults. Returns NULL (errno EINVAL or ENOMEM) on error. */
@@ -90,33 +91,33 @@ int zk_pool_stats(const zk_pool_t *pool, zk_pool_stats_t *out);
 
 /* A pool of `type` created on first use: prefix_alloc() and
  * prefix_free(object), with the size known at compile time. */
-#define ZK_POOL_TYPED(prefix, type)                                          \
-  static zk_pool_t *prefix##_pool_instance;                                  \
-  static zk_pool_t *prefix##_pool(void) {                                    \
-    zk_pool_t *pool =                                                      \
-        __atomic_load_n(&prefix##_pool_instance, __ATOMIC_ACQUIRE);          \
-    if (__builtin_expect(pool == NULL, 0)) {                               \
-      zk_pool_options_t options = {0};                                     \
-      options.alignment = _Alignof(type);                                  \
-      options.name = #prefix;                                                \
-      zk_pool_t *fresh = zk_pool_create(sizeof(type), &options);           \
-      zk_pool_t *expected = NULL;                                          \
-      if (__atomic_compare_exchange_n(&prefix##_pool_instance, &expected,    \
-                                      fresh, 0, __ATOMIC_ACQ_REL,          \
-                                      __ATOMIC_ACQUIRE)) {                 \
-        pool = fresh;                                                      \
-      } else {                                                             \
-        zk_pool_destroy(fresh);                                            \
-        pool = expected;                                                   \
-      }                                                                    \
-    }                                                                      \
-    return pool;                                                           \
-  }                                                                        \
-  static inline type *prefix##_alloc(void) {                                 \
-    return (type *)zk_pool_alloc(prefix##_pool());                           \
-  }                                                                        \
-  static inline void prefix##_free(type *object) {                           \
-    zk_pool_free(prefix##_pool_instance, object);                            \
+#define ZK_POOL_TYPED(prefix, type)                                            \
+  static zk_pool_t *prefix##_pool_instance;                                    \
+  static zk_pool_t *prefix##_pool(void) {                                      \
+    zk_pool_t *pool =                                                          \
+        __atomic_load_n(&prefix##_pool_instance, __ATOMIC_ACQUIRE);            \
+    if (__builtin_expect(pool == NULL, 0)) {                                   \
+      zk_pool_options_t options = {0};                                         \
+      options.alignment = _Alignof(type);                                      \
+      options.name = #prefix;                                                  \
+      zk_pool_t *fresh = zk_pool_create(sizeof(type), &options);               \
+      zk_pool_t *expected = NULL;                                              \
+      if (__atomic_compare_exchange_n(&prefix##_pool_instance, &expected,      \
+                                      fresh, 0, __ATOMIC_ACQ_REL,              \
+                                      __ATOMIC_ACQUIRE)) {                     \
+        pool = fresh;                                                          \
+      } else {                                                                 \
+        zk_pool_destroy(fresh);                                                \
+        pool = expected;                                                       \
+      }                                                                        \
+    }                                                                          \
+    return pool;                                                               \
+  }                                                                            \
+  static inline type *prefix##_alloc(void) {                                   \
+    return (type *)zk_pool_alloc(prefix##_pool());                             \
+  }                                                                            \
+  static inline void prefix##_free(type *object) {                             \
+    zk_pool_free(prefix##_pool_instance, object);                              \
   }
 
 /* ---- memory returned to the OS, statistics, options ------------------ */
@@ -148,9 +149,9 @@ typedef struct zk_stats {
   size_t bytes_huge_pages; /* bytes asked to be huge-page backed */
   size_t segments_mapped;
   size_t bytes_mapped;
-  size_t rss;              /* resident set size of the process */
+  size_t rss; /* resident set size of the process */
   size_t peak_rss;
-  double fragmentation;    /* bytes_committed / bytes_live */
+  double fragmentation; /* bytes_committed / bytes_live */
 } zk_stats_t;
 
 void zk_stats_get(zk_stats_t *out);
@@ -159,13 +160,13 @@ void zk_stats_json(FILE *out);
 
 /* Options, also read once at start-up from ZKMEM_<NAME> variables. */
 typedef enum zk_option {
-  ZK_OPTION_PURGE_DELAY_MS,  /* default 1000; free spans purged after */
-  ZK_OPTION_PURGE_DECOMMIT,  /* default 1: MADV_DONTNEED; 0: MADV_FREE */
-  ZK_OPTION_HUGE_PAGES,      /* default 0; 1 = transparent; 2 = reserved */
-  ZK_OPTION_SECURE,          /* default 0; 1 = full checks, guard pages */
-  ZK_OPTION_ON_ERROR,        /* default 0 = abort; 1 = warn and leak */
-  ZK_OPTION_SHOW_STATS,      /* default 0; 1 = print stats at exit */
-  ZK_OPTION_VERBOSE,         /* default 0; 1 = print options and warnings */
+  ZK_OPTION_PURGE_DELAY_MS, /* default 1000; free spans purged after */
+  ZK_OPTION_PURGE_DECOMMIT, /* default 1: MADV_DONTNEED; 0: MADV_FREE */
+  ZK_OPTION_HUGE_PAGES,     /* default 0; 1 = transparent; 2 = reserved */
+  ZK_OPTION_SECURE,         /* default 0; 1 = full checks, guard pages */
+  ZK_OPTION_ON_ERROR,       /* default 0 = abort; 1 = warn and leak */
+  ZK_OPTION_SHOW_STATS,     /* default 0; 1 = print stats at exit */
+  ZK_OPTION_VERBOSE,        /* default 0; 1 = print options and warnings */
   ZK_OPTION_COUNT
 } zk_option_t;
 

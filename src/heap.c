@@ -25,8 +25,8 @@ extern magazine_t pool_magazine_empty;
 
 page_t page_empty; /* free == NULL: every fast path falls through */
 
-#define ALL_DIRECT(value) [0 ... DIRECT_COUNT - 1] = (value)
-#define ALL_POOLS(value) [0 ... POOL_SLOTS - 1] = (value)
+#define ALL_DIRECT(value)  [0 ... DIRECT_COUNT - 1] = (value)
+#define ALL_POOLS(value)   [0 ... POOL_SLOTS - 1] = (value)
 #define ALL_CLASSES(value) [0 ... CLASS_COUNT - 1] = (value)
 heap_t heap_empty = {
     .direct = {ALL_DIRECT(&page_empty)},
@@ -293,8 +293,7 @@ static void heap_move_to_full(heap_t *heap, page_t *page) {
    * sees it. */
   __atomic_store_n(&page->in_full, 1, __ATOMIC_SEQ_CST);
   if (atomic_load_explicit(&page->thread_free, memory_order_seq_cst) != NULL)
-    atomic_store_explicit(&heap->remote_frees_to_full, 1,
-                          memory_order_relaxed);
+    atomic_store_explicit(&heap->remote_frees_to_full, 1, memory_order_relaxed);
 }
 
 static void heap_unfull(heap_t *heap, page_t *page) {
@@ -322,8 +321,7 @@ static void heap_rescan_full(heap_t *heap) {
 
 /* A page of this class with a free block, made current. */
 static page_t *heap_find_page(heap_t *heap, unsigned class_index) {
-  if (atomic_load_explicit(&heap->remote_frees_to_full,
-                           memory_order_relaxed))
+  if (atomic_load_explicit(&heap->remote_frees_to_full, memory_order_relaxed))
     heap_rescan_full(heap);
   page_queue_t *queue = &heap->queues[class_index];
   page_t *page = queue->first;
@@ -434,9 +432,8 @@ static void heap_free_remote(page_t *page, block_t *block) {
   page_free_remote(page, block); /* a sequentially consistent CAS */
   if (__atomic_load_n(&page->in_full, __ATOMIC_SEQ_CST)) {
     heap_t *owner = atomic_load_explicit(&page->owner, memory_order_relaxed);
-    if (owner != NULL &&
-        !atomic_load_explicit(&owner->remote_frees_to_full,
-                              memory_order_relaxed))
+    if (owner != NULL && !atomic_load_explicit(&owner->remote_frees_to_full,
+                                               memory_order_relaxed))
       atomic_store_explicit(&owner->remote_frees_to_full, 1,
                             memory_order_relaxed);
   }

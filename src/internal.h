@@ -34,31 +34,31 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define likely(x) __builtin_expect(!!(x), 1)
+#define likely(x)   __builtin_expect(!!(x), 1)
 #define unlikely(x) __builtin_expect(!!(x), 0)
 #define ZK_NOINLINE __attribute__((noinline))
-#define ZK_INLINE static inline __attribute__((always_inline))
-#define ZK_EXPORT __attribute__((visibility("default")))
-#define ZK_COLD __attribute__((cold, noinline))
+#define ZK_INLINE   static inline __attribute__((always_inline))
+#define ZK_EXPORT   __attribute__((visibility("default")))
+#define ZK_COLD     __attribute__((cold, noinline))
 
-#define SEGMENT_SHIFT 22
-#define SEGMENT_SIZE ((size_t)1 << SEGMENT_SHIFT)
-#define SEGMENT_MASK (SEGMENT_SIZE - 1)
-#define SLICE_SHIFT 16
-#define SLICE_SIZE ((size_t)1 << SLICE_SHIFT)
+#define SEGMENT_SHIFT      22
+#define SEGMENT_SIZE       ((size_t)1 << SEGMENT_SHIFT)
+#define SEGMENT_MASK       (SEGMENT_SIZE - 1)
+#define SLICE_SHIFT        16
+#define SLICE_SIZE         ((size_t)1 << SLICE_SHIFT)
 #define SLICES_PER_SEGMENT (SEGMENT_SIZE / SLICE_SIZE)
 /* Slice 0 is the header; spans use slices 1..63. */
-#define SEGMENT_FIRST_SLICE 1
+#define SEGMENT_FIRST_SLICE   1
 #define SEGMENT_USABLE_SLICES (SLICES_PER_SEGMENT - SEGMENT_FIRST_SLICE)
 
-#define SMALL_MAX ((size_t)64 * 1024)    /* largest size class */
-#define DIRECT_MAX ((size_t)1024)        /* sizes served by heap->direct */
-#define DIRECT_COUNT (DIRECT_MAX / 8 + 1)
-#define LARGE_MAX ((size_t)2 * 1024 * 1024) /* above: huge, own mapping */
-#define CLASS_COUNT 81
-#define POOL_SLOTS 1024
+#define SMALL_MAX           ((size_t)64 * 1024) /* largest size class */
+#define DIRECT_MAX          ((size_t)1024) /* sizes served by heap->direct */
+#define DIRECT_COUNT        (DIRECT_MAX / 8 + 1)
+#define LARGE_MAX           ((size_t)2 * 1024 * 1024) /* above: huge, own mapping */
+#define CLASS_COUNT         81
+#define POOL_SLOTS          1024
 #define LARGE_CACHE_ENTRIES 8
-#define ZK_ALIGN_MAX_SMALL SLICE_SIZE /* alignment pages give for free */
+#define ZK_ALIGN_MAX_SMALL  SLICE_SIZE /* alignment pages give for free */
 
 typedef struct heap heap_t;
 typedef struct page page_t;
@@ -85,32 +85,32 @@ typedef enum page_kind {
  * collects them. A page with used == 0 has every block in its own lists. */
 struct page {
   /* Hot: the malloc and local free fast paths touch only this line. */
-  block_t *free;          /* owner only: malloc pops, the owner's free pushes */
-  uintptr_t key;          /* free-list encoding key, random per page */
-  uint32_t used;          /* blocks handed out (owner's view) */
+  block_t *free; /* owner only: malloc pops, the owner's free pushes */
+  uintptr_t key; /* free-list encoding key, random per page */
+  uint32_t used; /* blocks handed out (owner's view) */
   /* The owner's free takes the slow path when used drops below this:
    * 0 for a class's current page (never), 1 for the other pages of the
    * queue (when empty, to release them), UINT32_MAX for pages in `full`
    * (always, to requeue them). One compare covers all three. */
   uint32_t free_trigger;
-  uint8_t in_full;        /* in the heap's full queue */
-  uint8_t kind;           /* page_kind_t */
-  uint8_t class_index;    /* small pages */
-  uint8_t is_zero;        /* span memory is known to read as zero */
+  uint8_t in_full;         /* in the heap's full queue */
+  uint8_t kind;            /* page_kind_t */
+  uint8_t class_index;     /* small pages */
+  uint8_t is_zero;         /* span memory is known to read as zero */
   _Atomic(heap_t *) owner; /* NULL: abandoned, pool, large or free span */
   uint64_t frees;          /* blocks freed into this page (stats) */
 
   /* Cold: shared with other threads or used on slow paths. */
   _Atomic(block_t *) thread_free;
-  uint32_t block_size;  /* small: class size; pool: stride */
-  uint32_t capacity;    /* blocks carved so far */
-  uint32_t reserved;    /* blocks the span can hold */
-  uint32_t slice_count; /* span length, on the head */
-  uint32_t slice_offset; /* slices back to the span head (0 on the head) */
-  uint8_t purged;        /* free span: returned to the OS */
-  uint8_t huge_pages;    /* backed by huge pages */
-  uint8_t *start;        /* first block */
-  page_t *next, *prev;   /* heap queue, pool list or free bin */
+  uint32_t block_size;    /* small: class size; pool: stride */
+  uint32_t capacity;      /* blocks carved so far */
+  uint32_t reserved;      /* blocks the span can hold */
+  uint32_t slice_count;   /* span length, on the head */
+  uint32_t slice_offset;  /* slices back to the span head (0 on the head) */
+  uint8_t purged;         /* free span: returned to the OS */
+  uint8_t huge_pages;     /* backed by huge pages */
+  uint8_t *start;         /* first block */
+  page_t *next, *prev;    /* heap queue, pool list or free bin */
   uint64_t free_since_ms; /* free span: when it became free */
   zk_pool_t *pool;        /* pool pages */
   size_t large_size;      /* large/huge: usable bytes */
@@ -175,8 +175,8 @@ struct magazine {
   uint64_t allocations; /* by this thread, folded */
   zk_pool_t *pool;      /* NULL once the pool is destroyed */
   uint64_t pool_uid;
-  int64_t taken;        /* objects moved in from the pool (fresh or reused) */
-  uint64_t fresh;       /* of those, carved from never-used memory */
+  int64_t taken;  /* objects moved in from the pool (fresh or reused) */
+  uint64_t fresh; /* of those, carved from never-used memory */
   uint8_t *carve_next, *carve_end; /* fresh objects reserved to this thread */
   page_t *carve_page;
   heap_t *heap;
@@ -217,8 +217,8 @@ ZK_INLINE bool segment_is_owned(const segment_t *segment) {
 ZK_INLINE page_t *segment_page_of(segment_t *segment, const void *p) {
   /* In byte arithmetic: the compiler then needs one shift per step. */
   uintptr_t slice = ((uintptr_t)p >> SLICE_SHIFT) & (SLICES_PER_SEGMENT - 1);
-  uintptr_t address = (uintptr_t)segment + offsetof(segment_t, pages) +
-                      slice * sizeof(page_t);
+  uintptr_t address =
+      (uintptr_t)segment + offsetof(segment_t, pages) + slice * sizeof(page_t);
   uintptr_t back = (uintptr_t)((const page_t *)address)->slice_offset;
   return (page_t *)(address - back * sizeof(page_t));
 }
@@ -284,7 +284,9 @@ void purge_maybe(void);
 
 /* ---- options.c ---- */
 extern long option_values[ZK_OPTION_COUNT];
-ZK_INLINE long option(zk_option_t which) { return option_values[which]; }
+ZK_INLINE long option(zk_option_t which) {
+  return option_values[which];
+}
 void options_init(void);
 
 /* ---- error.c ---- */

@@ -80,10 +80,10 @@ void large_free(heap_t *heap, page_t *page) {
     return;
   }
   /* Evict the oldest entries until the new one fits. */
-  while (heap->large_cache_count > 0 &&
-         (heap->large_cache_count == LARGE_CACHE_ENTRIES ||
-          large_cache_slices(heap) + page->slice_count >
-              LARGE_CACHE_MAX_SLICES)) {
+  while (
+      heap->large_cache_count > 0 &&
+      (heap->large_cache_count == LARGE_CACHE_ENTRIES ||
+       large_cache_slices(heap) + page->slice_count > LARGE_CACHE_MAX_SLICES)) {
     page_t *oldest = heap->large_cache[0];
     for (unsigned i = 1; i < heap->large_cache_count; i++)
       heap->large_cache[i - 1] = heap->large_cache[i];

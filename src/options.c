@@ -17,12 +17,12 @@ typedef struct option_descriptor {
 } option_descriptor_t;
 
 static const option_descriptor_t option_table[ZK_OPTION_COUNT] = {
-    [ZK_OPTION_PURGE_DELAY_MS] = {"PURGE_DELAY_MS", 1000, 3600L * 1000, {0},
-                                  {0}},
-    [ZK_OPTION_PURGE_DECOMMIT] = {"PURGE_DECOMMIT", 1, 1, {"dontneed", "free"},
-                                  {1, 0}},
-    [ZK_OPTION_HUGE_PAGES] = {"HUGE_PAGES", 0, 2, {"reserved", "transparent"},
-                              {2, 1}},
+    [ZK_OPTION_PURGE_DELAY_MS] =
+        {"PURGE_DELAY_MS", 1000, 3600L * 1000, {0}, {0}},
+    [ZK_OPTION_PURGE_DECOMMIT] =
+        {"PURGE_DECOMMIT", 1, 1, {"dontneed", "free"}, {1, 0}},
+    [ZK_OPTION_HUGE_PAGES] =
+        {"HUGE_PAGES", 0, 2, {"reserved", "transparent"}, {2, 1}},
     [ZK_OPTION_SECURE] = {"SECURE", 0, 1, {0}, {0}},
     [ZK_OPTION_ON_ERROR] = {"ON_ERROR", 0, 1, {"abort", "warn"}, {0, 1}},
     [ZK_OPTION_SHOW_STATS] = {"SHOW_STATS", 0, 1, {0}, {0}},

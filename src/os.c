@@ -16,10 +16,9 @@
 #endif
 
 static void *os_map(void *hint, size_t size, int extra_flags) {
-  void *address = mmap(hint, size, PROT_READ | PROT_WRITE,
-                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE |
-                           extra_flags,
-                       -1, 0);
+  void *address =
+      mmap(hint, size, PROT_READ | PROT_WRITE,
+           MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | extra_flags, -1, 0);
   if (address == MAP_FAILED) {
     errno = ENOMEM;
     return NULL;
@@ -53,9 +52,9 @@ void *os_reserve_aligned(size_t size, size_t alignment, int huge_pages,
     void *window = os_map_trimmed(size, alignment);
     if (window == NULL)
       return NULL;
-    void *huge = mmap(window, size, PROT_READ | PROT_WRITE,
-                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_HUGETLB,
-                      -1, 0);
+    void *huge =
+        mmap(window, size, PROT_READ | PROT_WRITE,
+             MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_HUGETLB, -1, 0);
     if (huge != MAP_FAILED) {
       *got_huge = true;
       return huge;
@@ -71,7 +70,9 @@ void *os_reserve_aligned(size_t size, size_t alignment, int huge_pages,
   return address;
 }
 
-void os_release(void *address, size_t size) { munmap(address, size); }
+void os_release(void *address, size_t size) {
+  munmap(address, size);
+}
 
 bool os_purge(void *address, size_t size, bool decommit) {
   if (!decommit && madvise(address, size, MADV_FREE) == 0)
@@ -89,8 +90,8 @@ void *os_move_aligned(void *address, size_t old_size, size_t new_size,
   void *target = os_map_trimmed(new_size, alignment);
   if (target == NULL)
     return NULL;
-  void *moved =
-      mremap(address, old_size, new_size, MREMAP_MAYMOVE | MREMAP_FIXED, target);
+  void *moved = mremap(address, old_size, new_size,
+                       MREMAP_MAYMOVE | MREMAP_FIXED, target);
   if (moved == MAP_FAILED) {
     munmap(target, new_size);
     errno = ENOMEM;
@@ -105,7 +106,7 @@ void *os_move_aligned(void *address, size_t old_size, size_t new_size,
  * 1 MiB chunks. Metadata is small and rare (a heap per thread, a pool). */
 #define META_MIN_SHIFT 6
 #define META_MAX_SHIFT 16
-#define META_CHUNK ((size_t)1 << 20)
+#define META_CHUNK     ((size_t)1 << 20)
 
 typedef struct meta_free_block {
   struct meta_free_block *next;
@@ -159,8 +160,12 @@ void *os_meta_alloc(size_t size) {
   return aligned; /* fresh mapping: already zero */
 }
 
-void os_meta_lock(void) { pthread_mutex_lock(&meta_lock); }
-void os_meta_unlock(void) { pthread_mutex_unlock(&meta_lock); }
+void os_meta_lock(void) {
+  pthread_mutex_lock(&meta_lock);
+}
+void os_meta_unlock(void) {
+  pthread_mutex_unlock(&meta_lock);
+}
 
 void os_meta_free(void *block, size_t size) {
   if (block == NULL)

@@ -10,12 +10,18 @@
 #include <string.h>
 #include <unistd.h>
 
-ZK_EXPORT void *malloc(size_t size) { return zk_malloc(size); }
-ZK_EXPORT void free(void *p) { zk_free(p); }
+ZK_EXPORT void *malloc(size_t size) {
+  return zk_malloc(size);
+}
+ZK_EXPORT void free(void *p) {
+  zk_free(p);
+}
 ZK_EXPORT void *calloc(size_t count, size_t size) {
   return zk_calloc(count, size);
 }
-ZK_EXPORT void *realloc(void *p, size_t size) { return zk_realloc(p, size); }
+ZK_EXPORT void *realloc(void *p, size_t size) {
+  return zk_realloc(p, size);
+}
 ZK_EXPORT void *reallocarray(void *p, size_t count, size_t size) {
   size_t total;
   if (__builtin_mul_overflow(count, size, &total)) {
@@ -48,12 +54,20 @@ ZK_EXPORT void *pvalloc(size_t size) {
   }
   return zk_aligned_alloc(page, rounded ? rounded : page);
 }
-ZK_EXPORT size_t malloc_usable_size(void *p) { return zk_usable_size(p); }
-ZK_EXPORT void cfree(void *p) { zk_free(p); }
+ZK_EXPORT size_t malloc_usable_size(void *p) {
+  return zk_usable_size(p);
+}
+ZK_EXPORT void cfree(void *p) {
+  zk_free(p);
+}
 
 /* glibc's internal entry points, used by some libraries directly. */
-ZK_EXPORT void *__libc_malloc(size_t size) { return zk_malloc(size); }
-ZK_EXPORT void __libc_free(void *p) { zk_free(p); }
+ZK_EXPORT void *__libc_malloc(size_t size) {
+  return zk_malloc(size);
+}
+ZK_EXPORT void __libc_free(void *p) {
+  zk_free(p);
+}
 ZK_EXPORT void *__libc_calloc(size_t count, size_t size) {
   return zk_calloc(count, size);
 }
@@ -63,8 +77,12 @@ ZK_EXPORT void *__libc_realloc(void *p, size_t size) {
 ZK_EXPORT void *__libc_memalign(size_t alignment, size_t size) {
   return memalign(alignment, size);
 }
-ZK_EXPORT void *__libc_valloc(size_t size) { return valloc(size); }
-ZK_EXPORT void *__libc_pvalloc(size_t size) { return pvalloc(size); }
+ZK_EXPORT void *__libc_valloc(size_t size) {
+  return valloc(size);
+}
+ZK_EXPORT void *__libc_pvalloc(size_t size) {
+  return pvalloc(size);
+}
 
 /* Tuning calls: accepted and answered from zkmem's own state. */
 ZK_EXPORT int malloc_trim(size_t pad) {
@@ -83,10 +101,9 @@ static void mallinfo_fill(size_t *arena, size_t *in_use, size_t *free_bytes,
   zk_stats_get(&stats);
   *arena = stats.bytes_mapped;
   *in_use = stats.bytes_live;
-  *free_bytes =
-      stats.bytes_committed > stats.bytes_live
-          ? stats.bytes_committed - stats.bytes_live
-          : 0;
+  *free_bytes = stats.bytes_committed > stats.bytes_live
+                    ? stats.bytes_committed - stats.bytes_live
+                    : 0;
   *mapped = stats.bytes_mapped;
 }
 ZK_EXPORT struct mallinfo2 mallinfo2(void) {
@@ -105,7 +122,9 @@ ZK_EXPORT struct mallinfo mallinfo(void) {
   info.hblkhd = (int)wide.hblkhd;
   return info;
 }
-ZK_EXPORT void malloc_stats(void) { zk_stats_print(stderr); }
+ZK_EXPORT void malloc_stats(void) {
+  zk_stats_print(stderr);
+}
 
 /* fork: hold every allocator lock across it, so the child starts with
  * consistent structures and unlocked mutexes. */

@@ -17,22 +17,36 @@
 #include <time.h>
 #include <unistd.h>
 
-#define KIB(n) ((uint32_t)(n) * 1024u)
+#define KIB(n) ((uint32_t)(n)*1024u)
 #define DOUBLING(base)                                                         \
   (base) + (base) / 8, (base) + 2 * (base) / 8, (base) + 3 * (base) / 8,       \
       (base) + 4 * (base) / 8, (base) + 5 * (base) / 8,                        \
       (base) + 6 * (base) / 8, (base) + 7 * (base) / 8, 2 * (base)
 
 const uint32_t class_block_size[CLASS_COUNT] = {
-    8,          16,          32,          48,          64,
-    80,         96,          112,         128,         DOUBLING(128),
-    DOUBLING(256), DOUBLING(512), DOUBLING(KIB(1)), DOUBLING(KIB(2)),
-    DOUBLING(KIB(4)), DOUBLING(KIB(8)), DOUBLING(KIB(16)), DOUBLING(KIB(32)),
+    8,
+    16,
+    32,
+    48,
+    64,
+    80,
+    96,
+    112,
+    128,
+    DOUBLING(128),
+    DOUBLING(256),
+    DOUBLING(512),
+    DOUBLING(KIB(1)),
+    DOUBLING(KIB(2)),
+    DOUBLING(KIB(4)),
+    DOUBLING(KIB(8)),
+    DOUBLING(KIB(16)),
+    DOUBLING(KIB(32)),
 };
 
 /* One slice (64 KiB) holds >= 8 blocks up to 8 KiB; larger classes take
  * enough slices for 8 blocks, so a page never wastes more than one block. */
-#define PAGE_SLICES(size) ((size) <= KIB(8) ? 1 : ((size) * 8 + 65535) / 65536)
+#define PAGE_SLICES(size) ((size) <= KIB(8) ? 1 : ((size)*8 + 65535) / 65536)
 #define DOUBLING_SLICES(base)                                                  \
   PAGE_SLICES((base) + (base) / 8), PAGE_SLICES((base) + 2 * (base) / 8),      \
       PAGE_SLICES((base) + 3 * (base) / 8),                                    \
@@ -42,10 +56,24 @@ const uint32_t class_block_size[CLASS_COUNT] = {
       PAGE_SLICES((base) + 7 * (base) / 8), PAGE_SLICES(2 * (base))
 
 const uint8_t class_page_slices[CLASS_COUNT] = {
-    1, 1, 1, 1, 1, 1, 1, 1, 1, DOUBLING_SLICES(128), DOUBLING_SLICES(256),
-    DOUBLING_SLICES(512), DOUBLING_SLICES(KIB(1)), DOUBLING_SLICES(KIB(2)),
-    DOUBLING_SLICES(KIB(4)), DOUBLING_SLICES(KIB(8)),
-    DOUBLING_SLICES(KIB(16)), DOUBLING_SLICES(KIB(32)),
+    1,
+    1,
+    1,
+    1,
+    1,
+    1,
+    1,
+    1,
+    1,
+    DOUBLING_SLICES(128),
+    DOUBLING_SLICES(256),
+    DOUBLING_SLICES(512),
+    DOUBLING_SLICES(KIB(1)),
+    DOUBLING_SLICES(KIB(2)),
+    DOUBLING_SLICES(KIB(4)),
+    DOUBLING_SLICES(KIB(8)),
+    DOUBLING_SLICES(KIB(16)),
+    DOUBLING_SLICES(KIB(32)),
 };
 
 uint8_t class_by_128[CLASS_BY_128_COUNT];
@@ -77,8 +105,8 @@ uint64_t random_seed(void) {
   }
   struct timespec now;
   clock_gettime(CLOCK_MONOTONIC, &now);
-  seed ^= (uint64_t)now.tv_nsec * 0x9e3779b97f4a7c15ull ^
-          (uint64_t)(uintptr_t)&now;
+  seed ^=
+      (uint64_t)now.tv_nsec * 0x9e3779b97f4a7c15ull ^ (uint64_t)(uintptr_t)&now;
   return seed;
 }
 
@@ -124,11 +152,10 @@ bool page_extend(page_t *page) {
 
 /* Owner only: move remote frees into `free`. */
 void page_collect(page_t *page) {
-  if (atomic_load_explicit(&page->thread_free, memory_order_relaxed) ==
-      NULL)
+  if (atomic_load_explicit(&page->thread_free, memory_order_relaxed) == NULL)
     return;
-  block_t *remote = atomic_exchange_explicit(&page->thread_free, NULL,
-                                             memory_order_acquire);
+  block_t *remote =
+      atomic_exchange_explicit(&page->thread_free, NULL, memory_order_acquire);
   if (remote == NULL)
     return;
   uint32_t count = 1;
@@ -146,11 +173,11 @@ void page_collect(page_t *page) {
 
 /* Any thread but the owner: push with one CAS. */
 void page_free_remote(page_t *page, block_t *block) {
-  block_t *head = atomic_load_explicit(&page->thread_free,
-                                       memory_order_relaxed);
+  block_t *head =
+      atomic_load_explicit(&page->thread_free, memory_order_relaxed);
   do {
     block->next_encoded = page_encode(page, head);
-  } while (!atomic_compare_exchange_weak_explicit(
-      &page->thread_free, &head, block, memory_order_seq_cst,
-      memory_order_relaxed));
+  } while (!atomic_compare_exchange_weak_explicit(&page->thread_free, &head,
+                                                  block, memory_order_seq_cst,
+                                                  memory_order_relaxed));
 }

@@ -39,12 +39,12 @@
 #include <errno.h>
 #include <string.h>
 
-#define MAGAZINE_CAPACITY 128
-#define MAGAZINE_BATCH 64 /* objects taken from the slab at once */
-#define CARVE_REGION_BYTES 8192
-#define POOL_EPOCH 64
+#define MAGAZINE_CAPACITY    128
+#define MAGAZINE_BATCH       64 /* objects taken from the slab at once */
+#define CARVE_REGION_BYTES   8192
+#define POOL_EPOCH           64
 #define POOL_MAX_PAGE_SLICES 16
-#define POOL_MAX_OBJECT ((size_t)1 << 20)
+#define POOL_MAX_OBJECT      ((size_t)1 << 20)
 
 typedef struct depot_round {
   struct depot_round *next;
@@ -61,16 +61,16 @@ struct zk_pool {
   void *constructor_arg;
   char name[48];
   pthread_mutex_t lock;
-  page_queue_t partial;  /* pages with objects in their free list */
-  page_queue_t drained;  /* pages without */
-  page_t *carve_page;    /* where the next carve region comes from */
+  page_queue_t partial; /* pages with objects in their free list */
+  page_queue_t drained; /* pages without */
+  page_t *carve_page;   /* where the next carve region comes from */
   uint32_t next_page_slices;
   uint32_t page_count;
   uint64_t free_in_pages;
   depot_round_t *depot_full;  /* each holds MAGAZINE_CAPACITY objects */
   depot_round_t *depot_empty; /* spare rounds */
   uint64_t depot_rounds;      /* in depot_full */
-  magazine_t *magazines; /* attached to a heap */
+  magazine_t *magazines;      /* attached to a heap */
   /* Totals of magazines that have been detached. */
   uint64_t retired_allocations;
   uint64_t retired_fresh;
@@ -192,7 +192,8 @@ static void pool_page_release(zk_pool_t *pool, page_t *page) {
 static void magazine_publish_locked(magazine_t *magazine) {
   magazine->allocations += magazine->state >> MAGAZINE_COUNT_BITS;
   magazine->state &= MAGAZINE_COUNT_MASK;
-  magazine->published_live = magazine->taken - (int64_t)magazine_count(magazine);
+  magazine->published_live =
+      magazine->taken - (int64_t)magazine_count(magazine);
   magazine->published_allocations = magazine_allocations(magazine);
   magazine->published_fresh = magazine->fresh;
 }
@@ -276,8 +277,7 @@ static bool pool_owns(const zk_pool_t *pool, const page_t *page,
     return false;
   size_t offset = (size_t)((const uint8_t *)object - page->start);
   uint32_t capacity = __atomic_load_n(&page->capacity, __ATOMIC_RELAXED);
-  return offset % pool->stride == 0 &&
-         offset < (size_t)capacity * pool->stride;
+  return offset % pool->stride == 0 && offset < (size_t)capacity * pool->stride;
 }
 
 static void slab_put_locked(zk_pool_t *pool, void *object) {
@@ -364,8 +364,7 @@ static void pool_release_region_locked(zk_pool_t *pool, magazine_t *magazine) {
                  pool->stride);
   uint8_t *tail = page->start + (size_t)page->capacity * pool->stride;
   if (tail == magazine->carve_end) {
-    __atomic_store_n(&page->capacity, page->capacity - count,
-                     __ATOMIC_RELAXED);
+    __atomic_store_n(&page->capacity, page->capacity - count, __ATOMIC_RELAXED);
     page->used -= count;
   } else {
     for (uint8_t *object = magazine->carve_next; object < magazine->carve_end;

@@ -6,7 +6,7 @@
 
 #include <time.h>
 
-static atomic_ullong last_purge_ms;
+static _Atomic uint64_t last_purge_ms;
 
 uint64_t clock_now_ms(void) {
   struct timespec now;

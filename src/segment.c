@@ -238,7 +238,7 @@ void segment_span_free(page_t *span) {
   span->purged = 0;
   span->is_zero = 0;
   span->free_since_ms = now;
-  __atomic_store_n(&span->owner, NULL, __ATOMIC_RELAXED);
+  atomic_store_explicit(&span->owner, NULL, memory_order_relaxed);
   span->pool = NULL;
   bytes_free_committed += slices << SLICE_SHIFT;
   span_insert_free(span, now);
@@ -383,8 +383,12 @@ size_t segment_purge(uint64_t now_ms, bool force) {
   return purged;
 }
 
-void segment_lock_all(void) { pthread_mutex_lock(&segment_lock); }
-void segment_unlock_all(void) { pthread_mutex_unlock(&segment_lock); }
+void segment_lock_all(void) {
+  pthread_mutex_lock(&segment_lock);
+}
+void segment_unlock_all(void) {
+  pthread_mutex_unlock(&segment_lock);
+}
 
 void segment_collect_stats(zk_stats_t *out) {
   pthread_mutex_lock(&segment_lock);

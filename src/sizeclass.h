@@ -26,7 +26,8 @@ ZK_INLINE unsigned size_to_class(size_t size) {
     /* 0..8 -> 0, 9..16 -> 1, 17..32 -> 2, then one class per 16 B. */
     return size <= 8 ? 0 : (unsigned)((size + 15) >> 4);
   }
-  unsigned top_bit = 63u - (unsigned)__builtin_clzll((unsigned long long)(size - 1));
+  unsigned top_bit =
+      63u - (unsigned)__builtin_clzll((unsigned long long)(size - 1));
   unsigned step_shift = top_bit - 3;
   unsigned step_in_doubling =
       (unsigned)(((size - 1) >> step_shift) & 7u); /* 0..7 */

@@ -80,8 +80,8 @@ ZK_EXPORT void zk_stats_print(FILE *out) {
   fprintf(out,
           "segments %zu (%zu B mapped), rss %zu B, peak rss %zu B, "
           "fragmentation %.3f\n",
-          stats.segments_mapped, stats.bytes_mapped, stats.rss,
-          stats.peak_rss, stats.fragmentation);
+          stats.segments_mapped, stats.bytes_mapped, stats.rss, stats.peak_rss,
+          stats.fragmentation);
 }
 
 ZK_EXPORT void zk_stats_json(FILE *out) {
@@ -114,8 +114,8 @@ ZK_EXPORT void zk_stats_json(FILE *out) {
           (unsigned long long)stats.huge_allocations,
           (unsigned long long)stats.huge_live, stats.bytes_live,
           stats.bytes_committed, stats.bytes_purged, stats.bytes_huge_pages,
-          stats.segments_mapped, stats.bytes_mapped, stats.rss,
-          stats.peak_rss, stats.fragmentation);
+          stats.segments_mapped, stats.bytes_mapped, stats.rss, stats.peak_rss,
+          stats.fragmentation);
 }
 
 __attribute__((destructor)) static void stats_show_at_exit(void) {

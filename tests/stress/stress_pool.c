@@ -11,7 +11,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define POOLS 3
+#define POOLS       3
 #define QUEUE_SLOTS 4096
 
 static const size_t object_sizes[POOLS] = {24, 64, 200};
@@ -39,8 +39,7 @@ static void object_check_free(void *object) {
   unsigned pool_index = header->pool_index;
   if (pool_index >= POOLS ||
       !test_verify((char *)object + sizeof(header_t),
-                   object_sizes[pool_index] - sizeof(header_t),
-                   header->tag)) {
+                   object_sizes[pool_index] - sizeof(header_t), header->tag)) {
     atomic_fetch_add(&corruptions, 1);
     return;
   }

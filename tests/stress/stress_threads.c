@@ -13,7 +13,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define LIVE_SLOTS 512
+#define LIVE_SLOTS     512
 #define EXCHANGE_SLOTS 1024
 
 typedef struct tagged_block {
@@ -47,7 +47,8 @@ static size_t random_size(uint64_t *state) {
   case 0:
     return 1 + (r >> 8) % 65536;
   case 1:
-    return (r >> 8) % 64 == 0 ? (1 + (r >> 16) % (3u << 20)) : 1 + (r >> 8) % 8192;
+    return (r >> 8) % 64 == 0 ? (1 + (r >> 16) % (3u << 20))
+                              : 1 + (r >> 8) % 8192;
   default:
     return 1 + (r >> 8) % 512;
   }
@@ -74,8 +75,7 @@ static void pattern_apply(unsigned char *data, size_t size, unsigned tag,
   }
 }
 
-static void block_free_checked(unsigned char *data, size_t size,
-                               unsigned tag) {
+static void block_free_checked(unsigned char *data, size_t size, unsigned tag) {
   pattern_apply(data, size, tag, 1);
   atomic_fetch_add_explicit(&checked, 1, memory_order_relaxed);
   zk_free(data);

@@ -32,9 +32,9 @@ static void test_size_classes(void) {
 }
 
 static void test_alignment_and_usable_size(void) {
-  static const size_t sizes[] = {0,    1,     7,      8,      9,       15,
-                                 16,   17,    24,     100,    128,     129,
-                                 1000, 1024,  1025,   4096,   5000,    65536,
+  static const size_t sizes[] = {0,     1,      7,       8,       9,      15,
+                                 16,    17,     24,      100,     128,    129,
+                                 1000,  1024,   1025,    4096,    5000,   65536,
                                  65537, 100000, 1 << 20, 3 << 20, 9 << 20};
   for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) {
     size_t size = sizes[i];

@@ -294,8 +294,7 @@ static void test_wrong_pool_detected(void) {
   waitpid(child, &status, 0);
   CHECK(length > 0);
   CHECK(WIFSIGNALED(status) && WTERMSIG(status) == SIGABRT);
-  CHECK(strstr(message, "object freed to a pool that does not own it") !=
-        NULL);
+  CHECK(strstr(message, "object freed to a pool that does not own it") != NULL);
 }
 
 int main(void) {
