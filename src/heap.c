@@ -82,18 +82,24 @@ static void queue_remove(page_queue_t *queue, page_t *page) {
 
 /* ---- direct map: granule -> current page of its class ---- */
 
+/* Secure pages send every free to the slow path, which fills the block. */
+static void page_set_trigger(page_t *page, uint32_t trigger) {
+  page->free_trigger = page->secure ? UINT32_MAX : trigger;
+}
+
 /* Called whenever the first page of a queue may have changed: it becomes
  * current (its frees stay on the fast path), and the page it displaced
  * gets released when it empties. */
 static void heap_update_direct(heap_t *heap, unsigned class_index) {
   page_t *page = heap->queues[class_index].first;
   if (page != NULL) {
-    page->free_trigger = 0;
+    page_set_trigger(page, 0);
     if (page->next != NULL)
-      page->next->free_trigger = 1;
-  } else {
-    page = &page_empty;
+      page_set_trigger(page->next, 1);
   }
+  /* Secure pages are never on a fast path: malloc checks their fill. */
+  if (page == NULL || page->secure)
+    page = &page_empty;
   heap->class_pages[class_index] = page;
   if (class_block_size[class_index] > DIRECT_MAX)
     return;
@@ -286,7 +292,7 @@ void heap_reclaim_abandoned(bool force) {
 
 static void heap_move_to_full(heap_t *heap, page_t *page) {
   queue_remove(&heap->queues[page->class_index], page);
-  page->free_trigger = UINT32_MAX;
+  page_set_trigger(page, UINT32_MAX);
   queue_push_back(&heap->full, page);
   /* Dekker with heap_free_remote, both sides sequentially consistent: a
    * remote free that missed in_full == 1 left its block where this load
@@ -299,7 +305,7 @@ static void heap_move_to_full(heap_t *heap, page_t *page) {
 static void heap_unfull(heap_t *heap, page_t *page) {
   queue_remove(&heap->full, page);
   __atomic_store_n(&page->in_full, 0, __ATOMIC_RELAXED);
-  page->free_trigger = 1;
+  page_set_trigger(page, 1);
   queue_push_back(&heap->queues[page->class_index], page);
   if (heap->queues[page->class_index].first == page)
     heap_update_direct(heap, page->class_index);
@@ -350,7 +356,7 @@ static page_t *heap_find_page(heap_t *heap, unsigned class_index) {
   if (page->free == NULL && !page_extend(page)) {
     /* A reclaimed page that is still full. */
     __atomic_store_n(&page->in_full, 1, __ATOMIC_RELAXED);
-    page->free_trigger = UINT32_MAX;
+    page_set_trigger(page, UINT32_MAX);
     queue_push_back(&heap->full, page);
     return heap_find_page(heap, class_index);
   }
@@ -390,7 +396,14 @@ void *heap_malloc_generic(heap_t *heap, size_t size, size_t alignment) {
     }
   }
   block_t *block = page->free;
-  page->free = page_decode(page, block->next_encoded);
+  block_t *next = page_decode(page, block->next_encoded);
+  if (unlikely(page->secure)) {
+    if (((uintptr_t)next ^ (uintptr_t)block) >> SEGMENT_SHIFT && next != NULL)
+      return heap_free_list_corrupted(page, block);
+    if (!page_secure_intact(page, block))
+      error_report("write after free", block, page->block_size);
+  }
+  page->free = next;
   page->used++;
   return block;
 }
@@ -407,6 +420,8 @@ ZK_COLD void *heap_free_list_corrupted(page_t *page, block_t *block) {
 
 /* Owner's free hit a page that is in `full` or became empty. */
 ZK_NOINLINE void heap_free_local_slow(heap_t *heap, page_t *page) {
+  if (page->secure)
+    page_secure_fill(page, page->free); /* the block just pushed */
   if (page->in_full)
     heap_unfull(heap, page);
   if (page->used != 0)
@@ -429,6 +444,8 @@ ZK_NOINLINE void heap_free_local_slow(heap_t *heap, page_t *page) {
 }
 
 static void heap_free_remote(page_t *page, block_t *block) {
+  if (page->secure)
+    page_secure_fill(page, block);
   page_free_remote(page, block); /* a sequentially consistent CAS */
   if (__atomic_load_n(&page->in_full, __ATOMIC_SEQ_CST)) {
     heap_t *owner = atomic_load_explicit(&page->owner, memory_order_relaxed);

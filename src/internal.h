@@ -109,6 +109,7 @@ struct page {
   uint32_t slice_offset;  /* slices back to the span head (0 on the head) */
   uint8_t purged;         /* free span: returned to the OS */
   uint8_t huge_pages;     /* backed by huge pages */
+  uint8_t secure;         /* ZKMEM_SECURE when the page was set up */
   uint8_t *start;         /* first block */
   page_t *next, *prev;    /* heap queue, pool list or free bin */
   uint64_t free_since_ms; /* free span: when it became free */
@@ -237,6 +238,8 @@ extern pthread_mutex_t segment_lock;
 /* ---- page.c ---- */
 void page_init_small(page_t *page, heap_t *heap, unsigned class_index);
 bool page_extend(page_t *page);
+void page_secure_fill(const page_t *page, block_t *block);
+bool page_secure_intact(const page_t *page, const block_t *block);
 void page_collect(page_t *page);
 void page_free_remote(page_t *page, block_t *block);
 ZK_INLINE block_t *page_decode(const page_t *page, uintptr_t encoded) {

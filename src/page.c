@@ -14,6 +14,7 @@
 #include "sizeclass.h"
 
 #include <fcntl.h>
+#include <string.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -122,8 +123,45 @@ void page_init_small(page_t *page, heap_t *heap, unsigned class_index) {
   page->free = NULL;
   page->frees = 0;
   page->key = random_next(&heap->random_state) | 1;
+  page->secure = option(ZK_OPTION_SECURE) != 0;
   atomic_store_explicit(&page->thread_free, NULL, memory_order_relaxed);
   atomic_store_explicit(&page->owner, heap, memory_order_relaxed);
+}
+
+/* Secure mode: free blocks hold this byte after their link, checked when
+ * they are handed out again, so a write after free is caught. */
+#define SECURE_FILL_BYTE 0xdf
+
+void page_secure_fill(const page_t *page, block_t *block) {
+  memset((uint8_t *)block + sizeof(block_t), SECURE_FILL_BYTE,
+         page->block_size - sizeof(block_t));
+}
+
+bool page_secure_intact(const page_t *page, const block_t *block) {
+  const uint8_t *bytes = (const uint8_t *)block;
+  for (size_t i = sizeof(block_t); i < page->block_size; i++)
+    if (bytes[i] != SECURE_FILL_BYTE)
+      return false;
+  return true;
+}
+
+/* Secure mode links a fresh batch in a random order (a stride coprime with
+ * the batch size, from the page key), so neighbours in memory are not
+ * neighbours in time. */
+static uint32_t page_batch_stride(const page_t *page, uint32_t batch) {
+  if (!page->secure || batch < 3)
+    return 1;
+  uint32_t stride = (uint32_t)((page->key >> 7) ^ page->capacity) % batch;
+  for (;; stride = (stride + 1) % batch) {
+    uint32_t a = stride, b = batch;
+    while (b != 0) {
+      uint32_t t = a % b;
+      a = b;
+      b = t;
+    }
+    if (a == 1)
+      return stride;
+  }
 }
 
 /* Carve the next blocks of the span into `free`: up to 4 KiB of them (at
@@ -137,14 +175,18 @@ bool page_extend(page_t *page) {
   if (batch > page->reserved - page->capacity)
     batch = page->reserved - page->capacity;
   uint8_t *first = page->start + (size_t)page->capacity * page->block_size;
-  block_t *tail = (block_t *)(first + (size_t)(batch - 1) * page->block_size);
-  tail->next_encoded = page_encode(page, page->free);
-  for (uint32_t i = batch - 1; i > 0; i--) {
-    block_t *block = (block_t *)(first + (size_t)(i - 1) * page->block_size);
-    block->next_encoded =
-        page_encode(page, (block_t *)((uint8_t *)block + page->block_size));
+  uint32_t stride = page_batch_stride(page, batch);
+  /* Link block (i * stride) % batch for i = batch-1 down to 0. */
+  block_t *next = page->free;
+  for (uint32_t i = batch; i-- > 0;) {
+    uint32_t index = (uint32_t)(((uint64_t)i * stride) % batch);
+    block_t *block = (block_t *)(first + (size_t)index * page->block_size);
+    if (page->secure)
+      page_secure_fill(page, block);
+    block->next_encoded = page_encode(page, next);
+    next = block;
   }
-  page->free = (block_t *)first;
+  page->free = next;
   /* Read by other threads' frees to validate pointers. */
   __atomic_store_n(&page->capacity, page->capacity + batch, __ATOMIC_RELAXED);
   return true;
