@@ -129,7 +129,7 @@ struct segment {
   size_t mapped_size;
   uint64_t free_since_ms; /* all slices free since (NORMAL) */
   segment_t *next, *prev; /* list of NORMAL segments */
-  page_t pages[SLICES_PER_SEGMENT] __attribute__((aligned(64)));
+  page_t pages[SLICES_PER_SEGMENT] __attribute__((aligned(128)));
 };
 
 typedef struct page_queue {
