@@ -47,21 +47,24 @@ static void *os_map_trimmed(size_t size, size_t alignment) {
 void *os_reserve_aligned(size_t size, size_t alignment, int huge_pages,
                          bool *got_huge) {
   *got_huge = false;
-  if (huge_pages == 2 && (size & ((2u << 20) - 1)) == 0) {
-    /* Reserve an aligned window, then replace it with huge pages. */
-    void *window = os_map_trimmed(size, alignment);
-    if (window == NULL)
-      return NULL;
-    void *huge =
-        mmap(window, size, PROT_READ | PROT_WRITE,
-             MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_HUGETLB, -1, 0);
-    if (huge != MAP_FAILED) {
+  if (huge_pages == 2 && (size & ((2u << 20) - 1)) == 0 &&
+      alignment >= (2u << 20)) {
+    /* Reserved 2 MiB pages: over-map and trim at 2 MiB boundaries. When the
+     * system has none, mmap fails and the plain path below runs. */
+    size_t oversize = size + alignment;
+    uint8_t *raw = mmap(NULL, oversize, PROT_READ | PROT_WRITE,
+                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB, -1, 0);
+    if (raw != MAP_FAILED) {
+      uintptr_t aligned = ((uintptr_t)raw + alignment - 1) & ~(alignment - 1);
+      size_t before = aligned - (uintptr_t)raw;
+      size_t after = oversize - before - size;
+      if (before)
+        munmap(raw, before);
+      if (after)
+        munmap((uint8_t *)aligned + size, after);
       *got_huge = true;
-      return huge;
+      return (void *)aligned;
     }
-    /* No reserved huge pages: MAP_FIXED failed and left the window as it
-     * was (a plain mapping), so fall back to it. */
-    return window;
   }
   void *address = os_map_trimmed(size, alignment);
   if (address != NULL && huge_pages >= 1) {
