@@ -259,7 +259,8 @@ static page_t *heap_reclaim_page(heap_t *heap, unsigned class_index) {
   pthread_mutex_unlock(&abandoned_lock);
   if (page == NULL)
     return NULL;
-  atomic_store_explicit(&page->owner, heap, memory_order_release);
+  atomic_store_explicit(&page->owner, page_owner_word(page, heap),
+                        memory_order_release);
   page_collect(page);
   return page;
 }
@@ -448,12 +449,25 @@ static void heap_free_remote(page_t *page, block_t *block) {
     page_secure_fill(page, block);
   page_free_remote(page, block); /* a sequentially consistent CAS */
   if (__atomic_load_n(&page->in_full, __ATOMIC_SEQ_CST)) {
-    heap_t *owner = atomic_load_explicit(&page->owner, memory_order_relaxed);
+    heap_t *owner = page_owner(page);
     if (owner != NULL && !atomic_load_explicit(&owner->remote_frees_to_full,
                                                memory_order_relaxed))
       atomic_store_explicit(&owner->remote_frees_to_full, 1,
                             memory_order_relaxed);
   }
+}
+
+/* Secure pages: a block whose fill pattern is intact may already be free;
+ * walking the page's lists makes the answer certain. */
+static bool heap_secure_is_free(page_t *page, block_t *block) {
+  if (!page->secure || !page_secure_intact(page, block))
+    return false;
+  page_collect(page);
+  for (block_t *b = page->free; b != NULL;
+       b = page_decode(page, b->next_encoded))
+    if (b == block)
+      return true;
+  return false;
 }
 
 /* Everything zk_free's fast path does not handle: NULL, foreign pointers,
@@ -480,8 +494,8 @@ void heap_free_generic(void *p) {
     }
     heap_t *heap = heap_current;
     block_t *block = p;
-    if (atomic_load_explicit(&page->owner, memory_order_relaxed) == heap) {
-      if (unlikely(block == page->free)) {
+    if (page_owner(page) == heap) {
+      if (unlikely(block == page->free || heap_secure_is_free(page, block))) {
         error_report("double free", p, page->block_size);
         return;
       }

@@ -77,6 +77,7 @@ typedef enum page_kind {
   PAGE_POOL,          /* objects of one zk_pool_t */
   PAGE_HUGE,          /* the block of a huge segment */
   PAGE_HEADER,        /* slice 0 */
+  PAGE_LARGE_CACHED,  /* a freed large span in a heap's cache */
 } page_kind_t;
 
 /* Invariant for small pages, on the owner's side:
@@ -93,12 +94,15 @@ struct page {
    * queue (when empty, to release them), UINT32_MAX for pages in `full`
    * (always, to requeue them). One compare covers all three. */
   uint32_t free_trigger;
-  uint8_t in_full;         /* in the heap's full queue */
-  uint8_t kind;            /* page_kind_t */
-  uint8_t class_index;     /* small pages */
-  uint8_t is_zero;         /* span memory is known to read as zero */
-  _Atomic(heap_t *) owner; /* NULL: abandoned, pool, large or free span */
-  uint64_t frees;          /* blocks freed into this page (stats) */
+  uint8_t in_full;     /* in the heap's full queue */
+  uint8_t kind;        /* page_kind_t */
+  uint8_t class_index; /* small pages */
+  uint8_t is_zero;     /* span memory is known to read as zero */
+  /* NULL: abandoned, pool, large or free span. Secure pages store the heap
+   * with bit 0 set, so the owner's fast path never matches and every free
+   * takes the checked path. */
+  _Atomic(heap_t *) owner;
+  uint64_t frees; /* blocks freed into this page (stats) */
 
   /* Cold: shared with other threads or used on slow paths. */
   _Atomic(block_t *) thread_free;
@@ -247,6 +251,15 @@ ZK_INLINE block_t *page_decode(const page_t *page, uintptr_t encoded) {
 }
 ZK_INLINE uintptr_t page_encode(const page_t *page, const block_t *next) {
   return (uintptr_t)next ^ page->key;
+}
+/* The owner word a heap stores in its page, and the heap it names. */
+ZK_INLINE heap_t *page_owner_word(const page_t *page, heap_t *heap) {
+  return page->secure ? (heap_t *)((uintptr_t)heap | 1) : heap;
+}
+ZK_INLINE heap_t *page_owner(page_t *page) {
+  return (heap_t *)((uintptr_t)atomic_load_explicit(&page->owner,
+                                                    memory_order_relaxed) &
+                    ~(uintptr_t)1);
 }
 uint64_t random_next(uint64_t *state);
 uint64_t random_seed(void);

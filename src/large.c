@@ -31,6 +31,7 @@ static page_t *large_cache_take(heap_t *heap, size_t slices) {
     page_t *span = heap->large_cache[i];
     if (span->slice_count == slices) {
       heap->large_cache[i] = heap->large_cache[--heap->large_cache_count];
+      span->kind = PAGE_LARGE;
       return span;
     }
   }
@@ -90,6 +91,8 @@ void large_free(heap_t *heap, page_t *page) {
     heap->large_cache_count--;
     segment_span_free(oldest);
   }
+  /* Not PAGE_LARGE any more: a second free of the block is reported. */
+  page->kind = PAGE_LARGE_CACHED;
   heap->large_cache[heap->large_cache_count++] = page;
 }
 

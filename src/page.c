@@ -125,7 +125,8 @@ void page_init_small(page_t *page, heap_t *heap, unsigned class_index) {
   page->key = random_next(&heap->random_state) | 1;
   page->secure = option(ZK_OPTION_SECURE) != 0;
   atomic_store_explicit(&page->thread_free, NULL, memory_order_relaxed);
-  atomic_store_explicit(&page->owner, heap, memory_order_relaxed);
+  atomic_store_explicit(&page->owner, page_owner_word(page, heap),
+                        memory_order_relaxed);
 }
 
 /* Secure mode: free blocks hold this byte after their link, checked when

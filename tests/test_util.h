@@ -3,8 +3,12 @@
 #ifndef ZKMEM_TEST_UTIL_H
 #define ZKMEM_TEST_UTIL_H
 
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #define CHECK(condition)                                                       \
   do {                                                                         \
@@ -46,6 +50,32 @@ static inline int test_verify(const void *block, size_t size, unsigned seed) {
     if (bytes[i] != test_pattern_byte(block, i, seed))
       return 0;
   return 1;
+}
+
+/* Runs body in a forked child with stderr captured: the child must die of
+ * SIGABRT after printing a line that contains `expected`. */
+static inline void test_expect_abort(void (*body)(void), const char *expected) {
+  int pipe_fds[2];
+  CHECK(pipe(pipe_fds) == 0);
+  pid_t child = fork();
+  CHECK(child >= 0);
+  if (child == 0) {
+    dup2(pipe_fds[1], 2);
+    body();
+    _exit(0);
+  }
+  close(pipe_fds[1]);
+  char message[512] = {0};
+  ssize_t length = read(pipe_fds[0], message, sizeof(message) - 1);
+  close(pipe_fds[0]);
+  int status;
+  waitpid(child, &status, 0);
+  if (!(length > 0 && WIFSIGNALED(status) && WTERMSIG(status) == SIGABRT &&
+        strstr(message, expected) != NULL)) {
+    fprintf(stderr, "expected an abort with \"%s\", got status %d: %s\n",
+            expected, status, message);
+    exit(1);
+  }
 }
 
 #endif

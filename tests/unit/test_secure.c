@@ -4,36 +4,9 @@
 #include "test_util.h"
 #include "zkmem.h"
 
-#include <signal.h>
 #include <stdint.h>
 #include <string.h>
-#include <sys/wait.h>
 #include <unistd.h>
-
-/* Runs body in a child; returns its stderr in message, checks SIGABRT. */
-static void expect_abort(void (*body)(void), const char *expected) {
-  int pipe_fds[2];
-  CHECK(pipe(pipe_fds) == 0);
-  pid_t child = fork();
-  CHECK(child >= 0);
-  if (child == 0) {
-    dup2(pipe_fds[1], 2);
-    body();
-    _exit(0);
-  }
-  close(pipe_fds[1]);
-  char message[512] = {0};
-  ssize_t length = read(pipe_fds[0], message, sizeof(message) - 1);
-  close(pipe_fds[0]);
-  int status;
-  waitpid(child, &status, 0);
-  if (!(length > 0 && WIFSIGNALED(status) && WTERMSIG(status) == SIGABRT &&
-        strstr(message, expected) != NULL)) {
-    fprintf(stderr, "expected abort with \"%s\", got status %d: %s\n", expected,
-            status, message);
-    exit(1);
-  }
-}
 
 static void overflow_into_free_list(void) {
   char *a = zk_malloc(64);
@@ -74,8 +47,8 @@ static void test_shuffled_order(void) {
 }
 
 int main(void) {
-  expect_abort(overflow_into_free_list, "corrupted free list");
-  expect_abort(write_after_free, "write after free");
+  test_expect_abort(overflow_into_free_list, "corrupted free list");
+  test_expect_abort(write_after_free, "write after free");
   test_shuffled_order();
   printf("test_secure: ok\n");
   return 0;
