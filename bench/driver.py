@@ -65,6 +65,8 @@ SCENARIOS = [
     Scenario("memory",
              "RSS of scenario mixed (every page touched), then freed",
              400_000, 20_000),
+    Scenario("live", "1,000,000 live 64 B objects, RSS over their payload",
+             1_000_000, 20_000, pool=True),
 ]
 SCENARIO_BY_NAME = {scenario.name: scenario for scenario in SCENARIOS}
 
@@ -423,7 +425,8 @@ def summarise(records):
         for allocator, results in by_allocator.items():
             summary = {"runs": len(results)}
             for field in ["ops", "ops_per_s", "ns_per_op", "peak_rss_kib",
-                          "reuse_rate", "live_peak_kib"] + MEMORY_FIELDS:
+                          "reuse_rate", "live_peak_kib", "live_rss_kib",
+                          "live_rss_ratio"] + MEMORY_FIELDS:
                 if any(field in result for result in results):
                     summary[field] = median_or_none(
                         [result.get(field) for result in results])
@@ -553,6 +556,8 @@ def report(medians, machine, settings, out):
                    "vs best peer", "peak RSS"]
         if scenario.name == "reuse":
             headers.append("reuse rate")
+        if scenario.name == "live":
+            headers += ["RSS of objects", "RSS / payload"]
         rows = []
         for name in ordered(by_allocator):
             summary = by_allocator[name]
@@ -565,6 +570,10 @@ def report(medians, machine, settings, out):
             if scenario.name == "reuse":
                 rate = summary.get("reuse_rate")
                 row.append("-" if rate is None else f"{rate:.1%}")
+            if scenario.name == "live":
+                ratio = summary.get("live_rss_ratio")
+                row += [format_kib(summary.get("live_rss_kib")),
+                        "-" if ratio is None else f"{ratio:.3f}x"]
             rows.append(row)
         print_table(headers, rows, out)
         note = FIXED_SIZE_NOTES.get(scenario.name)

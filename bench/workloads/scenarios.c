@@ -744,6 +744,39 @@ static int scenario_memory(const struct bench_options *options,
   return 0;
 }
 
+/* ---- 9. live: many small objects alive at once, RSS over payload ------- */
+
+#define LIVE_SIZE 64
+
+static int scenario_live(const struct bench_options *options,
+                         struct bench_result *result) {
+  uint64_t count = options->ops;
+  void **blocks = scaffold_alloc(count * sizeof(void *));
+  memset(blocks, 0xff, count * sizeof(void *)); /* resident before baseline */
+  struct backend backend;
+  backend_open(&backend, options->backend, LIVE_SIZE);
+  uint64_t rss_baseline = rss_now_kib();
+  double start = now_seconds();
+  for (uint64_t i = 0; i < count; i++) {
+    void *block = backend_alloc(&backend, options->backend, LIVE_SIZE);
+    memset(block, (int)i, LIVE_SIZE);
+    blocks[i] = block;
+  }
+  result->seconds = now_seconds() - start;
+  uint64_t rss_live = rss_now_kib();
+  for (uint64_t i = 0; i < count; i++)
+    backend_free(&backend, options->backend, blocks[i]);
+  backend_close(&backend);
+  scaffold_free(blocks, count * sizeof(void *));
+  result->ops = count;
+  uint64_t payload_kib = count * LIVE_SIZE / 1024;
+  result_add_u64(result, "live_rss_kib", rss_live - rss_baseline);
+  result_add_u64(result, "live_payload_kib", payload_kib);
+  result_add_double(result, "live_rss_ratio",
+                    (double)(rss_live - rss_baseline) / (double)payload_kib);
+  return 0;
+}
+
 /* ---- table ------------------------------------------------------------- */
 
 #define ALL_BACKENDS                                                           \
@@ -768,6 +801,8 @@ const struct scenario_entry scenario_table[] = {
      10000000, scenario_scaling, MALLOC_ONLY},
     {"memory", "RSS of scenario mixed at peak, after free, wait, collect",
      400000, scenario_memory, MALLOC_ONLY},
+    {"live", "1,000,000 live 64 B objects: RSS over payload", 1000000,
+     scenario_live, MALLOC_AND_POOL},
 };
 
 const size_t scenario_count = sizeof scenario_table / sizeof scenario_table[0];
