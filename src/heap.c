@@ -349,7 +349,8 @@ static page_t *heap_find_page(heap_t *heap, unsigned class_index) {
   page = heap_reclaim_page(heap, class_index);
   if (page == NULL) {
     purge_maybe();
-    page = segment_span_alloc(class_page_slices[class_index], PAGE_SMALL);
+    page = segment_span_alloc(class_page_slices[class_index], PAGE_SMALL,
+                              &heap->home_segment);
     if (page == NULL)
       return NULL;
     page_init_small(page, heap, class_index);

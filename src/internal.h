@@ -162,6 +162,7 @@ struct heap {
   page_queue_t full;                /* pages found without free blocks */
   atomic_int remote_frees_to_full;  /* hint: scan `full` */
   uint64_t random_state;
+  segment_t *home_segment; /* where this heap's spans come from first */
   page_t *large_cache[LARGE_CACHE_ENTRIES];
   unsigned large_cache_count;
   heap_stats_t stats;
@@ -227,7 +228,8 @@ ZK_INLINE page_t *segment_page_of(segment_t *segment, const void *p) {
   uintptr_t back = (uintptr_t)((const page_t *)address)->slice_offset;
   return (page_t *)(address - back * sizeof(page_t));
 }
-page_t *segment_span_alloc(size_t slices, page_kind_t kind);
+/* home: the caller's preferred segment (a heap's), updated; or NULL. */
+page_t *segment_span_alloc(size_t slices, page_kind_t kind, segment_t **home);
 void segment_span_free(page_t *span);
 page_t *segment_huge_alloc(size_t size, size_t alignment);
 void segment_huge_free(page_t *page);

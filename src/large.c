@@ -31,7 +31,8 @@ static page_t *large_cache_take(heap_t *heap, size_t slices) {
     page_t *span = heap->large_cache[i];
     if (span->slice_count == slices) {
       heap->large_cache[i] = heap->large_cache[--heap->large_cache_count];
-      span->kind = PAGE_LARGE;
+      /* Read by the segment layer under its lock: merge and purge. */
+      __atomic_store_n(&span->kind, PAGE_LARGE, __ATOMIC_RELAXED);
       return span;
     }
   }
@@ -49,7 +50,8 @@ void *large_alloc(heap_t *heap, size_t size, size_t alignment) {
   page_t *span = large_cache_take(heap, slices);
   if (span == NULL) {
     purge_maybe();
-    span = segment_span_alloc(slices, PAGE_LARGE);
+    span = segment_span_alloc(slices, PAGE_LARGE,
+                              heap == &heap_empty ? NULL : &heap->home_segment);
     if (span == NULL) {
       errno = ENOMEM;
       return NULL;
@@ -92,7 +94,7 @@ void large_free(heap_t *heap, page_t *page) {
     segment_span_free(oldest);
   }
   /* Not PAGE_LARGE any more: a second free of the block is reported. */
-  page->kind = PAGE_LARGE_CACHED;
+  __atomic_store_n(&page->kind, PAGE_LARGE_CACHED, __ATOMIC_RELAXED);
   heap->large_cache[heap->large_cache_count++] = page;
 }
 

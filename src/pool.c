@@ -165,7 +165,7 @@ static page_t *pool_page_new(zk_pool_t *pool, size_t min_objects) {
     slices = needed;
   if (slices > SEGMENT_USABLE_SLICES)
     slices = SEGMENT_USABLE_SLICES;
-  page_t *page = segment_span_alloc(slices, PAGE_POOL);
+  page_t *page = segment_span_alloc(slices, PAGE_POOL, NULL);
   if (page == NULL)
     return NULL;
   page->pool = pool;

@@ -14,9 +14,9 @@
 
 static void test_split_and_merge(void) {
   /* First allocations of the process: one fresh segment, spans in order. */
-  page_t *a = segment_span_alloc(2, PAGE_LARGE);
-  page_t *b = segment_span_alloc(2, PAGE_LARGE);
-  page_t *c = segment_span_alloc(2, PAGE_LARGE);
+  page_t *a = segment_span_alloc(2, PAGE_LARGE, NULL);
+  page_t *b = segment_span_alloc(2, PAGE_LARGE, NULL);
+  page_t *c = segment_span_alloc(2, PAGE_LARGE, NULL);
   CHECK(a && b && c);
   CHECK(b->start == a->start + 2 * SLICE_SIZE); /* split from one span */
   CHECK(c->start == b->start + 2 * SLICE_SIZE);
@@ -25,7 +25,7 @@ static void test_split_and_merge(void) {
   segment_span_free(a); /* merges with b */
   segment_span_free(c); /* merges with a+b and the free rest */
   /* One free span: the whole usable segment is available from A on. */
-  page_t *whole = segment_span_alloc(SEGMENT_USABLE_SLICES, PAGE_LARGE);
+  page_t *whole = segment_span_alloc(SEGMENT_USABLE_SLICES, PAGE_LARGE, NULL);
   CHECK(whole != NULL && whole->start == a_start);
   segment_span_free(whole);
 }
