@@ -588,6 +588,9 @@ void heap_collect_stats(zk_stats_t *out) {
       stats_add_queue(out, &heap->queues[c]);
     stats_add_queue(out, &heap->full);
     stats_add_retired(out, &heap->stats);
+    for (unsigned i = 0; i < heap->large_cache_count; i++) /* free, resident */
+      out->bytes_committed += (size_t)heap->large_cache[i]->slice_count
+                              << SLICE_SHIFT;
   }
   stats_add_retired(out, &heaps_retired_stats);
   for (unsigned c = 0; c < CLASS_COUNT; c++)

@@ -9,11 +9,30 @@
  * unmapped on free and resized with mremap. */
 #include "internal.h"
 
+#include "os.h"
+
 #include <errno.h>
 
 #define LARGE_CACHE_MAX_SLICES 64 /* 4 MiB per heap */
 
 atomic_ullong large_allocations, large_live, huge_allocations, huge_live;
+/* Bytes of live large and huge blocks, as asked for rounded to OS pages
+ * (kept in page->reserved, in OS pages): counted as live and as committed,
+ * since only what a program touches becomes resident. */
+static atomic_ullong large_bytes_live;
+
+static void large_account(page_t *page, size_t size) {
+  size_t pages = (size + OS_PAGE_SIZE - 1) / OS_PAGE_SIZE;
+  page->reserved = (uint32_t)pages;
+  atomic_fetch_add_explicit(&large_bytes_live, pages * OS_PAGE_SIZE,
+                            memory_order_relaxed);
+}
+
+static void large_unaccount(const page_t *page) {
+  atomic_fetch_sub_explicit(&large_bytes_live,
+                            (size_t)page->reserved * OS_PAGE_SIZE,
+                            memory_order_relaxed);
+}
 
 static void *huge_alloc(size_t size, size_t alignment) {
   page_t *page = segment_huge_alloc(size, alignment);
@@ -23,6 +42,7 @@ static void *huge_alloc(size_t size, size_t alignment) {
   }
   atomic_fetch_add_explicit(&huge_allocations, 1, memory_order_relaxed);
   atomic_fetch_add_explicit(&huge_live, 1, memory_order_relaxed);
+  large_account(page, size);
   return page->start;
 }
 
@@ -60,6 +80,7 @@ void *large_alloc(heap_t *heap, size_t size, size_t alignment) {
   span->large_size = slices << SLICE_SHIFT;
   atomic_fetch_add_explicit(&large_allocations, 1, memory_order_relaxed);
   atomic_fetch_add_explicit(&large_live, 1, memory_order_relaxed);
+  large_account(span, size);
   return span->start;
 }
 
@@ -71,6 +92,7 @@ static size_t large_cache_slices(const heap_t *heap) {
 }
 
 void large_free(heap_t *heap, page_t *page) {
+  large_unaccount(page);
   if (page->kind == PAGE_HUGE) {
     atomic_fetch_sub_explicit(&huge_live, 1, memory_order_relaxed);
     segment_huge_free(page);
@@ -115,8 +137,14 @@ void *large_try_resize(void *p, size_t size) {
   page_t *page = segment_page_of(segment, p);
   if (page->kind != PAGE_HUGE || size <= LARGE_MAX || p != page->start)
     return NULL;
+  large_unaccount(page);
   page_t *resized = segment_huge_resize(page, size);
-  return resized != NULL ? resized->start : NULL;
+  if (resized == NULL) {
+    large_account(page, (size_t)page->reserved * OS_PAGE_SIZE);
+    return NULL;
+  }
+  large_account(resized, size);
+  return resized->start;
 }
 
 void large_collect_stats(zk_stats_t *out) {
@@ -126,4 +154,7 @@ void large_collect_stats(zk_stats_t *out) {
   out->huge_allocations =
       atomic_load_explicit(&huge_allocations, memory_order_relaxed);
   out->huge_live = atomic_load_explicit(&huge_live, memory_order_relaxed);
+  size_t bytes = atomic_load_explicit(&large_bytes_live, memory_order_relaxed);
+  out->bytes_live += bytes;
+  out->bytes_committed += bytes;
 }

@@ -45,8 +45,8 @@ static void *os_map_trimmed(size_t size, size_t alignment) {
 }
 
 void *os_reserve_aligned(size_t size, size_t alignment, int huge_pages,
-                         bool *got_huge) {
-  *got_huge = false;
+                         int *got_huge) {
+  *got_huge = 0;
   if (huge_pages == 2 && (size & ((2u << 20) - 1)) == 0 &&
       alignment >= (2u << 20)) {
     /* Reserved 2 MiB pages: over-map and trim at 2 MiB boundaries. When the
@@ -62,13 +62,13 @@ void *os_reserve_aligned(size_t size, size_t alignment, int huge_pages,
         munmap(raw, before);
       if (after)
         munmap((uint8_t *)aligned + size, after);
-      *got_huge = true;
+      *got_huge = 2;
       return (void *)aligned;
     }
   }
   void *address = os_map_trimmed(size, alignment);
   if (address != NULL && huge_pages >= 1) {
-    *got_huge = madvise(address, size, MADV_HUGEPAGE) == 0;
+    *got_huge = madvise(address, size, MADV_HUGEPAGE) == 0 ? 1 : 0;
   }
   return address;
 }
@@ -129,7 +129,7 @@ static unsigned meta_shift(size_t size) {
 void *os_meta_alloc(size_t size) {
   unsigned shift = meta_shift(size);
   if (shift > META_MAX_SHIFT) {
-    bool huge;
+    int huge;
     return os_reserve_aligned((size + OS_PAGE_SIZE - 1) & ~(OS_PAGE_SIZE - 1),
                               OS_PAGE_SIZE, 0, &huge);
   }
@@ -149,7 +149,7 @@ void *os_meta_alloc(size_t size) {
   uint8_t *aligned =
       (uint8_t *)(((uintptr_t)meta_chunk_next + aligned_mask) & ~aligned_mask);
   if (meta_chunk_next == NULL || aligned + rounded > meta_chunk_end) {
-    bool huge;
+    int huge;
     uint8_t *chunk = os_reserve_aligned(META_CHUNK, OS_PAGE_SIZE, 0, &huge);
     if (chunk == NULL) {
       pthread_mutex_unlock(&meta_lock);

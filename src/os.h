@@ -13,9 +13,11 @@
 
 /* Read-write mapping of `size` bytes aligned to `alignment` (a power of two,
  * >= OS_PAGE_SIZE). huge_pages: 1 = advise transparent huge pages,
- * 2 = try MAP_HUGETLB 2 MiB pages first; *got_huge says what was obtained. */
+ * 2 = try MAP_HUGETLB 2 MiB pages first. *got_huge says what was obtained:
+ * 0 none, 1 transparent huge pages advised, 2 reserved (hugetlb) pages,
+ * which cannot be purged piecemeal. */
 void *os_reserve_aligned(size_t size, size_t alignment, int huge_pages,
-                         bool *got_huge);
+                         int *got_huge);
 /* Give the mapping back. */
 void os_release(void *address, size_t size);
 /* Tell the kernel the range's contents are not needed. decommit = true:

@@ -124,7 +124,7 @@ static void span_insert_free(page_t *span, uint64_t now_ms) {
 }
 
 static segment_t *segment_map_new(void) {
-  bool got_huge = false;
+  int got_huge = 0;
   int huge_mode = (int)option(ZK_OPTION_HUGE_PAGES);
   segment_t *segment =
       os_reserve_aligned(SEGMENT_SIZE, SEGMENT_SIZE, huge_mode, &got_huge);
@@ -284,7 +284,7 @@ page_t *segment_huge_alloc(size_t size, size_t alignment) {
     errno = ENOMEM;
     return NULL;
   }
-  bool got_huge = false;
+  int got_huge = 0;
   int huge_mode = (int)option(ZK_OPTION_HUGE_PAGES);
   segment_t *segment =
       os_reserve_aligned(total, SEGMENT_SIZE, huge_mode, &got_huge);
@@ -335,7 +335,7 @@ page_t *segment_huge_resize(page_t *page, size_t new_size) {
   size_t offset = (size_t)(page->start - (uint8_t *)segment);
   size_t old_total = segment->mapped_size;
   size_t new_total = (offset + new_size + SEGMENT_MASK) & ~SEGMENT_MASK;
-  if (new_total < new_size || segment->huge_pages)
+  if (new_total < new_size || segment->huge_pages == 2)
     return NULL; /* hugetlb mappings cannot be remapped piecewise */
   if (new_total == old_total)
     return page;
@@ -360,6 +360,8 @@ page_t *segment_huge_resize(page_t *page, size_t new_size) {
   }
   pthread_mutex_lock(&segment_lock);
   bytes_mapped += new_total - old_total;
+  if (segment->huge_pages)
+    bytes_huge_backed += new_total - old_total;
   pthread_mutex_unlock(&segment_lock);
   return page;
 }
@@ -390,7 +392,7 @@ size_t segment_purge(uint64_t now_ms, bool force) {
       page_t *span = &segment->pages[index];
       size_t slices = span->slice_count ? span->slice_count : 1;
       if (__atomic_load_n(&span->kind, __ATOMIC_RELAXED) == PAGE_FREE_SPAN &&
-          !span->purged && !segment->huge_pages &&
+          !span->purged && segment->huge_pages != 2 &&
           (force || now_ms - span->free_since_ms >= delay)) {
         os_purge(slice_address(span), span_bytes(span), decommit);
         span->purged = 1;
