@@ -210,15 +210,15 @@ ZK_INLINE uint64_t magazine_allocations(const magazine_t *magazine) {
 /* ---- os.c: see os.h ---- */
 
 /* ---- segment.c ---- */
-extern uint64_t segment_owned_map[];
+#define SEGMENT_MAP_ENTRIES ((size_t)1 << (48 - SEGMENT_SHIFT))
+extern uint8_t segment_owned_map[SEGMENT_MAP_ENTRIES];
 ZK_INLINE segment_t *segment_of(const void *p) {
   return (segment_t *)((uintptr_t)p & ~(uintptr_t)SEGMENT_MASK);
 }
 ZK_INLINE bool segment_is_owned(const segment_t *segment) {
-  uintptr_t index = (uintptr_t)segment >> SEGMENT_SHIFT;
-  uint64_t word = __atomic_load_n(
-      &segment_owned_map[(index >> 6) & ((1u << 20) - 1)], __ATOMIC_RELAXED);
-  return (word >> (index & 63)) & 1;
+  uintptr_t index =
+      ((uintptr_t)segment >> SEGMENT_SHIFT) & (SEGMENT_MAP_ENTRIES - 1);
+  return __atomic_load_n(&segment_owned_map[index], __ATOMIC_RELAXED);
 }
 ZK_INLINE page_t *segment_page_of(segment_t *segment, const void *p) {
   /* In byte arithmetic: the compiler then needs one shift per step. */

@@ -13,9 +13,11 @@
 #include <errno.h>
 #include <string.h>
 
-/* One bit per 4 MiB of a 48-bit address space: 8 MiB of zero pages, of
- * which only the words covering mapped segments are ever touched. */
-uint64_t segment_owned_map[1u << 20];
+/* One byte per 4 MiB of a 48-bit address space: 64 MiB of zero pages, of
+ * which only the 4 KiB pages covering mapped segments are ever written. A
+ * byte rather than a bit: the free path tests it in one load (a bitmap was
+ * five instructions more per free). */
+uint8_t segment_owned_map[SEGMENT_MAP_ENTRIES];
 
 pthread_mutex_t segment_lock = PTHREAD_MUTEX_INITIALIZER;
 static page_t *span_bins[SLICES_PER_SEGMENT]; /* free spans by slice count */
@@ -25,13 +27,9 @@ static size_t segments_mapped, bytes_mapped, bytes_huge_backed;
 static size_t bytes_purged_total, bytes_free_committed;
 
 static void owned_map_set(segment_t *segment, bool owned) {
-  uintptr_t index = (uintptr_t)segment >> SEGMENT_SHIFT;
-  uint64_t bit = (uint64_t)1 << (index & 63);
-  uint64_t *word = &segment_owned_map[(index >> 6) & ((1u << 20) - 1)];
-  if (owned)
-    __atomic_fetch_or(word, bit, __ATOMIC_RELEASE);
-  else
-    __atomic_fetch_and(word, ~bit, __ATOMIC_RELEASE);
+  uintptr_t index =
+      ((uintptr_t)segment >> SEGMENT_SHIFT) & (SEGMENT_MAP_ENTRIES - 1);
+  __atomic_store_n(&segment_owned_map[index], owned, __ATOMIC_RELEASE);
 }
 
 static size_t slice_index(const page_t *page) {
