@@ -1,0 +1,560 @@
+/* Misuse and exhaustion. Each misuse runs in a forked child: the child must
+ * die of SIGABRT after printing exactly one line, "zkmem: error: <what>:
+ * pointer <p>[ (block size <n>)]", with the pointer it misused. With
+ * ZKMEM_ON_ERROR=warn (or the option) the same misuses are logged and the
+ * program goes on. Out of address space (RLIMIT_AS), every allocation call
+ * returns NULL with ENOMEM, and allocation works again once memory is
+ * freed.
+ *
+ * The parent process itself never allocates from zkmem: a child's secure
+ * mode applies only to pages set up after it is turned on, so the children
+ * must not inherit pages. */
+#include "test_util.h"
+#include "zkmem.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+/* ---- running a case in a child ---- */
+
+/* The child's stdout: it announces the line zkmem must print there (the
+ * pointer is only known in the child), then misuses the pointer. */
+static void expect_report(const char *what, const void *pointer, size_t size) {
+  if (size != 0)
+    printf("zkmem: error: %s: pointer %p (block size %zu)\n", what, pointer,
+           size);
+  else
+    printf("zkmem: error: %s: pointer %p\n", what, pointer);
+  fflush(stdout);
+}
+
+typedef struct child_result {
+  int status;
+  char out[4096]; /* stdout: what the child announced */
+  char err[4096]; /* stderr: what zkmem printed */
+} child_result_t;
+
+static void read_all(int fd, char *buffer, size_t capacity) {
+  size_t used = 0;
+  ssize_t got;
+  while (used < capacity - 1 &&
+         (got = read(fd, buffer + used, capacity - 1 - used)) > 0)
+    used += (size_t)got;
+  buffer[used] = '\0';
+}
+
+/* Runs body in a child with stdout and stderr captured separately. The
+ * outputs are small, so reading one pipe to its end before the other
+ * cannot block the child. */
+static void run_child(void (*body)(void), child_result_t *result) {
+  int out_fds[2], err_fds[2];
+  CHECK(pipe(out_fds) == 0 && pipe(err_fds) == 0);
+  fflush(stdout);
+  fflush(stderr);
+  pid_t child = fork();
+  CHECK(child >= 0);
+  if (child == 0) {
+    dup2(out_fds[1], 1);
+    dup2(err_fds[1], 2);
+    close(out_fds[0]);
+    close(err_fds[0]);
+    body();
+    fflush(stdout);
+    _exit(0);
+  }
+  close(out_fds[1]);
+  close(err_fds[1]);
+  read_all(out_fds[0], result->out, sizeof(result->out));
+  read_all(err_fds[0], result->err, sizeof(result->err));
+  close(out_fds[0]);
+  close(err_fds[0]);
+  CHECK(waitpid(child, &result->status, 0) == child);
+}
+
+/* The child aborts, and its stderr is exactly the line it announced. */
+static void expect_abort(const char *name, void (*body)(void)) {
+  child_result_t result;
+  run_child(body, &result);
+  bool aborted =
+      WIFSIGNALED(result.status) && WTERMSIG(result.status) == SIGABRT;
+  bool one_line = result.out[0] != '\0' && strchr(result.out, '\n') != NULL &&
+                  strchr(result.out, '\n')[1] == '\0';
+  if (!aborted || !one_line || strcmp(result.out, result.err) != 0) {
+    fprintf(stderr,
+            "%s: expected SIGABRT after \"%s\", got status %#x and stderr "
+            "\"%s\"\n",
+            name, result.out, result.status, result.err);
+    exit(1);
+  }
+  printf("%-28s %s", name, result.err);
+}
+
+/* ---- the misuses ---- */
+
+static void double_free_small(void) {
+  void *p = zk_malloc(64);
+  zk_free(p);
+  expect_report("double free", p, 64);
+  zk_free(p); /* the head of its page's free list */
+}
+
+/* Another class, with blocks freed around it: the one freed last is still
+ * caught. */
+static void double_free_small_other_class(void) {
+  void *blocks[8];
+  for (int i = 0; i < 8; i++)
+    blocks[i] = zk_malloc(3000);
+  size_t block_size = zk_usable_size(blocks[7]);
+  for (int i = 0; i < 8; i++)
+    zk_free(blocks[i]);
+  expect_report("double free", blocks[7], block_size);
+  zk_free(blocks[7]);
+}
+
+/* 300 KiB: the freed span waits in the heap's cache. */
+static void double_free_large_cached(void) {
+  void *p = zk_malloc(300 << 10);
+  zk_free(p);
+  expect_report("double free or free of an invalid pointer", p, 0);
+  zk_free(p);
+}
+
+/* 1.5 MiB: too large for the cache, the span goes back to its segment. */
+static void double_free_large(void) {
+  void *p = zk_malloc(1536 << 10);
+  zk_free(p);
+  expect_report("double free or free of an invalid pointer", p, 0);
+  zk_free(p);
+}
+
+/* The second free of B lands inside a free span merged into A. */
+static void double_free_large_merged(void) {
+  char *a = zk_malloc(1536 << 10);
+  char *b = zk_malloc(1536 << 10);
+  CHECK(b == a + (1536 << 10)); /* a fresh process: spans in order */
+  zk_free(a);
+  zk_free(b);
+  expect_report("double free or free of an invalid pointer", b, 0);
+  zk_free(b);
+}
+
+/* A huge block's mapping is gone after its free: the second one is a
+ * pointer zkmem does not own any more. */
+static void double_free_huge(void) {
+  void *p = zk_malloc((size_t)8 << 20);
+  zk_free(p);
+  expect_report("free of a pointer zkmem does not own", p, 0);
+  zk_free(p);
+}
+
+static void foreign_stack(void) {
+  char local[64];
+  char *volatile p = local;
+  expect_report("free of a pointer zkmem does not own", p, 0);
+  zk_free(p);
+}
+
+static void foreign_static(void) {
+  static char not_ours[64];
+  expect_report("free of a pointer zkmem does not own", not_ours + 16, 0);
+  zk_free(not_ours + 16);
+}
+
+/* A mapping of the same size and alignment as a segment: only the
+ * ownership map tells them apart. */
+static void foreign_mapping(void) {
+  size_t size = (size_t)8 << 20;
+  char *raw = mmap(NULL, size, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  CHECK(raw != MAP_FAILED);
+  char *aligned = (char *)(((uintptr_t)raw + ((4u << 20) - 1)) &
+                           ~(uintptr_t)((4u << 20) - 1));
+  expect_report("free of a pointer zkmem does not own", aligned, 0);
+  zk_free(aligned);
+}
+
+static void foreign_libc(void) {
+  void *p = malloc(100);
+  expect_report("free of a pointer zkmem does not own", p, 0);
+  zk_free(p);
+}
+
+static void foreign_realloc(void) {
+  static char not_ours[64];
+  expect_report("free of a pointer zkmem does not own", not_ours, 0);
+  zk_realloc(not_ours, 128);
+}
+
+/* Slice 0 of a segment holds its header and descriptors, never a block. */
+static void segment_header(void) {
+  char *p = zk_malloc(64);
+  char *header = (char *)((uintptr_t)p & ~(uintptr_t)((4u << 20) - 1)) + 256;
+  expect_report("double free or free of an invalid pointer", header, 0);
+  zk_free(header);
+}
+
+/* Interior pointers: the owner's fast path leaves this check to secure
+ * mode; frees from other threads and of large and huge blocks always
+ * check. */
+static void interior_small_secure(void) {
+  CHECK(zk_option_set(ZK_OPTION_SECURE, 1) == 0);
+  char *p = zk_malloc(64);
+  expect_report("free of a pointer inside a block (not its start)", p + 16, 64);
+  zk_free(p + 16);
+}
+
+static void *free_in_thread(void *p) {
+  zk_free(p);
+  return NULL;
+}
+
+static void interior_small_remote(void) {
+  char *p = zk_malloc(64);
+  expect_report("free of a pointer inside a block (not its start)", p + 16, 64);
+  pthread_t thread;
+  CHECK(pthread_create(&thread, NULL, free_in_thread, p + 16) == 0);
+  pthread_join(thread, NULL);
+}
+
+static void interior_large(void) {
+  char *p = zk_malloc(300 << 10);
+  expect_report("free of a pointer inside a block (not its start)", p + 4096,
+                zk_usable_size(p));
+  zk_free(p + 4096);
+}
+
+static void interior_huge(void) {
+  char *p = zk_malloc((size_t)8 << 20);
+  expect_report("free of a pointer inside a block (not its start)",
+                p + (1 << 20), zk_usable_size(p));
+  zk_free(p + (1 << 20));
+}
+
+/* Secure mode checks every pool free against its pool. */
+static void pool_mismatch(void) {
+  CHECK(zk_option_set(ZK_OPTION_SECURE, 1) == 0);
+  zk_pool_t *a = zk_pool_create(64, NULL);
+  zk_pool_t *b = zk_pool_create(64, NULL);
+  CHECK(a && b);
+  void *object = zk_pool_alloc(a);
+  expect_report("object freed to a pool that does not own it", object, 64);
+  zk_pool_free(b, object);
+}
+
+static void pool_malloc_block(void) {
+  CHECK(zk_option_set(ZK_OPTION_SECURE, 1) == 0);
+  zk_pool_t *pool = zk_pool_create(48, NULL);
+  CHECK(pool != NULL);
+  void *block = zk_malloc(48);
+  expect_report("object freed to a pool that does not own it", block, 48);
+  zk_pool_free(pool, block);
+}
+
+static void pool_interior(void) {
+  CHECK(zk_option_set(ZK_OPTION_SECURE, 1) == 0);
+  zk_pool_t *pool = zk_pool_create(64, NULL);
+  CHECK(pool != NULL);
+  char *object = zk_pool_alloc(pool);
+  expect_report("object freed to a pool that does not own it", object + 8, 64);
+  zk_pool_free(pool, object + 8);
+}
+
+/* ---- warn mode ---- */
+
+/* Every misuse above that leaves the process usable, one after another:
+ * each is logged once, the allocator keeps working, and a block freed
+ * twice is not handed out twice. */
+static void misuse_and_go_on(void) {
+  void *p = zk_malloc(64);
+  zk_free(p);
+  expect_report("double free", p, 64);
+  zk_free(p);
+  void *first = zk_malloc(64);
+  void *second = zk_malloc(64);
+  CHECK(first != second);
+
+  void *large = zk_malloc(300 << 10);
+  zk_free(large);
+  expect_report("double free or free of an invalid pointer", large, 0);
+  zk_free(large);
+
+  static char not_ours[64];
+  expect_report("free of a pointer zkmem does not own", not_ours, 0);
+  zk_free(not_ours);
+
+  char *block = zk_malloc(64);
+  expect_report("free of a pointer inside a block (not its start)", block + 16,
+                64);
+  pthread_t thread;
+  CHECK(pthread_create(&thread, NULL, free_in_thread, block + 16) == 0);
+  pthread_join(thread, NULL);
+
+  errno = 0;
+  expect_report("free of a pointer zkmem does not own", not_ours, 0);
+  CHECK(zk_realloc(not_ours, 100) == NULL && errno == EINVAL);
+
+  CHECK(zk_option_set(ZK_OPTION_SECURE, 1) == 0);
+  zk_pool_t *pool_a = zk_pool_create(80, NULL);
+  zk_pool_t *pool_b = zk_pool_create(80, NULL);
+  CHECK(zk_option_set(ZK_OPTION_SECURE, 0) == 0);
+  void *object = zk_pool_alloc(pool_a);
+  expect_report("object freed to a pool that does not own it", object, 80);
+  zk_pool_free(pool_b, object);
+  zk_pool_destroy(pool_a);
+  zk_pool_destroy(pool_b);
+
+  /* Still an allocator. */
+  void *blocks[1000];
+  for (int i = 0; i < 1000; i++) {
+    blocks[i] = zk_malloc((size_t)(i % 50) * 100 + 1);
+    CHECK(blocks[i] != NULL);
+    memset(blocks[i], 1, (size_t)(i % 50) * 100 + 1);
+  }
+  for (int i = 0; i < 1000; i++)
+    zk_free(blocks[i]);
+  zk_free(first);
+  zk_free(second);
+  zk_free(block);
+}
+
+static void warn_by_option(void) {
+  CHECK(zk_option_set(ZK_OPTION_ON_ERROR, 1) == 0);
+  misuse_and_go_on();
+}
+
+static void check_warned(const char *name, const child_result_t *result) {
+  if (!WIFEXITED(result->status) || WEXITSTATUS(result->status) != 0 ||
+      strcmp(result->out, result->err) != 0) {
+    fprintf(stderr,
+            "%s: expected exit 0 with these lines:\n%s\ngot status %#x "
+            "and:\n%s\n",
+            name, result->out, result->status, result->err);
+    exit(1);
+  }
+}
+
+static void test_warn_mode(void) {
+  child_result_t result;
+  run_child(warn_by_option, &result);
+  check_warned("ZK_OPTION_ON_ERROR=1", &result);
+}
+
+/* ZKMEM_ON_ERROR=warn: this program again, with the variable. */
+static void warn_by_environment(void) {
+  setenv("ZKMEM_ON_ERROR", "warn", 1);
+  execl("/proc/self/exe", "test_misuse", "--warn-child", (char *)NULL);
+  _exit(127);
+}
+
+static void test_warn_environment(void) {
+  child_result_t result;
+  run_child(warn_by_environment, &result);
+  check_warned("ZKMEM_ON_ERROR=warn", &result);
+}
+
+/* ---- out of memory ---- */
+
+static size_t address_space_now(void) {
+  FILE *statm = fopen("/proc/self/statm", "r");
+  CHECK(statm != NULL);
+  unsigned long pages = 0;
+  CHECK(fscanf(statm, "%lu", &pages) == 1);
+  fclose(statm);
+  return (size_t)pages * (size_t)sysconf(_SC_PAGESIZE);
+}
+
+static void expect_enomem(void *p) {
+  if (p != NULL || errno != ENOMEM) {
+    fprintf(stderr, "expected NULL with ENOMEM, got %p, errno %d\n", p, errno);
+    exit(1);
+  }
+}
+
+enum { MAX_BLOCKS = 2 << 20 };
+
+/* Allocates blocks of `size` until NULL (ENOMEM), checks that calloc,
+ * aligned_alloc and realloc fail cleanly too, frees everything and checks
+ * that the same size and the other kinds can be allocated again. */
+static void exhaust(void **blocks, size_t size) {
+  size_t count = 0;
+  for (;;) {
+    errno = 0;
+    unsigned char *p = zk_malloc(size);
+    if (p == NULL) {
+      CHECK_EQ(errno, ENOMEM);
+      break;
+    }
+    p[0] = (unsigned char)count;
+    p[size - 1] = (unsigned char)count;
+    CHECK(count < MAX_BLOCKS);
+    blocks[count++] = p;
+  }
+  CHECK(count > 0);
+  errno = 0;
+  expect_enomem(zk_malloc(size));
+  errno = 0;
+  expect_enomem(zk_calloc(1, size));
+  errno = 0;
+  expect_enomem(zk_calloc(size, 1));
+  errno = 0;
+  expect_enomem(zk_aligned_alloc(1 << 20, size));
+  void *out = &out;
+  CHECK_EQ(zk_posix_memalign(&out, 1 << 20, size), ENOMEM);
+  CHECK(out == &out); /* untouched on error */
+  /* realloc that needs new memory fails and leaves the block as it was. */
+  unsigned char *last = blocks[count - 1];
+  errno = 0;
+  size_t grown = size < (1 << 20) ? size * 64 : size * 4;
+  expect_enomem(zk_realloc(last, grown));
+  CHECK(last[0] == (unsigned char)(count - 1));
+  CHECK(last[size - 1] == (unsigned char)(count - 1));
+
+  for (size_t i = 0; i < count; i++) {
+    unsigned char *p = blocks[i];
+    CHECK(p[0] == (unsigned char)i && p[size - 1] == (unsigned char)i);
+    zk_free(p);
+  }
+  zk_collect(true); /* unmaps the free segments: address space back */
+  static const size_t kinds[] = {64, 4000, 300 << 10, 1536 << 10, 8 << 20};
+  for (size_t k = 0; k < sizeof(kinds) / sizeof(kinds[0]); k++) {
+    void *again = zk_malloc(kinds[k]);
+    CHECK(again != NULL);
+    memset(again, 1, kinds[k]);
+    zk_free(again);
+  }
+  void *zeroed = zk_calloc(1000, 100);
+  CHECK(zeroed != NULL);
+  zk_free(zeroed);
+  zk_collect(true);
+  printf("out of memory after %zu blocks of %zu B; recovered\n", count, size);
+  fflush(stdout);
+}
+
+static void exhaust_pool(void **blocks) {
+  zk_pool_t *pool = zk_pool_create(256, NULL);
+  CHECK(pool != NULL);
+  size_t count = 0;
+  for (;;) {
+    errno = 0;
+    void *object = zk_pool_alloc(pool);
+    if (object == NULL) {
+      CHECK_EQ(errno, ENOMEM);
+      break;
+    }
+    CHECK(count < MAX_BLOCKS);
+    blocks[count++] = object;
+  }
+  CHECK(count > 0);
+  for (size_t i = 0; i < count; i++)
+    zk_pool_free(pool, blocks[i]);
+  zk_pool_destroy(pool);
+  zk_collect(true);
+  pool = zk_pool_create(256, NULL);
+  CHECK(pool != NULL);
+  void *object = zk_pool_alloc(pool);
+  CHECK(object != NULL);
+  zk_pool_free(pool, object);
+  zk_pool_destroy(pool);
+  printf("pool out of memory after %zu objects of 256 B; recovered\n", count);
+  fflush(stdout);
+}
+
+static void out_of_memory(void) {
+  /* Everything the test itself needs exists before the limit. */
+  void **blocks = zk_malloc(MAX_BLOCKS * sizeof(void *));
+  CHECK(blocks != NULL);
+  zk_free(zk_malloc(64));
+  struct rlimit limit;
+  CHECK(getrlimit(RLIMIT_AS, &limit) == 0);
+  size_t headroom = (size_t)64 << 20;
+  limit.rlim_cur = address_space_now() + headroom;
+  CHECK(setrlimit(RLIMIT_AS, &limit) == 0);
+
+  static const size_t sizes[] = {64,        4000,       40000,
+                                 300 << 10, 1536 << 10, 8 << 20};
+  for (size_t s = 0; s < sizeof(sizes) / sizeof(sizes[0]); s++)
+    exhaust(blocks, sizes[s]);
+  exhaust_pool(blocks);
+  /* Requests no address space can satisfy fail at once. */
+  errno = 0;
+  expect_enomem(zk_malloc(SIZE_MAX));
+  errno = 0;
+  expect_enomem(zk_malloc((size_t)1 << 40));
+  errno = 0;
+  expect_enomem(zk_calloc(SIZE_MAX / 8, 16)); /* the product overflows */
+  zk_free(blocks);
+}
+
+static void test_out_of_memory(void) {
+  child_result_t result;
+  run_child(out_of_memory, &result);
+  printf("%s", result.out);
+  if (!WIFEXITED(result.status) || WEXITSTATUS(result.status) != 0) {
+    fprintf(stderr, "out of memory: child status %#x, stderr:\n%s\n",
+            result.status, result.err);
+    exit(1);
+  }
+  CHECK(result.err[0] == '\0'); /* running out is not misuse */
+}
+
+int main(int argc, char **argv) {
+  if (argc > 1 && strcmp(argv[1], "--warn-child") == 0) {
+    CHECK_EQ(zk_option_get(ZK_OPTION_ON_ERROR), 1);
+    misuse_and_go_on();
+    return 0;
+  }
+  /* ZKMEM_ON_ERROR=warn or ZKMEM_SECURE=1 from outside would change every
+   * expected outcome: run again without any ZKMEM_* variable. */
+  extern char **environ;
+  bool clean = true;
+  for (char **variable = environ; *variable != NULL;) {
+    if (strncmp(*variable, "ZKMEM_", 6) == 0) {
+      char name[64] = {0};
+      size_t length = strcspn(*variable, "=");
+      memcpy(name, *variable, length < 63 ? length : 63);
+      unsetenv(name); /* shifts the rest of environ down */
+      clean = false;
+    } else {
+      variable++;
+    }
+  }
+  if (!clean) {
+    execl("/proc/self/exe", argv[0], (char *)NULL);
+    perror("execl");
+    return 1;
+  }
+  expect_abort("double free, 64 B", double_free_small);
+  expect_abort("double free, 3000 B", double_free_small_other_class);
+  expect_abort("double free, large cached", double_free_large_cached);
+  expect_abort("double free, large", double_free_large);
+  expect_abort("double free, large merged", double_free_large_merged);
+  expect_abort("double free, huge", double_free_huge);
+  expect_abort("foreign, stack", foreign_stack);
+  expect_abort("foreign, static", foreign_static);
+  expect_abort("foreign, mapping", foreign_mapping);
+  expect_abort("foreign, libc malloc", foreign_libc);
+  expect_abort("foreign, realloc", foreign_realloc);
+  expect_abort("segment header", segment_header);
+  expect_abort("interior, secure", interior_small_secure);
+  expect_abort("interior, other thread", interior_small_remote);
+  expect_abort("interior, large", interior_large);
+  expect_abort("interior, huge", interior_huge);
+  expect_abort("pool, other pool", pool_mismatch);
+  expect_abort("pool, malloc block", pool_malloc_block);
+  expect_abort("pool, interior", pool_interior);
+  test_warn_mode();
+  test_warn_environment();
+  test_out_of_memory();
+  printf("test_misuse: ok\n");
+  return 0;
+}
