@@ -202,7 +202,11 @@ page_t *segment_span_alloc(size_t slices, page_kind_t kind, segment_t **home) {
     /* A heap's first span: a segment of its own, so that threads do not
      * write to neighbouring descriptors and blocks (measured: two threads
      * ran at 1.56x one thread when their pages shared segments). */
-    segment_t *fresh = segment_map_new();
+    segment_t *fresh = segments;
+    while (fresh != NULL && fresh->used_slices != 0)
+      fresh = fresh->next; /* an empty one: left by an exited thread */
+    if (fresh == NULL)
+      fresh = segment_map_new();
     if (fresh != NULL)
       span = &fresh->pages[SEGMENT_FIRST_SLICE];
   }
