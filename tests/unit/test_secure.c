@@ -18,6 +18,15 @@ static void overflow_into_free_list(void) {
     zk_malloc(64);
 }
 
+static void double_free_not_head(void) {
+  zk_option_set(ZK_OPTION_SECURE, 1);
+  void *a = zk_malloc(64);
+  void *b = zk_malloc(64);
+  zk_free(a);
+  zk_free(b);
+  zk_free(a); /* b heads the list: only secure mode's lookup sees it */
+}
+
 static void write_after_free(void) {
   zk_option_set(ZK_OPTION_SECURE, 1);
   char *a = zk_malloc(100);
@@ -49,6 +58,7 @@ static void test_shuffled_order(void) {
 int main(void) {
   test_expect_abort(overflow_into_free_list, "corrupted free list");
   test_expect_abort(write_after_free, "write after free");
+  test_expect_abort(double_free_not_head, "double free");
   test_shuffled_order();
   printf("test_secure: ok\n");
   return 0;

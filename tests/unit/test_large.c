@@ -1,0 +1,974 @@
+/* Large blocks and the span layer under them: split and merge of spans,
+ * cross-size reuse of freed memory, RSS returned to the OS (forced and by
+ * the purge delay), huge blocks resized by realloc, huge-page modes,
+ * statistics and options (set at run time and read from ZKMEM_*).
+ *
+ * The span tests come first in main: they need the first segment of the
+ * process to themselves, so that the addresses spans get are predictable. */
+#include "internal.h"
+#include "sizeclass.h"
+#include "test_util.h"
+#include "zkmem.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+/* ---- utilities ---- */
+
+/* One place that knows the span layer's allocation signature. */
+static page_t *span_alloc(size_t slices) {
+  return segment_span_alloc(slices, PAGE_LARGE, NULL);
+}
+
+static size_t rss_now(void) {
+  zk_stats_t stats;
+  zk_stats_get(&stats);
+  return stats.rss;
+}
+
+static size_t segments_now(void) {
+  zk_stats_t stats;
+  zk_stats_get(&stats);
+  return stats.segments_mapped;
+}
+
+static void sleep_ms(long ms) {
+  struct timespec wait = {ms / 1000, (ms % 1000) * 1000000L};
+  while (nanosleep(&wait, &wait) != 0)
+    ;
+}
+
+/* ---- spans: split and merge ---- */
+
+/* The segment's descriptors say [first, first + slices) is one free span. */
+static void check_free_span(const page_t *first, size_t slices) {
+  CHECK_EQ(first->kind, PAGE_FREE_SPAN);
+  CHECK_EQ(first->slice_offset, 0);
+  CHECK_EQ(first->slice_count, slices);
+  /* Every slice finds the head: a pointer anywhere in the span resolves. */
+  for (size_t i = 1; i < slices; i++)
+    CHECK_EQ(first[i].slice_offset, i);
+}
+
+static void test_span_split(void) {
+  /* The whole usable segment, then 1 slice of it: the other 62 stay one
+   * free span right behind it, and serve a 62-slice request without a new
+   * segment. */
+  page_t *whole = span_alloc(SEGMENT_USABLE_SLICES);
+  CHECK(whole != NULL);
+  segment_t *segment = segment_of(whole);
+  CHECK(whole == &segment->pages[SEGMENT_FIRST_SLICE]);
+  CHECK(whole->start == (uint8_t *)segment + SLICE_SIZE);
+  CHECK_EQ(segment->used_slices, SEGMENT_USABLE_SLICES);
+  segment_span_free(whole);
+  CHECK_EQ(segment->used_slices, 0);
+  check_free_span(whole, SEGMENT_USABLE_SLICES);
+  size_t segments = segments_now();
+
+  page_t *one = span_alloc(1);
+  CHECK(one == whole);
+  CHECK_EQ(one->kind, PAGE_LARGE);
+  CHECK_EQ(one->slice_count, 1);
+  check_free_span(one + 1, SEGMENT_USABLE_SLICES - 1);
+  page_t *rest = span_alloc(SEGMENT_USABLE_SLICES - 1);
+  CHECK(rest == one + 1);
+  CHECK(rest->start == one->start + SLICE_SIZE);
+  CHECK_EQ(segment->used_slices, SEGMENT_USABLE_SLICES);
+  CHECK_EQ(segments_now(), segments);
+  /* A pointer into the last slice finds the span's head. */
+  CHECK(segment_page_of(segment, rest->start +
+                                     (SEGMENT_USABLE_SLICES - 1) * SLICE_SIZE -
+                                     1) == rest);
+  segment_span_free(rest);
+  segment_span_free(one);
+  check_free_span(whole, SEGMENT_USABLE_SLICES);
+}
+
+/* A, B, C adjacent (2, 3 and 4 slices) then freed in the given order: each
+ * free merges with whatever free neighbour it has, so at the end one span
+ * covers the segment again, and a request for all of it returns A. */
+static void merge_in_order(const int order[3]) {
+  static const size_t sizes[3] = {2, 3, 4};
+  page_t *spans[3];
+  for (int i = 0; i < 3; i++) {
+    spans[i] = span_alloc(sizes[i]);
+    CHECK(spans[i] != NULL);
+  }
+  segment_t *segment = segment_of(spans[0]);
+  CHECK(spans[0] == &segment->pages[SEGMENT_FIRST_SLICE]);
+  CHECK(spans[1] == spans[0] + 2);
+  CHECK(spans[2] == spans[1] + 3);
+  uint8_t *a_start = spans[0]->start;
+  bool freed[3] = {false, false, false};
+  for (int step = 0; step < 3; step++) {
+    int which = order[step];
+    segment_span_free(spans[which]);
+    freed[which] = true;
+    /* The run of free spans containing `which`: bounded by used spans or
+     * the segment's ends (C's right neighbour is the free rest). */
+    int first = which, last = which;
+    while (first > 0 && freed[first - 1])
+      first--;
+    while (last < 2 && freed[last + 1])
+      last++;
+    size_t slices = 0;
+    for (int i = first; i <= last; i++)
+      slices += sizes[i];
+    if (last == 2)
+      slices = SEGMENT_USABLE_SLICES - (size_t)(spans[first] - spans[0]);
+    check_free_span(spans[first], slices);
+    /* Slices inside the merged run resolve to its head. */
+    CHECK(segment_page_of(segment, spans[which]->start) == spans[first]);
+  }
+  CHECK_EQ(segment->used_slices, 0);
+  page_t *all = span_alloc(SEGMENT_USABLE_SLICES);
+  CHECK(all != NULL && all->start == a_start);
+  segment_span_free(all);
+}
+
+static void test_span_merge(void) {
+  static const int orders[6][3] = {{1, 0, 2}, {0, 1, 2}, {0, 2, 1},
+                                   {1, 2, 0}, {2, 0, 1}, {2, 1, 0}};
+  size_t segments = segments_now();
+  for (int i = 0; i < 6; i++)
+    merge_in_order(orders[i]);
+  CHECK_EQ(segments_now(), segments); /* all in the same segment */
+}
+
+/* The same with large blocks from zk_malloc. 18 slices is above what a
+ * heap caches (16), so each free goes straight to the span layer. */
+static void test_large_merge(void) {
+  const size_t size = 18 * SLICE_SIZE;
+  zk_stats_t before, after;
+  zk_stats_get(&before);
+  uint8_t *a = zk_malloc(size);
+  uint8_t *b = zk_malloc(size);
+  uint8_t *c = zk_malloc(size);
+  CHECK(a && b && c);
+  CHECK(b == a + size && c == b + size);
+  CHECK_EQ(zk_usable_size(a), size);
+  zk_stats_get(&after);
+  CHECK_EQ(after.large_live - before.large_live, 3);
+  CHECK_EQ(after.large_allocations - before.large_allocations, 3);
+  memset(b, 1, size);
+  zk_free(b);
+  zk_free(a);
+  zk_free(c);
+  zk_stats_get(&after);
+  CHECK_EQ(after.large_live, before.large_live);
+  segment_t *segment = segment_of(a);
+  CHECK_EQ(segment->used_slices, 0);
+  page_t *all = span_alloc(3 * 18);
+  CHECK(all != NULL && all->start == a);
+  segment_span_free(all);
+
+  /* Blocks small enough for the heap's cache: freed, they stay out of the
+   * span layer until zk_collect(true), which flushes the cache, merges the
+   * spans and unmaps every segment left entirely free. */
+  uint8_t *x = zk_malloc(4 * SLICE_SIZE);
+  uint8_t *y = zk_malloc(4 * SLICE_SIZE);
+  CHECK(x && y && y == x + 4 * SLICE_SIZE);
+  zk_free(x);
+  zk_free(y);
+  CHECK(segment_of(x)->used_slices == 8);
+  uint8_t *again = zk_malloc(4 * SLICE_SIZE); /* a cache hit: same span */
+  CHECK(again == x || again == y);
+  zk_free(again);
+  zk_collect(true);
+  zk_stats_get(&after);
+  CHECK_EQ(after.segments_mapped, 0);
+  CHECK_EQ(after.bytes_mapped, 0);
+}
+
+/* ---- cross-size reuse ---- */
+
+static void test_cross_size_reuse(void) {
+  enum { LARGE_COUNT = 200, SMALL_BYTES = 30 << 20 };
+  /* The pointer array first: it is a huge block with a mapping of its own,
+   * which must not count against the reuse. */
+  enum { SMALL_COUNT = SMALL_BYTES / 64 };
+  void **blocks = zk_malloc(SMALL_COUNT * sizeof(void *));
+  CHECK(blocks != NULL);
+
+  /* Large spans freed, then small pages carved from them. */
+  for (int i = 0; i < LARGE_COUNT; i++) {
+    blocks[i] = zk_malloc(256 * 1024);
+    CHECK(blocks[i] != NULL);
+    memset(blocks[i], 0x5a, 256 * 1024);
+  }
+  for (int i = 0; i < LARGE_COUNT; i++)
+    zk_free(blocks[i]);
+  zk_stats_t before, after;
+  zk_stats_get(&before);
+  for (int i = 0; i < SMALL_COUNT; i++) {
+    blocks[i] = zk_malloc(64);
+    CHECK(blocks[i] != NULL);
+  }
+  zk_stats_get(&after);
+  printf("large -> small: %zu -> %zu segments, %zu -> %zu MiB mapped\n",
+         before.segments_mapped, after.segments_mapped,
+         before.bytes_mapped >> 20, after.bytes_mapped >> 20);
+  CHECK(after.segments_mapped <= before.segments_mapped);
+  CHECK(after.bytes_mapped <= before.bytes_mapped);
+
+  /* And back: the emptied small pages serve large blocks and another
+   * class's small blocks. */
+  for (int i = 0; i < SMALL_COUNT; i++)
+    zk_free(blocks[i]);
+  zk_stats_get(&before);
+  int large_count = (SMALL_BYTES / 2) / (256 * 1024);
+  for (int i = 0; i < large_count; i++) {
+    blocks[i] = zk_malloc(256 * 1024);
+    CHECK(blocks[i] != NULL);
+  }
+  int medium_count = (SMALL_BYTES / 2) / 4000;
+  for (int i = 0; i < medium_count; i++) {
+    blocks[large_count + i] = zk_malloc(4000);
+    CHECK(blocks[large_count + i] != NULL);
+  }
+  zk_stats_get(&after);
+  printf("small -> large and 4000 B: %zu -> %zu segments\n",
+         before.segments_mapped, after.segments_mapped);
+  CHECK(after.segments_mapped <= before.segments_mapped);
+  CHECK(after.bytes_mapped <= before.bytes_mapped);
+  for (int i = 0; i < large_count + medium_count; i++)
+    zk_free(blocks[i]);
+  zk_free(blocks);
+  zk_collect(true);
+}
+
+/* Threads that come and go: each new heap wants a segment of its own, but
+ * an entirely free one (the last thread's) serves as well as a fresh
+ * mapping. Mapping one per thread would grow the address space with the
+ * rate of thread creation until the purge unmaps them, seconds later. */
+static void *short_lived_thread(void *arg) {
+  (void)arg;
+  void *small = zk_malloc(64);
+  void *large = zk_malloc(300 << 10);
+  CHECK(small && large);
+  memset(large, 1, 300 << 10);
+  zk_free(small);
+  zk_free(large);
+  return NULL;
+}
+
+static void test_thread_churn_reuse(void) {
+  zk_collect(true);
+  size_t before = segments_now();
+  for (int i = 0; i < 50; i++) {
+    pthread_t thread;
+    CHECK(pthread_create(&thread, NULL, short_lived_thread, NULL) == 0);
+    CHECK(pthread_join(thread, NULL) == 0);
+  }
+  size_t after = segments_now();
+  printf("50 short-lived threads one after another: %zu -> %zu segments\n",
+         before, after);
+  CHECK(after <= before + 2);
+  zk_collect(true);
+}
+
+/* ---- RSS ---- */
+
+/* Random 1 KB - 64 KB blocks, every byte written, until `total` bytes;
+ * returns the RSS with all of them live, after freeing them. */
+static size_t fill_touch_free(size_t total, uint64_t seed) {
+  size_t capacity = total / 1024 + 1;
+  void **blocks = zk_malloc(capacity * sizeof(void *));
+  CHECK(blocks != NULL);
+  size_t count = 0, bytes = 0;
+  while (bytes < total) {
+    size_t size = 1024 + (size_t)(random_next(&seed) % (63 * 1024 + 1));
+    CHECK(count < capacity);
+    void *p = zk_malloc(size);
+    CHECK(p != NULL);
+    memset(p, (int)(count | 1), size);
+    blocks[count++] = p;
+    bytes += size;
+  }
+  size_t peak = rss_now();
+  for (size_t i = 0; i < count; i++)
+    zk_free(blocks[i]);
+  zk_free(blocks);
+  return peak;
+}
+
+/* 512 MiB rather than more: every page is faulted in, at about 4 s per GiB
+ * on a small virtual machine, and the ratio checked does not depend on the
+ * total. */
+static void test_rss_forced(void) {
+  size_t base = rss_now();
+  size_t peak = fill_touch_free((size_t)512 << 20, 1);
+  zk_stats_t stats;
+  zk_stats_get(&stats);
+  size_t purged_before = stats.bytes_purged;
+  zk_collect(true);
+  zk_stats_get(&stats);
+  printf("512 MiB of 1-64 KB blocks: rss %zu MiB before, %zu MiB at peak, "
+         "%zu MiB after zk_collect(true)\n",
+         base >> 20, peak >> 20, stats.rss >> 20);
+  CHECK(peak > ((size_t)500 << 20));
+  CHECK(stats.rss < peak / 10);
+  CHECK(stats.bytes_purged > purged_before);
+  CHECK_EQ(stats.bytes_live, 0);
+}
+
+static void test_rss_by_delay(void) {
+  CHECK(zk_option_set(ZK_OPTION_PURGE_DELAY_MS, 100) == 0);
+  size_t peak = fill_touch_free((size_t)200 << 20, 2);
+  sleep_ms(350);
+  /* No zk_collect: slow paths drive the purge. Large blocks of 20 slices
+   * are never cached, so each allocation reaches the span layer. */
+  for (int i = 0; i < 8; i++) {
+    void *p = zk_malloc(20 * SLICE_SIZE - (size_t)i * 4096);
+    CHECK(p != NULL);
+    zk_free(p);
+  }
+  size_t after = rss_now();
+  printf("200 MiB without zk_collect: rss %zu MiB at peak, %zu MiB 350 ms "
+         "after the free\n",
+         peak >> 20, after >> 20);
+  CHECK(after < peak / 4);
+  CHECK(zk_option_set(ZK_OPTION_PURGE_DELAY_MS, 1000) == 0);
+  zk_collect(true);
+}
+
+/* calloc of memory that was written, freed and purged reads as zero with
+ * either purge method (MADV_FREE leaves contents undefined: zkmem must
+ * clear). One block stays live so the segment stays mapped. */
+static void test_calloc_after_purge(void) {
+  for (long decommit = 1; decommit >= 0; decommit--) {
+    CHECK(zk_option_set(ZK_OPTION_PURGE_DECOMMIT, decommit) == 0);
+    const size_t size = 20 * SLICE_SIZE; /* not cached by the heap */
+    void *keep = zk_malloc(size);
+    void *dirty = zk_malloc(size);
+    CHECK(keep && dirty);
+    memset(dirty, 0xee, size);
+    zk_free(dirty);
+    zk_collect(true);
+    unsigned char *p = zk_calloc(1, size);
+    CHECK(p != NULL);
+    for (size_t i = 0; i < size; i++)
+      CHECK(p[i] == 0);
+    zk_free(p);
+    zk_free(keep);
+  }
+  CHECK(zk_option_set(ZK_OPTION_PURGE_DECOMMIT, 1) == 0);
+  zk_collect(true);
+}
+
+/* ---- realloc of huge blocks ---- */
+
+/* 64-bit words that depend on their index only: blocks that move keep
+ * them. Written and checked word by word, so 100 MB takes milliseconds. */
+static void fill_words(void *p, size_t from, size_t to, uint64_t seed) {
+  uint64_t *words = p;
+  for (size_t i = from / 8; i < to / 8; i++)
+    words[i] = (i * 0x9e3779b97f4a7c15ull) ^ seed;
+}
+
+static int verify_words(const void *p, size_t from, size_t to, uint64_t seed) {
+  const uint64_t *words = p;
+  for (size_t i = from / 8; i < to / 8; i++)
+    if (words[i] != ((i * 0x9e3779b97f4a7c15ull) ^ seed))
+      return 0;
+  return 1;
+}
+
+static void test_realloc_huge(void) {
+  const size_t mb = (size_t)1 << 20;
+  size_t size = 100 * mb;
+  uint8_t *p = zk_malloc(size);
+  CHECK(p != NULL);
+  fill_words(p, 0, size, 7);
+  /* Growth: the old contents stay, and marks written in the grown part
+   * (one word per MiB: faulting in every page would cost seconds) survive
+   * the next growth too. */
+  for (size_t grown = 200 * mb; grown <= 300 * mb; grown += 100 * mb) {
+    p = zk_realloc(p, grown);
+    CHECK(p != NULL);
+    CHECK(zk_usable_size(p) >= grown);
+    CHECK(verify_words(p, 0, 100 * mb, 7));
+    for (size_t at = 100 * mb; at < size; at += mb)
+      CHECK(*(uint64_t *)(p + at) == at);
+    for (size_t at = size; at < grown; at += mb)
+      *(uint64_t *)(p + at) = at;
+    size = grown;
+  }
+  /* Shrinking: to 150 MB (the mapping is trimmed), to 1 MB (a large
+   * block), to 100 KiB, and back up to a huge block. */
+  static const size_t shrinks[] = {150 << 20, 1 << 20, 100 << 10, 3 << 20};
+  size_t kept = 100 * mb;
+  for (size_t i = 0; i < sizeof(shrinks) / sizeof(shrinks[0]); i++) {
+    p = zk_realloc(p, shrinks[i]);
+    CHECK(p != NULL);
+    CHECK(zk_usable_size(p) >= shrinks[i]);
+    if (shrinks[i] < kept)
+      kept = shrinks[i];
+    CHECK(verify_words(p, 0, kept, 7));
+    if (i == 0)
+      CHECK(*(uint64_t *)(p + 149 * mb) == 149 * mb);
+  }
+  zk_free(p);
+
+  /* A large block grows into a huge one and back. */
+  size = 100 << 10;
+  p = zk_malloc(size);
+  CHECK(p != NULL);
+  fill_words(p, 0, size, 9);
+  static const size_t steps[] = {1 << 20, 2 << 20, 5 << 20, 70 << 10};
+  for (size_t i = 0; i < sizeof(steps) / sizeof(steps[0]); i++) {
+    p = zk_realloc(p, steps[i]);
+    CHECK(p != NULL);
+    CHECK(zk_usable_size(p) >= steps[i]);
+    size_t check = steps[i] < size ? steps[i] : size;
+    CHECK(verify_words(p, 0, check, 9));
+  }
+  zk_free(p);
+  zk_collect(true);
+}
+
+/* Aligned large and huge blocks: alignments above a slice get a mapping of
+ * their own at that offset. */
+static void test_aligned_large(void) {
+  static const size_t alignments[] = {4096,      32 << 10, 64 << 10,
+                                      128 << 10, 1 << 20,  2 << 20};
+  static const size_t sizes[] = {100, 40 << 10, 100 << 10, 3 << 20};
+  for (size_t a = 0; a < sizeof(alignments) / sizeof(alignments[0]); a++) {
+    for (size_t s = 0; s < sizeof(sizes) / sizeof(sizes[0]); s++) {
+      void *p = zk_aligned_alloc(alignments[a], sizes[s]);
+      CHECK(p != NULL);
+      CHECK(((uintptr_t)p & (alignments[a] - 1)) == 0);
+      CHECK(zk_usable_size(p) >= sizes[s]);
+      memset(p, 0x11, sizes[s]);
+      zk_free(p);
+    }
+  }
+}
+
+/* ---- huge pages ---- */
+
+static void test_huge_pages(void) {
+  zk_collect(true);
+  zk_stats_t stats;
+  zk_stats_get(&stats);
+  /* Mode 0 until now: nothing was asked to be huge-page backed. */
+  CHECK_EQ(stats.bytes_huge_pages, 0);
+  CHECK_EQ(stats.segments_mapped, 0);
+
+  for (long mode = 1; mode <= 2; mode++) {
+    CHECK(zk_option_set(ZK_OPTION_HUGE_PAGES, mode) == 0);
+    CHECK_EQ(zk_option_get(ZK_OPTION_HUGE_PAGES), mode);
+    /* Small, large and huge blocks: each works whatever the system gives
+     * (MAP_HUGETLB fails without reserved pages; then plain pages). */
+    void *small = zk_malloc(100);
+    void *large = zk_malloc(300 << 10);
+    size_t huge_size = (size_t)8 << 20;
+    uint8_t *huge = zk_malloc(huge_size);
+    CHECK(small && large && huge);
+    memset(small, 1, 100);
+    memset(large, 2, 300 << 10);
+    fill_words(huge, 0, huge_size, 3);
+    zk_stats_get(&stats);
+    printf("huge pages mode %ld: %zu of %zu mapped bytes asked to be "
+           "huge-page backed\n",
+           mode, stats.bytes_huge_pages, stats.bytes_mapped);
+    /* Each mapping counts fully or not at all. */
+    CHECK(stats.bytes_huge_pages <= stats.bytes_mapped);
+    CHECK(stats.bytes_huge_pages % SEGMENT_SIZE == 0);
+    /* Growth of a huge block keeps its contents whether or not it can be
+     * remapped. */
+    huge = zk_realloc(huge, 3 * huge_size);
+    CHECK(huge != NULL);
+    CHECK(verify_words(huge, 0, huge_size, 3));
+    zk_free(huge);
+    zk_free(large);
+    zk_free(small);
+    zk_collect(true);
+    zk_stats_get(&stats);
+    CHECK_EQ(stats.segments_mapped, 0);
+    CHECK_EQ(stats.bytes_huge_pages, 0);
+  }
+  CHECK(zk_option_set(ZK_OPTION_HUGE_PAGES, 0) == 0);
+}
+
+/* zk_collect(true) returns the free spans of partly used segments in the
+ * transparent huge page mode too: one block in twelve stays live, so no
+ * segment is entirely free and only span purging can lower the RSS. */
+static void test_huge_pages_purge(void) {
+  CHECK(zk_option_set(ZK_OPTION_HUGE_PAGES, 1) == 0);
+  enum { COUNT = 240, SIZE = 300 << 10 };
+  static void *blocks[COUNT];
+  size_t base = rss_now();
+  for (int i = 0; i < COUNT; i++) {
+    blocks[i] = zk_malloc(SIZE);
+    CHECK(blocks[i] != NULL);
+    memset(blocks[i], 4, SIZE);
+  }
+  size_t peak = rss_now();
+  for (int i = 0; i < COUNT; i++)
+    if (i % 12 != 0)
+      zk_free(blocks[i]);
+  zk_collect(true);
+  size_t after = rss_now();
+  printf("transparent huge pages: rss %zu MiB before, %zu MiB at peak, "
+         "%zu MiB after freeing 11/12 and zk_collect(true)\n",
+         base >> 20, peak >> 20, after >> 20);
+  for (int i = 0; i < COUNT; i += 12)
+    zk_free(blocks[i]);
+  CHECK(zk_option_set(ZK_OPTION_HUGE_PAGES, 0) == 0);
+  zk_collect(true);
+  CHECK(after - base < (peak - base) / 2);
+}
+
+/* ---- statistics ---- */
+
+/* A small JSON reader: true when `text` holds exactly one JSON value. */
+static const char *json_value(const char *s);
+
+static const char *json_space(const char *s) {
+  while (*s == ' ' || *s == '\n' || *s == '\t' || *s == '\r')
+    s++;
+  return s;
+}
+
+static const char *json_string(const char *s) {
+  if (*s++ != '"')
+    return NULL;
+  while (*s != '"') {
+    if (*s == '\0' || (unsigned char)*s < 0x20)
+      return NULL;
+    if (*s == '\\' && *++s == '\0')
+      return NULL;
+    s++;
+  }
+  return s + 1;
+}
+
+static const char *json_number(const char *s) {
+  const char *start = s;
+  if (*s == '-')
+    s++;
+  if (*s < '0' || *s > '9')
+    return NULL;
+  while (*s >= '0' && *s <= '9')
+    s++;
+  if (*s == '.') {
+    s++;
+    if (*s < '0' || *s > '9')
+      return NULL;
+    while (*s >= '0' && *s <= '9')
+      s++;
+  }
+  if (*s == 'e' || *s == 'E') {
+    s++;
+    if (*s == '+' || *s == '-')
+      s++;
+    if (*s < '0' || *s > '9')
+      return NULL;
+    while (*s >= '0' && *s <= '9')
+      s++;
+  }
+  return s > start ? s : NULL;
+}
+
+static const char *json_list(const char *s, char close, bool keys) {
+  s = json_space(s + 1);
+  if (*s == close)
+    return s + 1;
+  for (;;) {
+    if (keys) {
+      s = json_string(json_space(s));
+      if (s == NULL)
+        return NULL;
+      s = json_space(s);
+      if (*s++ != ':')
+        return NULL;
+    }
+    s = json_value(s);
+    if (s == NULL)
+      return NULL;
+    s = json_space(s);
+    if (*s == close)
+      return s + 1;
+    if (*s++ != ',')
+      return NULL;
+  }
+}
+
+static const char *json_value(const char *s) {
+  s = json_space(s);
+  switch (*s) {
+  case '{':
+    return json_list(s, '}', true);
+  case '[':
+    return json_list(s, ']', false);
+  case '"':
+    return json_string(s);
+  case 't':
+    return strncmp(s, "true", 4) == 0 ? s + 4 : NULL;
+  case 'f':
+    return strncmp(s, "false", 5) == 0 ? s + 5 : NULL;
+  case 'n':
+    return strncmp(s, "null", 4) == 0 ? s + 4 : NULL;
+  default:
+    return json_number(s);
+  }
+}
+
+static bool json_valid(const char *text) {
+  const char *end = json_value(text);
+  return end != NULL && *json_space(end) == '\0';
+}
+
+/* The value after "key": in the text, as a number. */
+static long long json_field(const char *text, const char *key) {
+  char quoted[64];
+  snprintf(quoted, sizeof(quoted), "\"%s\":", key);
+  const char *at = strstr(text, quoted);
+  CHECK(at != NULL);
+  return strtoll(at + strlen(quoted), NULL, 10);
+}
+
+static size_t read_stream(FILE *file, char *text, size_t capacity) {
+  rewind(file);
+  size_t length = fread(text, 1, capacity - 1, file);
+  text[length] = '\0';
+  return length;
+}
+
+static void *alloc_and_exit(void *arg) {
+  void **blocks = arg;
+  for (int i = 0; i < 500; i++)
+    blocks[i] = zk_malloc(100);
+  for (int i = 0; i < 200; i++)
+    zk_free(blocks[i]);
+  return NULL; /* 300 blocks live in the pages the thread leaves behind */
+}
+
+static void test_stats(void) {
+  unsigned c = size_to_class(100);
+  zk_stats_t before, after;
+  zk_stats_get(&before);
+  CHECK_EQ(before.class_count, CLASS_COUNT);
+  CHECK_EQ(before.classes[c].block_size, 112);
+  static void *blocks[1000];
+  for (int i = 0; i < 1000; i++)
+    blocks[i] = zk_malloc(100);
+  for (int i = 0; i < 400; i++)
+    zk_free(blocks[i]);
+  void *large = zk_malloc(500 << 10);
+  void *huge = zk_malloc((size_t)5 << 20);
+  CHECK(large && huge);
+  zk_stats_get(&after);
+  CHECK_EQ(after.classes[c].allocations - before.classes[c].allocations, 1000);
+  CHECK_EQ(after.classes[c].frees - before.classes[c].frees, 400);
+  CHECK_EQ(after.classes[c].live - before.classes[c].live, 600);
+  CHECK(after.classes[c].pages >= 1);
+  CHECK_EQ(after.large_allocations - before.large_allocations, 1);
+  CHECK_EQ(after.large_live - before.large_live, 1);
+  CHECK_EQ(after.huge_allocations - before.huge_allocations, 1);
+  CHECK_EQ(after.huge_live - before.huge_live, 1);
+  CHECK(after.bytes_live >= before.bytes_live + 600 * 112);
+  CHECK(after.bytes_committed >= after.bytes_live - before.bytes_live);
+  CHECK(after.rss > 0 && after.peak_rss >= after.rss);
+
+  /* Text and JSON reports of the same state. */
+  static char text[1 << 16];
+  FILE *file = tmpfile();
+  CHECK(file != NULL);
+  zk_stats_print(file);
+  CHECK(read_stream(file, text, sizeof(text)) > 0);
+  fclose(file);
+  CHECK(strstr(text, "zkmem statistics") != NULL);
+  CHECK(strstr(text, "large:") != NULL);
+  file = tmpfile();
+  CHECK(file != NULL);
+  zk_stats_json(file);
+  CHECK(read_stream(file, text, sizeof(text)) > 0);
+  fclose(file);
+  CHECK(json_valid(text));
+  CHECK(strstr(text, "\"classes\":[{\"block_size\":") != NULL);
+  CHECK(strstr(text, "{\"block_size\":112,") != NULL);
+  CHECK_EQ(json_field(text, "large_live"), after.large_live);
+  CHECK_EQ(json_field(text, "huge_live"), after.huge_live);
+  CHECK_EQ(json_field(text, "segments_mapped"), after.segments_mapped);
+  CHECK(!json_valid("{\"a\":1,}") && !json_valid("{\"a\":1}}"));
+
+  for (int i = 400; i < 1000; i++)
+    zk_free(blocks[i]);
+  zk_free(large);
+  zk_free(huge);
+  zk_stats_get(&after);
+  CHECK_EQ(after.classes[c].live, before.classes[c].live);
+  CHECK_EQ(after.large_live, before.large_live);
+  CHECK_EQ(after.huge_live, before.huge_live);
+
+  /* A thread's counters outlive it: its pages keep them when abandoned;
+   * frees from here into those pages count once collected. */
+  zk_stats_get(&before);
+  pthread_t thread;
+  CHECK(pthread_create(&thread, NULL, alloc_and_exit, blocks) == 0);
+  CHECK(pthread_join(thread, NULL) == 0);
+  zk_stats_get(&after);
+  CHECK_EQ(after.classes[c].allocations - before.classes[c].allocations, 500);
+  CHECK_EQ(after.classes[c].frees - before.classes[c].frees, 200);
+  CHECK_EQ(after.classes[c].live - before.classes[c].live, 300);
+  for (int i = 200; i < 500; i++)
+    zk_free(blocks[i]);
+  zk_collect(true);
+  zk_stats_get(&after);
+  CHECK_EQ(after.classes[c].frees - before.classes[c].frees, 500);
+  CHECK_EQ(after.classes[c].live, before.classes[c].live);
+}
+
+/* bytes_live counts large and huge blocks too (at least the bytes asked
+ * for, at most their usable size), and bytes_committed the spans under
+ * them, in use or cached by the heap. */
+static void test_stats_bytes(void) {
+  zk_collect(true);
+  zk_stats_t before, after;
+  zk_stats_get(&before);
+  const size_t large_size = 500 << 10, huge_size = (size_t)5 << 20;
+  void *large = zk_malloc(large_size);
+  void *huge = zk_malloc(huge_size);
+  CHECK(large && huge);
+  size_t large_usable = zk_usable_size(large);
+  size_t huge_usable = zk_usable_size(huge);
+  memset(large, 1, large_size);
+  memset(huge, 1, huge_size);
+  zk_stats_get(&after);
+  size_t live = after.bytes_live - before.bytes_live;
+  size_t committed = after.bytes_committed - before.bytes_committed;
+  printf("500 KiB and 5 MiB blocks live: bytes_live +%zu, bytes_committed "
+         "+%zu\n",
+         live, committed);
+  CHECK(live >= large_size + huge_size);
+  CHECK(live <= large_usable + huge_usable);
+  CHECK(committed >= live);
+  zk_free(large); /* into the heap's cache: no longer live, still committed */
+  zk_stats_get(&after);
+  size_t live_now = after.bytes_live - before.bytes_live;
+  committed = after.bytes_committed - before.bytes_committed;
+  printf("500 KiB block freed: bytes_live +%zu, bytes_committed +%zu\n",
+         live_now, committed);
+  CHECK(live - live_now >= large_size && live - live_now <= large_usable);
+  CHECK(committed >= large_size + huge_size);
+  zk_free(huge);
+  zk_collect(true);
+  zk_stats_get(&after);
+  CHECK_EQ(after.bytes_live, before.bytes_live);
+  CHECK_EQ(after.bytes_committed, before.bytes_committed);
+}
+
+/* ---- options ---- */
+
+static void test_options(void) {
+  static const long defaults[ZK_OPTION_COUNT] = {
+      [ZK_OPTION_PURGE_DELAY_MS] = 1000, [ZK_OPTION_PURGE_DECOMMIT] = 1};
+  for (int i = 0; i < ZK_OPTION_COUNT; i++)
+    CHECK_EQ(zk_option_get((zk_option_t)i), defaults[i]);
+  CHECK(zk_option_set(ZK_OPTION_PURGE_DELAY_MS, 12345) == 0);
+  CHECK_EQ(zk_option_get(ZK_OPTION_PURGE_DELAY_MS), 12345);
+  CHECK(zk_option_set(ZK_OPTION_VERBOSE, 1) == 0);
+  CHECK_EQ(zk_option_get(ZK_OPTION_VERBOSE), 1);
+  CHECK(zk_option_set(ZK_OPTION_VERBOSE, 0) == 0);
+
+  /* Unknown options and out-of-range values: -1, EINVAL, nothing set. */
+  errno = 0;
+  CHECK(zk_option_set(ZK_OPTION_COUNT, 1) == -1 && errno == EINVAL);
+  errno = 0;
+  CHECK(zk_option_set((zk_option_t)-1, 1) == -1 && errno == EINVAL);
+  errno = 0;
+  CHECK(zk_option_get(ZK_OPTION_COUNT) == -1 && errno == EINVAL);
+  errno = 0;
+  CHECK(zk_option_set(ZK_OPTION_PURGE_DELAY_MS, -1) == -1 && errno == EINVAL);
+  errno = 0;
+  CHECK(zk_option_set(ZK_OPTION_HUGE_PAGES, 3) == -1 && errno == EINVAL);
+  CHECK_EQ(zk_option_get(ZK_OPTION_PURGE_DELAY_MS), 12345);
+  CHECK_EQ(zk_option_get(ZK_OPTION_HUGE_PAGES), 0);
+  CHECK(zk_option_set(ZK_OPTION_PURGE_DELAY_MS, 1000) == 0);
+}
+
+/* This program again with ZKMEM_* set (and every other ZKMEM_* removed):
+ * it prints each option's value; returns its stdout and stderr together. */
+static void run_with_environment(const char *const *variables, char *output,
+                                 size_t capacity) {
+  int pipe_fds[2];
+  CHECK(pipe(pipe_fds) == 0);
+  fflush(stdout);
+  pid_t child = fork();
+  CHECK(child >= 0);
+  if (child == 0) {
+    dup2(pipe_fds[1], 1);
+    dup2(pipe_fds[1], 2);
+    close(pipe_fds[0]);
+    static const char *const names[] = {
+        "ZKMEM_PURGE_DELAY_MS", "ZKMEM_PURGE_DECOMMIT", "ZKMEM_HUGE_PAGES",
+        "ZKMEM_SECURE",         "ZKMEM_ON_ERROR",       "ZKMEM_SHOW_STATS",
+        "ZKMEM_VERBOSE"};
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
+      unsetenv(names[i]);
+    for (size_t i = 0; variables[i] != NULL; i += 2)
+      setenv(variables[i], variables[i + 1], 1);
+    execl("/proc/self/exe", "test_large", "--print-options", (char *)NULL);
+    _exit(127);
+  }
+  close(pipe_fds[1]);
+  size_t used = 0;
+  ssize_t got;
+  while (used < capacity - 1 &&
+         (got = read(pipe_fds[0], output + used, capacity - 1 - used)) > 0)
+    used += (size_t)got;
+  output[used] = '\0';
+  close(pipe_fds[0]);
+  int status;
+  CHECK(waitpid(child, &status, 0) == child);
+  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+    fprintf(stderr, "child failed (status %d): %s\n", status, output);
+    exit(1);
+  }
+}
+
+static int print_options(void) {
+  printf("options:");
+  for (int i = 0; i < ZK_OPTION_COUNT; i++)
+    printf(" %ld", zk_option_get((zk_option_t)i));
+  printf("\n");
+  fflush(stdout);
+  return 0;
+}
+
+/* The child's "options:" line must be `expected`, and its output must (or
+ * must not, for NULL) contain `warning`. */
+static void check_environment(const char *const *variables,
+                              const char *expected, const char *warning) {
+  static char output[1 << 16];
+  run_with_environment(variables, output, sizeof(output));
+  char line[128];
+  snprintf(line, sizeof(line), "options: %s\n", expected);
+  bool ok = strstr(output, line) != NULL;
+  if (warning != NULL)
+    ok = ok && strstr(output, warning) != NULL;
+  else
+    ok = ok && strstr(output, "warning") == NULL;
+  if (!ok) {
+    fprintf(stderr, "with %s=%s: expected \"%s\" and %s, got:\n%s\n",
+            variables[0], variables[1], expected,
+            warning ? warning : "no warning", output);
+    exit(1);
+  }
+}
+
+static void test_environment(void) {
+  /* Order: purge_delay_ms purge_decommit huge_pages secure on_error
+   * show_stats verbose. */
+  const char *const nothing[] = {NULL};
+  check_environment(nothing, "1000 1 0 0 0 0 0", NULL);
+  const char *const bad_delay[] = {"ZKMEM_PURGE_DELAY_MS", "abc", NULL};
+  check_environment(bad_delay, "1000 1 0 0 0 0 0",
+                    "warning: ZKMEM_PURGE_DELAY_MS=\"abc\" is not valid; "
+                    "using 1000");
+  const char *const reserved[] = {"ZKMEM_HUGE_PAGES", "reserved", NULL};
+  check_environment(reserved, "1000 1 2 0 0 0 0", NULL);
+  const char *const words[] = {"ZKMEM_HUGE_PAGES",
+                               "Transparent",
+                               "ZKMEM_ON_ERROR",
+                               "warn",
+                               "ZKMEM_PURGE_DECOMMIT",
+                               "free",
+                               "ZKMEM_SECURE",
+                               "yes",
+                               "ZKMEM_PURGE_DELAY_MS",
+                               "250",
+                               NULL};
+  check_environment(words, "250 0 1 1 1 0 0", NULL);
+  const char *const negative[] = {"ZKMEM_PURGE_DELAY_MS", "-5", NULL};
+  check_environment(negative, "1000 1 0 0 0 0 0",
+                    "ZKMEM_PURGE_DELAY_MS=\"-5\" is not valid");
+  const char *const too_big[] = {"ZKMEM_PURGE_DELAY_MS", "99999999999999999999",
+                                 NULL};
+  check_environment(too_big, "1000 1 0 0 0 0 0",
+                    "ZKMEM_PURGE_DELAY_MS=\"99999999999999999999\" is not "
+                    "valid");
+  const char *const out_of_range[] = {"ZKMEM_HUGE_PAGES", "3", NULL};
+  check_environment(out_of_range, "1000 1 0 0 0 0 0",
+                    "ZKMEM_HUGE_PAGES=\"3\" is not valid; using 0");
+  const char *const trailing[] = {"ZKMEM_SECURE", "1x", NULL};
+  check_environment(trailing, "1000 1 0 0 0 0 0",
+                    "ZKMEM_SECURE=\"1x\" is not valid");
+  const char *const empty[] = {"ZKMEM_PURGE_DELAY_MS", "", NULL};
+  check_environment(empty, "1000 1 0 0 0 0 0", NULL);
+  /* Verbose lists every option; show_stats prints the report at exit. */
+  const char *const verbose[] = {"ZKMEM_VERBOSE", "1", "ZKMEM_SHOW_STATS", "on",
+                                 NULL};
+  check_environment(verbose, "1000 1 0 0 0 1 1",
+                    "zkmem: option ZKMEM_PURGE_DELAY_MS = 1000");
+  static char output[1 << 16];
+  run_with_environment(verbose, output, sizeof(output));
+  CHECK(strstr(output, "zkmem statistics") != NULL);
+}
+
+static double seconds_since(const struct timespec *start) {
+  struct timespec now;
+  clock_gettime(CLOCK_MONOTONIC, &now);
+  return (double)(now.tv_sec - start->tv_sec) +
+         (double)(now.tv_nsec - start->tv_nsec) / 1e9;
+}
+
+#define RUN(test)                                                              \
+  do {                                                                         \
+    struct timespec start;                                                     \
+    clock_gettime(CLOCK_MONOTONIC, &start);                                    \
+    test();                                                                    \
+    printf("%-24s %.2f s\n", #test, seconds_since(&start));                    \
+    fflush(stdout);                                                            \
+  } while (0)
+
+int main(int argc, char **argv) {
+  if (argc > 1 && strcmp(argv[1], "--print-options") == 0)
+    return print_options();
+  /* Options are read once at start-up and several checks expect the
+   * defaults: run again without any ZKMEM_* variable. */
+  extern char **environ;
+  bool clean = true;
+  for (char **variable = environ; *variable != NULL;) {
+    if (strncmp(*variable, "ZKMEM_", 6) == 0) {
+      char name[64] = {0};
+      size_t length = strcspn(*variable, "=");
+      memcpy(name, *variable, length < 63 ? length : 63);
+      unsetenv(name); /* shifts the rest of environ down */
+      clean = false;
+    } else {
+      variable++;
+    }
+  }
+  if (!clean) {
+    execl("/proc/self/exe", argv[0], (char *)NULL);
+    perror("execl");
+    return 1;
+  }
+  setvbuf(stdout, NULL, _IOLBF, 0); /* reports in order with failures */
+  RUN(test_span_split);
+  RUN(test_span_merge);
+  RUN(test_large_merge);
+  RUN(test_cross_size_reuse);
+  RUN(test_rss_forced);
+  RUN(test_rss_by_delay);
+  RUN(test_calloc_after_purge);
+  RUN(test_realloc_huge);
+  RUN(test_aligned_large);
+  RUN(test_huge_pages);
+  RUN(test_stats);
+  RUN(test_options);
+  RUN(test_environment);
+  RUN(test_stats_bytes);
+  RUN(test_huge_pages_purge);
+  RUN(test_thread_churn_reuse);
+  printf("test_large: ok\n");
+  return 0;
+}
