@@ -26,14 +26,9 @@ static void *os_map(void *hint, size_t size, int extra_flags) {
   return address;
 }
 
-/* Map size + alignment, then trim both ends so what is left is aligned. */
-static void *os_map_trimmed(size_t size, size_t alignment) {
-  size_t oversize = size + alignment;
-  if (oversize < size)
-    return NULL;
-  uint8_t *raw = os_map(NULL, oversize, 0);
-  if (raw == NULL)
-    return NULL;
+/* Unmap both ends of an over-sized mapping so what is left is aligned. */
+static void *os_trim(uint8_t *raw, size_t oversize, size_t size,
+                     size_t alignment) {
   uintptr_t aligned = ((uintptr_t)raw + alignment - 1) & ~(alignment - 1);
   size_t before = aligned - (uintptr_t)raw;
   size_t after = oversize - before - size;
@@ -42,6 +37,14 @@ static void *os_map_trimmed(size_t size, size_t alignment) {
   if (after)
     munmap((uint8_t *)aligned + size, after);
   return (void *)aligned;
+}
+
+static void *os_map_trimmed(size_t size, size_t alignment) {
+  size_t oversize = size + alignment;
+  if (oversize < size)
+    return NULL;
+  uint8_t *raw = os_map(NULL, oversize, 0);
+  return raw != NULL ? os_trim(raw, oversize, size, alignment) : NULL;
 }
 
 void *os_reserve_aligned(size_t size, size_t alignment, int huge_pages,
@@ -55,15 +58,8 @@ void *os_reserve_aligned(size_t size, size_t alignment, int huge_pages,
     uint8_t *raw = mmap(NULL, oversize, PROT_READ | PROT_WRITE,
                         MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB, -1, 0);
     if (raw != MAP_FAILED) {
-      uintptr_t aligned = ((uintptr_t)raw + alignment - 1) & ~(alignment - 1);
-      size_t before = aligned - (uintptr_t)raw;
-      size_t after = oversize - before - size;
-      if (before)
-        munmap(raw, before);
-      if (after)
-        munmap((uint8_t *)aligned + size, after);
       *got_huge = 2;
-      return (void *)aligned;
+      return os_trim(raw, oversize, size, alignment);
     }
   }
   void *address = os_map_trimmed(size, alignment);

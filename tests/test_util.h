@@ -4,6 +4,7 @@
 #define ZKMEM_TEST_UTIL_H
 
 #include <signal.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -50,6 +51,29 @@ static inline int test_verify(const void *block, size_t size, unsigned seed) {
     if (bytes[i] != test_pattern_byte(block, i, seed))
       return 0;
   return 1;
+}
+
+/* Options are read once at start-up and tests expect the defaults: when
+ * any ZKMEM_* variable is set, run this program again without them. */
+static inline void test_reexec_without_zkmem_environment(const char *self) {
+  extern char **environ;
+  bool clean = true;
+  for (char **variable = environ; *variable != NULL;) {
+    if (strncmp(*variable, "ZKMEM_", 6) == 0) {
+      char name[64] = {0};
+      size_t length = strcspn(*variable, "=");
+      memcpy(name, *variable, length < 63 ? length : 63);
+      unsetenv(name); /* shifts the rest of environ down */
+      clean = false;
+    } else {
+      variable++;
+    }
+  }
+  if (!clean) {
+    execl("/proc/self/exe", self, (char *)NULL);
+    perror("execl");
+    exit(1);
+  }
 }
 
 /* Runs body in a forked child with stderr captured: the child must die of

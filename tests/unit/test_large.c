@@ -934,24 +934,7 @@ int main(int argc, char **argv) {
     return print_options();
   /* Options are read once at start-up and several checks expect the
    * defaults: run again without any ZKMEM_* variable. */
-  extern char **environ;
-  bool clean = true;
-  for (char **variable = environ; *variable != NULL;) {
-    if (strncmp(*variable, "ZKMEM_", 6) == 0) {
-      char name[64] = {0};
-      size_t length = strcspn(*variable, "=");
-      memcpy(name, *variable, length < 63 ? length : 63);
-      unsetenv(name); /* shifts the rest of environ down */
-      clean = false;
-    } else {
-      variable++;
-    }
-  }
-  if (!clean) {
-    execl("/proc/self/exe", argv[0], (char *)NULL);
-    perror("execl");
-    return 1;
-  }
+  test_reexec_without_zkmem_environment(argv[0]);
   setvbuf(stdout, NULL, _IOLBF, 0); /* reports in order with failures */
   RUN(test_span_split);
   RUN(test_span_merge);

@@ -515,24 +515,7 @@ int main(int argc, char **argv) {
   }
   /* ZKMEM_ON_ERROR=warn or ZKMEM_SECURE=1 from outside would change every
    * expected outcome: run again without any ZKMEM_* variable. */
-  extern char **environ;
-  bool clean = true;
-  for (char **variable = environ; *variable != NULL;) {
-    if (strncmp(*variable, "ZKMEM_", 6) == 0) {
-      char name[64] = {0};
-      size_t length = strcspn(*variable, "=");
-      memcpy(name, *variable, length < 63 ? length : 63);
-      unsetenv(name); /* shifts the rest of environ down */
-      clean = false;
-    } else {
-      variable++;
-    }
-  }
-  if (!clean) {
-    execl("/proc/self/exe", argv[0], (char *)NULL);
-    perror("execl");
-    return 1;
-  }
+  test_reexec_without_zkmem_environment(argv[0]);
   expect_abort("double free, 64 B", double_free_small);
   expect_abort("double free, 3000 B", double_free_small_other_class);
   expect_abort("double free, large cached", double_free_large_cached);
