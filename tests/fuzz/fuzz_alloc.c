@@ -47,6 +47,14 @@ static void verify(const slot_t *s, size_t index) {
       fail("block contents changed while live", index);
 }
 
+/* A fresh block in the slot: remember it and write its pattern. */
+static void adopt(slot_t *s, size_t size, unsigned char seed, int from_pool) {
+  s->size = size;
+  s->seed = seed;
+  s->from_pool = from_pool;
+  fill(s);
+}
+
 static void release(slot_t *s, size_t index) {
   if (s->data == NULL)
     return;
@@ -98,10 +106,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t length) {
         fail("malloc returned NULL", index);
       if (zk_usable_size(s->data) < size)
         fail("usable size below the size asked for", index);
-      s->size = size;
-      s->seed = generation;
-      s->from_pool = 0;
-      fill(s);
+      adopt(s, size, generation, 0);
       break;
     }
     case 2: { /* calloc */
@@ -113,10 +118,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t length) {
       for (size_t i = 0; i < size; i++)
         if (s->data[i] != 0)
           fail("calloc block not zero", index);
-      s->size = size;
-      s->seed = generation;
-      s->from_pool = 0;
-      fill(s);
+      adopt(s, size, generation, 0);
       break;
     }
     case 3: { /* realloc keeps the common prefix */
@@ -136,9 +138,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t length) {
         if (grown[i] != pattern(i, s->seed))
           fail("realloc lost contents", index);
       s->data = grown;
-      s->size = size;
-      s->seed = generation;
-      fill(s);
+      adopt(s, size, generation, 0);
       break;
     }
     case 4: { /* aligned */
@@ -150,10 +150,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t length) {
         fail("aligned_alloc returned NULL", index);
       if ((uintptr_t)s->data % alignment != 0)
         fail("misaligned block", index);
-      s->size = size;
-      s->seed = generation;
-      s->from_pool = 0;
-      fill(s);
+      adopt(s, size, generation, 0);
       break;
     }
     case 5: /* pool */
@@ -161,10 +158,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t length) {
       s->data = zk_pool_alloc(pool);
       if (s->data == NULL)
         fail("pool alloc returned NULL", index);
-      s->size = POOL_OBJECT;
-      s->seed = generation;
-      s->from_pool = 1;
-      fill(s);
+      adopt(s, POOL_OBJECT, generation, 1);
       break;
     default:
       release(s, index);
