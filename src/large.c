@@ -59,6 +59,32 @@ static page_t *large_cache_take(heap_t *heap, size_t slices) {
   return NULL;
 }
 
+/* Secure mode: the block ends where an inaccessible page begins, so an
+ * overflow off its end faults at once. Guarded spans skip the cache. */
+static void *large_alloc_guarded(heap_t *heap, size_t size) {
+  size_t rounded = (size + 15) & ~(size_t)15;
+  size_t slices = (rounded + OS_PAGE_SIZE + SLICE_SIZE - 1) >> SLICE_SHIFT;
+  page_t *span = segment_span_alloc(
+      slices, PAGE_LARGE, heap == &heap_empty ? NULL : &heap->home_segment);
+  if (span == NULL) {
+    errno = ENOMEM;
+    return NULL;
+  }
+  uint8_t *guard = span->start + (slices << SLICE_SHIFT) - OS_PAGE_SIZE;
+  if (!os_protect(guard, OS_PAGE_SIZE, false)) {
+    segment_span_free(span);
+    errno = ENOMEM;
+    return NULL;
+  }
+  span->secure = 1;
+  span->start = guard - rounded;
+  span->large_size = rounded;
+  atomic_fetch_add_explicit(&large_allocations, 1, memory_order_relaxed);
+  atomic_fetch_add_explicit(&large_live, 1, memory_order_relaxed);
+  large_account(span, size);
+  return span->start;
+}
+
 void *large_alloc(heap_t *heap, size_t size, size_t alignment) {
   if (unlikely(size > PTRDIFF_MAX)) {
     errno = ENOMEM;
@@ -66,6 +92,8 @@ void *large_alloc(heap_t *heap, size_t size, size_t alignment) {
   }
   if (size > LARGE_MAX || alignment > SLICE_SIZE)
     return huge_alloc(size, alignment);
+  if (option(ZK_OPTION_SECURE) && alignment <= 16)
+    return large_alloc_guarded(heap, size);
   size_t slices = (size + SLICE_SIZE - 1) >> SLICE_SHIFT;
   page_t *span = large_cache_take(heap, slices);
   if (span == NULL) {
@@ -100,6 +128,12 @@ void large_free(heap_t *heap, page_t *page) {
   }
   atomic_fetch_sub_explicit(&large_live, 1, memory_order_relaxed);
   page->is_zero = 0;
+  if (page->secure) {
+    uint8_t *span_end = page->start + page->large_size + OS_PAGE_SIZE;
+    os_protect(span_end - OS_PAGE_SIZE, OS_PAGE_SIZE, true);
+    segment_span_free(page);
+    return;
+  }
   if (heap == &heap_empty || page->slice_count > LARGE_CACHE_MAX_SLICES / 4) {
     segment_span_free(page);
     return;

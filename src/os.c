@@ -79,6 +79,11 @@ bool os_purge(void *address, size_t size, bool decommit) {
   return madvise(address, size, MADV_DONTNEED) == 0;
 }
 
+bool os_protect(void *address, size_t size, bool accessible) {
+  return mprotect(address, size,
+                  accessible ? PROT_READ | PROT_WRITE : PROT_NONE) == 0;
+}
+
 bool os_resize_in_place(void *address, size_t old_size, size_t new_size) {
   void *moved = mremap(address, old_size, new_size, 0);
   return moved != MAP_FAILED;

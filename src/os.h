@@ -24,6 +24,8 @@ void os_release(void *address, size_t size);
  * MADV_DONTNEED (RSS falls now, range reads as zero); false: MADV_FREE
  * (RSS falls when the kernel needs memory; contents undefined). */
 bool os_purge(void *address, size_t size, bool decommit);
+/* Make a range inaccessible (a guard page) or accessible again. */
+bool os_protect(void *address, size_t size, bool accessible);
 /* Grow or shrink a mapping in place; false if the neighbours are taken. */
 bool os_resize_in_place(void *address, size_t old_size, size_t new_size);
 /* Move a mapping to a fresh region aligned to `alignment` without copying

@@ -36,6 +36,57 @@ static void write_after_free(void) {
     zk_malloc(100);
 }
 
+static void overflow_into_guard_page(void) {
+  zk_option_set(ZK_OPTION_SECURE, 1);
+  char *p = zk_malloc(100000);
+  p[99999] = 1; /* the last byte is fine */
+  fprintf(stderr, "guard page not hit\n");
+  p[100000 + 15] = 1; /* past the block, rounded to 16 bytes: faults */
+  fprintf(stderr, "guard page missed\n");
+}
+
+static void test_guard_page(void) {
+  int pipe_fds[2];
+  CHECK(pipe(pipe_fds) == 0);
+  pid_t child = fork();
+  if (child == 0) {
+    dup2(pipe_fds[1], 2);
+    overflow_into_guard_page();
+    _exit(0);
+  }
+  close(pipe_fds[1]);
+  char message[256] = {0};
+  CHECK(read(pipe_fds[0], message, sizeof(message) - 1) > 0);
+  close(pipe_fds[0]);
+  int status;
+  waitpid(child, &status, 0);
+  CHECK(WIFSIGNALED(status) && WTERMSIG(status) == SIGSEGV);
+  CHECK(strstr(message, "guard page not hit") != NULL);
+  CHECK(strstr(message, "missed") == NULL);
+}
+
+static void test_guarded_blocks_work(void) {
+  pid_t child = fork();
+  if (child == 0) {
+    zk_option_set(ZK_OPTION_SECURE, 1);
+    for (size_t size = 70000; size < (2u << 20); size = size * 3 / 2) {
+      char *p = zk_malloc(size);
+      memset(p, 3, size);
+      CHECK(zk_usable_size(p) >= size);
+      p = zk_realloc(p, size + 1000);
+      CHECK(p[size - 1] == 3);
+      zk_free(p);
+      char *zeroed = zk_calloc(1, size);
+      CHECK(zeroed[0] == 0 && zeroed[size - 1] == 0);
+      zk_free(zeroed);
+    }
+    _exit(0);
+  }
+  int status;
+  waitpid(child, &status, 0);
+  CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+}
+
 static void test_shuffled_order(void) {
   pid_t child = fork();
   if (child == 0) {
@@ -60,6 +111,8 @@ int main(void) {
   test_expect_abort(write_after_free, "write after free");
   test_expect_abort(double_free_not_head, "double free");
   test_shuffled_order();
+  test_guard_page();
+  test_guarded_blocks_work();
   printf("test_secure: ok\n");
   return 0;
 }
