@@ -21,8 +21,8 @@
  * Layers: alloc.c and pool.c (API) -> heap.c -> page.c -> segment.c -> os.c.
  * A layer calls only the layers below it.
  *
- * Lock order (outer first): pool registry, pool->lock, segment_lock,
- * abandoned_lock, heaps_lock, meta lock. Fast paths take no lock. */
+ * Lock order (outer first): pool registry, pool->lock, abandoned_lock,
+ * heaps_lock, segment_lock, meta lock. Fast paths take no lock. */
 #ifndef ZKMEM_INTERNAL_H
 #define ZKMEM_INTERNAL_H
 

@@ -128,17 +128,17 @@ ZK_EXPORT void malloc_stats(void) {
 
 /* fork: hold every allocator lock across it, so the child starts with
  * consistent structures and unlocked mutexes. */
-static void fork_prepare(void) {
+static void fork_prepare(void) { /* in the lock order of internal.h */
   pool_lock_all();
-  segment_lock_all();
   heap_lock_all();
+  segment_lock_all();
   os_meta_lock();
 }
 
 static void fork_parent(void) {
   os_meta_unlock();
-  heap_unlock_all();
   segment_unlock_all();
+  heap_unlock_all();
   pool_unlock_all();
 }
 

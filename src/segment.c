@@ -15,8 +15,8 @@
 
 /* One byte per 4 MiB of a 48-bit address space: 64 MiB of zero pages, of
  * which only the 4 KiB pages covering mapped segments are ever written. A
- * byte rather than a bit: the free path tests it in one load (a bitmap was
- * five instructions more per free). */
+ * byte rather than a bit: the free path tests it in one load (a bitmap
+ * cost two instructions more per free). */
 uint8_t segment_owned_map[SEGMENT_MAP_ENTRIES];
 
 pthread_mutex_t segment_lock = PTHREAD_MUTEX_INITIALIZER;
