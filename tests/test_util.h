@@ -76,9 +76,10 @@ static inline void test_reexec_without_zkmem_environment(const char *self) {
   }
 }
 
-/* Runs body in a forked child with stderr captured: the child must die of
- * SIGABRT after printing a line that contains `expected`. */
-static inline void test_expect_abort(void (*body)(void), const char *expected) {
+/* Runs body in a forked child with its stderr read into message (up to
+ * capacity - 1 bytes, NUL-terminated); returns the wait status. */
+static inline int test_run_child(void (*body)(void), char *message,
+                                 size_t capacity) {
   int pipe_fds[2];
   CHECK(pipe(pipe_fds) == 0);
   pid_t child = fork();
@@ -89,17 +90,33 @@ static inline void test_expect_abort(void (*body)(void), const char *expected) {
     _exit(0);
   }
   close(pipe_fds[1]);
-  char message[512] = {0};
-  ssize_t length = read(pipe_fds[0], message, sizeof(message) - 1);
+  size_t used = 0;
+  ssize_t got;
+  while (used + 1 < capacity &&
+         (got = read(pipe_fds[0], message + used, capacity - 1 - used)) > 0)
+    used += (size_t)got;
+  message[used] = '\0';
   close(pipe_fds[0]);
   int status;
   waitpid(child, &status, 0);
-  if (!(length > 0 && WIFSIGNALED(status) && WTERMSIG(status) == SIGABRT &&
+  return status;
+}
+
+/* The child must die of `signal_number` after printing `expected`. */
+static inline void test_expect_signal(void (*body)(void), int signal_number,
+                                      const char *expected) {
+  char message[512];
+  int status = test_run_child(body, message, sizeof(message));
+  if (!(WIFSIGNALED(status) && WTERMSIG(status) == signal_number &&
         strstr(message, expected) != NULL)) {
-    fprintf(stderr, "expected an abort with \"%s\", got status %d: %s\n",
-            expected, status, message);
+    fprintf(stderr, "expected signal %d with \"%s\", got status %d: %s\n",
+            signal_number, expected, status, message);
     exit(1);
   }
+}
+
+static inline void test_expect_abort(void (*body)(void), const char *expected) {
+  test_expect_signal(body, SIGABRT, expected);
 }
 
 #endif
