@@ -150,7 +150,6 @@ static heap_t *heap_create(void) {
   for (size_t i = 0; i < POOL_SLOTS; i++)
     heap->pool_magazines[i] = &pool_magazine_empty;
   heap->random_state = random_seed() ^ (uint64_t)(uintptr_t)heap;
-  heap->initialized = true;
   pthread_mutex_lock(&heaps_lock);
   heap->next_heap = heaps_live;
   heaps_live = heap;
@@ -228,7 +227,6 @@ static void heap_abandon(heap_t *heap) {
     link = &(*link)->next_heap;
   if (*link == heap)
     *link = heap->next_heap;
-  heap->initialized = false;
   heap->next_heap = heaps_free;
   heaps_free = heap;
   pthread_mutex_unlock(&heaps_lock);
@@ -265,10 +263,9 @@ static page_t *heap_reclaim_page(heap_t *heap, unsigned class_index) {
   return page;
 }
 
-/* Collects abandoned pages that remote frees have emptied (all of them,
- * including partly used ones' remote lists, when force). */
-void heap_reclaim_abandoned(bool force) {
-  (void)force;
+/* Collects the remote frees of every abandoned page and gives back the
+ * pages they emptied. */
+void heap_reclaim_abandoned(void) {
   pthread_mutex_lock(&abandoned_lock);
   for (unsigned c = 0; c < CLASS_COUNT; c++) {
     page_t *page = abandoned[c].first;

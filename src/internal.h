@@ -147,10 +147,6 @@ typedef struct heap_stats {
   uint64_t class_allocs_retired[CLASS_COUNT];
 } heap_stats_t;
 
-struct large_cache_entry {
-  page_t *span;
-};
-
 struct heap {
   /* Fast paths: direct[] maps (size + 7) / 8 to the class's current page,
    * class_pages[] a class to it (page_empty when there is none);
@@ -166,7 +162,6 @@ struct heap {
   page_t *large_cache[LARGE_CACHE_ENTRIES];
   unsigned large_cache_count;
   heap_stats_t stats;
-  bool initialized;
   heap_t *next_heap; /* heaps_lock: all live heaps / free heaps */
 };
 
@@ -237,7 +232,6 @@ page_t *segment_huge_resize(page_t *page, size_t new_size);
 size_t segment_purge(uint64_t now_ms, bool force);
 void segment_lock_all(void);
 void segment_unlock_all(void);
-void segment_reinit_after_fork(void);
 void segment_collect_stats(zk_stats_t *out);
 extern pthread_mutex_t segment_lock;
 
@@ -276,7 +270,7 @@ void heap_free_local_slow(heap_t *heap, page_t *page);
 void *heap_free_list_corrupted(page_t *page, block_t *block);
 heap_t *heap_get_initialized(void);
 void heap_collect(heap_t *heap, bool force);
-void heap_reclaim_abandoned(bool force);
+void heap_reclaim_abandoned(void);
 void heap_lock_all(void);
 void heap_unlock_all(void);
 void heap_collect_stats(zk_stats_t *out);

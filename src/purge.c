@@ -23,13 +23,13 @@ void purge_maybe(void) {
   /* One thread purges; the others go on allocating. */
   if (!atomic_compare_exchange_strong(&last_purge_ms, &last, now))
     return;
-  heap_reclaim_abandoned(false);
+  heap_reclaim_abandoned();
   segment_purge(now, false);
 }
 
 ZK_EXPORT void zk_collect(bool force) {
   heap_collect(heap_current, force);
-  heap_reclaim_abandoned(force);
+  heap_reclaim_abandoned();
   uint64_t now = clock_now_ms();
   atomic_store_explicit(&last_purge_ms, now, memory_order_relaxed);
   segment_purge(now, force);

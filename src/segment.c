@@ -88,7 +88,7 @@ static void span_merge_purge_state(page_t *into, const page_t *other) {
 
 /* Put a free span (not in any bin) into its bin, merged with neighbours.
  * A merged span is purged only if all its parts were. */
-static void span_insert_free(page_t *span, uint64_t now_ms) {
+static void span_insert_free(page_t *span) {
   segment_t *segment = segment_of(span);
   size_t index = slice_index(span);
   size_t end = index + span->slice_count;
@@ -115,7 +115,6 @@ static void span_insert_free(page_t *span, uint64_t now_ms) {
       span = before;
     }
   }
-  (void)now_ms;
   span->kind = PAGE_FREE_SPAN;
   span_mark(span, span->slice_count);
   bin_insert(span);
@@ -140,7 +139,7 @@ static segment_t *segment_map_new(void) {
   span->huge_pages = got_huge;
   span->free_since_ms = 0;
   span->purged = 1; /* never touched: nothing resident */
-  span_insert_free(span, 0);
+  span_insert_free(span);
   segment->next = segments;
   if (segments)
     segments->prev = segment;
@@ -267,7 +266,7 @@ void segment_span_free(page_t *span) {
   atomic_store_explicit(&span->owner, NULL, memory_order_relaxed);
   span->pool = NULL;
   bytes_free_committed += slices << SLICE_SHIFT;
-  span_insert_free(span, now);
+  span_insert_free(span);
   if (segment->used_slices == 0)
     segment->free_since_ms = now;
   pthread_mutex_unlock(&segment_lock);
