@@ -1,58 +1,16 @@
-/* The malloc API. The two fast paths are here and nowhere else:
- *   zk_malloc: pop the free list of the current page of the size's class.
- *   zk_free:   push onto the owning page's free list.
- * Everything else is one noinline call away (heap.c, large.c). */
-#include "internal.h"
-#include "sizeclass.h"
+/* The malloc API: zk_malloc/zk_free are the fast paths of alloc_fast.h;
+ * the rest of the family builds on them. */
+#include "alloc_fast.h"
 
 #include <errno.h>
 #include <string.h>
 
 ZK_EXPORT void *zk_malloc(size_t size) {
-  heap_t *heap = heap_current;
-  page_t *page;
-  if (likely(size <= DIRECT_MAX))
-    page = heap->direct[(size + 7) >> 3];
-  else if (likely(size <= SMALL_MAX))
-    page = heap->class_pages[class_by_128[(size + 127) >> 7]];
-  else
-    return heap_malloc_generic(heap, size, 0);
-  block_t *block = page->free;
-  if (likely(block != NULL)) {
-    block_t *next = page_decode(page, block->next_encoded);
-    /* A link leaving the block's segment was overwritten (use after free
-     * or overflow): the key makes a forged link land anywhere. */
-    if (unlikely(((uintptr_t)next ^ (uintptr_t)block) >> SEGMENT_SHIFT) &&
-        next != NULL)
-      return heap_free_list_corrupted(page, block);
-    page->free = next;
-    page->used++;
-    return block;
-  }
-  return heap_malloc_generic(heap, size, 0);
+  return alloc_fast_malloc(size);
 }
 
 ZK_EXPORT void zk_free(void *p) {
-  segment_t *segment = segment_of(p);
-  if (likely(segment_is_owned(segment))) {
-    page_t *page = segment_page_of(segment, p);
-    heap_t *heap = heap_current;
-    block_t *block = p;
-    /* Owner's free, not the head of its list (an O(1) double-free check).
-     * The block goes straight back where malloc pops: LIFO reuse keeps the
-     * hottest block in cache. */
-    if (likely(atomic_load_explicit(&page->owner, memory_order_relaxed) ==
-                   heap &&
-               block != page->free)) {
-      block->next_encoded = page_encode(page, page->free);
-      page->free = block;
-      page->frees++;
-      if (unlikely(--page->used < page->free_trigger))
-        heap_free_local_slow(heap, page);
-      return;
-    }
-  }
-  heap_free_generic(p);
+  alloc_fast_free(p);
 }
 
 ZK_EXPORT void *zk_calloc(size_t count, size_t size) {

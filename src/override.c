@@ -2,7 +2,7 @@
  * internal names and harmless versions of its tuning calls, so that no
  * allocation in the process reaches glibc's allocator. Works from the first
  * call: nothing here needs a constructor or dlsym. */
-#include "internal.h"
+#include "alloc_fast.h"
 #include "os.h"
 
 #include <errno.h>
@@ -11,10 +11,10 @@
 #include <unistd.h>
 
 ZK_EXPORT void *malloc(size_t size) {
-  return zk_malloc(size);
+  return alloc_fast_malloc(size);
 }
 ZK_EXPORT void free(void *p) {
-  zk_free(p);
+  alloc_fast_free(p);
 }
 ZK_EXPORT void *calloc(size_t count, size_t size) {
   return zk_calloc(count, size);

@@ -1,0 +1,60 @@
+/* The two fast paths, and nowhere else:
+ *   malloc: pop the free list of the current page of the size's class.
+ *   free:   push onto the owning page's free list.
+ * Everything else is one noinline call away (heap.c, large.c). They are
+ * inlined into zk_malloc/zk_free (alloc.c) and into the exported malloc/free
+ * (override.c), so that neither entry point pays a jump to the other. */
+#ifndef ZKMEM_ALLOC_FAST_H
+#define ZKMEM_ALLOC_FAST_H
+
+#include "internal.h"
+#include "sizeclass.h"
+
+ZK_INLINE void *alloc_fast_malloc(size_t size) {
+  heap_t *heap = heap_current;
+  page_t *page;
+  if (likely(size <= DIRECT_MAX))
+    page = heap->direct[(size + 7) >> 3];
+  else if (likely(size <= SMALL_MAX))
+    page = heap->class_pages[class_by_128[(size + 127) >> 7]];
+  else
+    return heap_malloc_generic(heap, size, 0);
+  block_t *block = page->free;
+  if (likely(block != NULL)) {
+    block_t *next = page_decode(page, block->next_encoded);
+    /* A link leaving the block's segment was overwritten (use after free
+     * or overflow): the key makes a forged link land anywhere. */
+    if (unlikely(((uintptr_t)next ^ (uintptr_t)block) >> SEGMENT_SHIFT) &&
+        next != NULL)
+      return heap_free_list_corrupted(page, block);
+    page->free = next;
+    page->used++;
+    return block;
+  }
+  return heap_malloc_generic(heap, size, 0);
+}
+
+ZK_INLINE void alloc_fast_free(void *p) {
+  segment_t *segment = segment_of(p);
+  if (likely(segment_is_owned(segment))) {
+    page_t *page = segment_page_of(segment, p);
+    heap_t *heap = heap_current;
+    block_t *block = p;
+    /* Owner's free, not the head of its list (an O(1) double-free check).
+     * The block goes straight back where malloc pops: LIFO reuse keeps the
+     * hottest block in cache. */
+    if (likely(atomic_load_explicit(&page->owner, memory_order_relaxed) ==
+                   heap &&
+               block != page->free)) {
+      block->next_encoded = page_encode(page, page->free);
+      page->free = block;
+      page->frees++;
+      if (unlikely(--page->used < page->free_trigger))
+        heap_free_local_slow(heap, page);
+      return;
+    }
+  }
+  heap_free_generic(p);
+}
+
+#endif
