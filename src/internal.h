@@ -129,6 +129,9 @@ struct segment {
   uintptr_t cookie; /* address ^ process secret: masking found a header */
   uint8_t kind;     /* segment_kind_t */
   uint8_t huge_pages;
+  /* Secure mode: the header's last OS page and the last slice are
+   * inaccessible, so no block borders a neighbouring segment. */
+  uint8_t guarded;
   uint32_t used_slices;
   size_t mapped_size;
   uint64_t free_since_ms; /* all slices free since (NORMAL) */

@@ -128,9 +128,7 @@ void large_free(heap_t *heap, page_t *page) {
   }
   atomic_fetch_sub_explicit(&large_live, 1, memory_order_relaxed);
   page->is_zero = 0;
-  if (page->secure) {
-    uint8_t *span_end = page->start + page->large_size + OS_PAGE_SIZE;
-    os_protect(span_end - OS_PAGE_SIZE, OS_PAGE_SIZE, true);
+  if (page->secure) { /* segment_span_free lifts the guard page */
     segment_span_free(page);
     return;
   }

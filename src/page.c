@@ -115,15 +115,21 @@ void page_init_small(page_t *page, heap_t *heap, unsigned class_index) {
   uint32_t block_size = class_block_size[class_index];
   page->class_index = (uint8_t)class_index;
   page->block_size = block_size;
-  page->reserved =
-      (uint32_t)(((size_t)page->slice_count << SLICE_SHIFT) / block_size);
+  size_t span_bytes = (size_t)page->slice_count << SLICE_SHIFT;
+  page->secure = option(ZK_OPTION_SECURE) != 0;
+  if (page->secure) {
+    /* The span's last OS page becomes a guard: an overflow off the end of
+     * the page's last block faults. segment_span_free lifts it. */
+    span_bytes -= OS_PAGE_SIZE;
+    os_protect(page->start + span_bytes, OS_PAGE_SIZE, false);
+  }
+  page->reserved = (uint32_t)(span_bytes / block_size);
   page->capacity = 0;
   page->used = 0;
   page->free_trigger = 1;
   page->free = NULL;
   page->frees = 0;
   page->key = random_next(&heap->random_state) | 1;
-  page->secure = option(ZK_OPTION_SECURE) != 0;
   atomic_store_explicit(&page->thread_free, NULL, memory_order_relaxed);
   atomic_store_explicit(&page->owner, page_owner_word(page, heap),
                         memory_order_relaxed);

@@ -120,6 +120,24 @@ static void span_insert_free(page_t *span) {
   bin_insert(span);
 }
 
+/* Secure mode: a guard page between the header and the first slice, and the
+ * last slice kept as a guard (a header-kind span, so free spans never merge
+ * into it). False, and nothing protected, when the kernel refuses. */
+static bool segment_guard(segment_t *segment) {
+  uint8_t *header_end = (uint8_t *)segment + SLICE_SIZE;
+  uint8_t *last_slice = (uint8_t *)segment + SEGMENT_SIZE - SLICE_SIZE;
+  if (!os_protect(header_end - OS_PAGE_SIZE, OS_PAGE_SIZE, false))
+    return false;
+  if (!os_protect(last_slice, SLICE_SIZE, false)) {
+    os_protect(header_end - OS_PAGE_SIZE, OS_PAGE_SIZE, true);
+    return false;
+  }
+  page_t *guard = &segment->pages[SLICES_PER_SEGMENT - 1];
+  guard->kind = PAGE_HEADER;
+  guard->slice_count = 1;
+  return true;
+}
+
 static segment_t *segment_map_new(void) {
   int got_huge = 0;
   int huge_mode = (int)option(ZK_OPTION_HUGE_PAGES);
@@ -133,8 +151,13 @@ static segment_t *segment_map_new(void) {
   segment->mapped_size = SEGMENT_SIZE;
   segment->pages[0].kind = PAGE_HEADER;
   segment->pages[0].slice_count = 1;
+  size_t usable = SEGMENT_USABLE_SLICES;
+  if (option(ZK_OPTION_SECURE) && segment_guard(segment)) {
+    segment->guarded = 1;
+    usable--;
+  }
   page_t *span = &segment->pages[SEGMENT_FIRST_SLICE];
-  span->slice_count = SEGMENT_USABLE_SLICES;
+  span->slice_count = (uint32_t)usable;
   span->is_zero = 1;
   span->huge_pages = got_huge;
   span->free_since_ms = 0;
@@ -206,18 +229,21 @@ page_t *segment_span_alloc(size_t slices, page_kind_t kind, segment_t **home) {
       fresh = fresh->next; /* an empty one: left by an exited thread */
     if (fresh == NULL)
       fresh = segment_map_new();
-    if (fresh != NULL)
+    if (fresh != NULL &&
+        fresh->pages[SEGMENT_FIRST_SLICE].slice_count >= slices)
       span = &fresh->pages[SEGMENT_FIRST_SLICE];
   }
   for (size_t bin = slices; span == NULL && bin < SLICES_PER_SEGMENT; bin++)
     span = span_bins[bin];
   if (span == NULL) {
-    if (segment_map_new() == NULL) {
+    segment_t *fresh = segment_map_new();
+    if (fresh == NULL ||
+        fresh->pages[SEGMENT_FIRST_SLICE].slice_count < slices) {
       pthread_mutex_unlock(&segment_lock);
-      errno = ENOMEM;
+      errno = ENOMEM; /* only a guarded segment is one slice short */
       return NULL;
     }
-    span = span_bins[SEGMENT_USABLE_SLICES];
+    span = &fresh->pages[SEGMENT_FIRST_SLICE];
   }
   bin_remove(span);
   if (!span->purged)
@@ -256,6 +282,9 @@ page_t *segment_span_alloc(size_t slices, page_kind_t kind, segment_t **home) {
 void segment_span_free(page_t *span) {
   uint64_t now = clock_now_ms();
   size_t slices = span->slice_count;
+  if (span->secure) /* its last OS page was a guard (page.c, large.c) */
+    os_protect(slice_address(span) + (slices << SLICE_SHIFT) - OS_PAGE_SIZE,
+               OS_PAGE_SIZE, true);
   pthread_mutex_lock(&segment_lock);
   segment_t *segment = segment_of(span);
   segment->used_slices -= (uint32_t)slices;
@@ -280,17 +309,32 @@ page_t *segment_huge_alloc(size_t size, size_t alignment) {
     errno = ENOMEM;
     return NULL;
   }
-  size_t total = (offset + size + SEGMENT_MASK) & ~SEGMENT_MASK;
-  if (total < size) {
+  /* Secure mode: the block ends where the mapping's last, inaccessible OS
+   * page begins (16-byte alignment at most; huge pages would make the
+   * guard 2 MiB). */
+  bool guarded = option(ZK_OPTION_SECURE) && alignment <= 16;
+  size_t rounded = (size + 15) & ~(size_t)15;
+  size_t total =
+      guarded ? (offset + rounded + 2 * OS_PAGE_SIZE - 1) & ~(OS_PAGE_SIZE - 1)
+              : (offset + size + SEGMENT_MASK) & ~SEGMENT_MASK;
+  if (total < size || rounded < size) {
     errno = ENOMEM;
     return NULL;
   }
   int got_huge = 0;
-  int huge_mode = (int)option(ZK_OPTION_HUGE_PAGES);
+  int huge_mode = guarded ? 0 : (int)option(ZK_OPTION_HUGE_PAGES);
   segment_t *segment =
       os_reserve_aligned(total, SEGMENT_SIZE, huge_mode, &got_huge);
   if (segment == NULL)
     return NULL;
+  uint8_t *guard = (uint8_t *)segment + total - OS_PAGE_SIZE;
+  if (guarded && !os_protect(guard, OS_PAGE_SIZE, false)) {
+    os_release(segment, total);
+    errno = ENOMEM;
+    return NULL;
+  }
+  if (guarded)
+    offset = (size_t)(guard - rounded - (uint8_t *)segment);
   pthread_mutex_lock(&segment_lock);
   if (segment_secret == 0)
     segment_secret = (uintptr_t)random_seed() | 1;
@@ -310,7 +354,8 @@ page_t *segment_huge_alloc(size_t size, size_t alignment) {
   page->is_zero = 1;
   page->huge_pages = got_huge;
   page->start = (uint8_t *)segment + offset;
-  page->large_size = total - offset;
+  page->large_size = guarded ? rounded : total - offset;
+  page->secure = guarded;
   /* Interior slices of the first 4 MiB resolve to the block. */
   for (size_t i = index + 1; i < SLICES_PER_SEGMENT; i++)
     segment->pages[i].slice_offset = (uint32_t)(i - index);
@@ -336,8 +381,10 @@ page_t *segment_huge_resize(page_t *page, size_t new_size) {
   size_t offset = (size_t)(page->start - (uint8_t *)segment);
   size_t old_total = segment->mapped_size;
   size_t new_total = (offset + new_size + SEGMENT_MASK) & ~SEGMENT_MASK;
-  if (new_total < new_size || segment->huge_pages == 2)
-    return NULL; /* hugetlb mappings cannot be remapped piecewise */
+  /* hugetlb mappings cannot be remapped piecewise; a guarded block moves
+   * (the caller copies it into a fresh guarded one). */
+  if (new_total < new_size || segment->huge_pages == 2 || page->secure)
+    return NULL;
   if (new_total == old_total)
     return page;
   if (os_resize_in_place(segment, old_total, new_total)) {

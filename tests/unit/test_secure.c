@@ -45,16 +45,66 @@ static void overflow_into_guard_page(void) {
   fprintf(stderr, "guard page missed\n");
 }
 
+/* 1 KiB blocks fill a guarded 64 KiB page exactly (60 of them), so the
+ * last one ends where the page's guard begins. */
+static void overflow_off_small_page(void) {
+  zk_option_set(ZK_OPTION_SECURE, 1);
+  char *last = NULL;
+  for (int i = 0; i < 200 && last == NULL; i++) {
+    char *p = zk_malloc(1024);
+    if (((uintptr_t)p + 1024) % 65536 == 65536 - 4096)
+      last = p;
+  }
+  CHECK(last != NULL);
+  last[1023] = 1;
+  fprintf(stderr, "guard page not hit\n");
+  last[1024] = 1;
+  fprintf(stderr, "guard page missed\n");
+}
+
+/* The first block of a segment's first page: just below it lies the guard
+ * page that closes the segment header. */
+static void underflow_off_segment_start(void) {
+  zk_option_set(ZK_OPTION_SECURE, 1);
+  char *first = NULL;
+  for (int i = 0; i < 5000 && first == NULL; i++) {
+    char *p = zk_malloc(2048);
+    if ((uintptr_t)p % (4u << 20) == 65536)
+      first = p;
+  }
+  CHECK(first != NULL);
+  first[0] = 1;
+  fprintf(stderr, "guard page not hit\n");
+  first[-1] = 1;
+  fprintf(stderr, "guard page missed\n");
+}
+
+/* A huge block (above 2 MiB) ends at its mapping's guard page. */
+static void overflow_off_huge_block(void) {
+  zk_option_set(ZK_OPTION_SECURE, 1);
+  size_t size = (3u << 20) + 8;
+  char *p = zk_malloc(size);
+  CHECK(p != NULL && zk_usable_size(p) == size + 8);
+  p[size - 1] = 1;
+  fprintf(stderr, "guard page not hit\n");
+  p[size + 8] = 1; /* past the 16-byte rounding */
+  fprintf(stderr, "guard page missed\n");
+}
+
 /* A missed guard page lets the child exit normally: no SIGSEGV. */
 static void test_guard_page(void) {
   test_expect_signal(overflow_into_guard_page, SIGSEGV, "guard page not hit");
+  test_expect_signal(overflow_off_small_page, SIGSEGV, "guard page not hit");
+  test_expect_signal(underflow_off_segment_start, SIGSEGV,
+                     "guard page not hit");
+  test_expect_signal(overflow_off_huge_block, SIGSEGV, "guard page not hit");
 }
 
 static void test_guarded_blocks_work(void) {
   pid_t child = fork();
   if (child == 0) {
     zk_option_set(ZK_OPTION_SECURE, 1);
-    for (size_t size = 70000; size < (2u << 20); size = size * 3 / 2) {
+    for (size_t size = 70000; size < (16u << 20); size = size * 3 / 2) {
       char *p = zk_malloc(size);
       memset(p, 3, size);
       CHECK(zk_usable_size(p) >= size);
