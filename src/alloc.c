@@ -6,11 +6,11 @@
 #include <string.h>
 
 ZK_EXPORT void *zk_malloc(size_t size) {
-  return alloc_fast_malloc(size);
+  return alloc_malloc(size);
 }
 
 ZK_EXPORT void zk_free(void *p) {
-  alloc_fast_free(p);
+  alloc_free(p);
 }
 
 ZK_EXPORT void *zk_calloc(size_t count, size_t size) {
@@ -19,8 +19,10 @@ ZK_EXPORT void *zk_calloc(size_t count, size_t size) {
     errno = ENOMEM;
     return NULL;
   }
-  void *p = zk_malloc(total);
-  if (p != NULL && !large_block_is_zero(p))
+  void *p = alloc_fast_malloc(total);
+  bool zero = p != NULL && large_block_is_zero(p);
+  track_malloc(p, total, zero);
+  if (p != NULL && !zero)
     memset(p, 0, total);
   return p;
 }
@@ -58,16 +60,21 @@ ZK_EXPORT void *zk_realloc(void *p, size_t size) {
     errno = EINVAL;
     return NULL;
   }
-  /* Shrinking by less than half keeps the block. */
-  if (size <= usable && size >= usable / 2)
-    return p;
-  void *resized = large_try_resize(p, size);
-  if (resized != NULL)
-    return resized;
+  /* Shrinking by less than half keeps the block. Under memcheck every
+   * realloc moves, as valgrind's own does: the block's recorded size is
+   * the size asked for, which zkmem does not keep. */
+  if (!ZK_TRACKING) {
+    if (size <= usable && size >= usable / 2)
+      return p;
+    void *resized = large_try_resize(p, size);
+    if (resized != NULL)
+      return resized;
+  }
   void *fresh = zk_malloc(size);
   if (fresh == NULL)
     return NULL; /* p is untouched, as C requires */
-  memcpy(fresh, p, size < usable ? size : usable);
+  /* Copies the usable size, past what the program asked for. */
+  track_quietly(memcpy(fresh, p, size < usable ? size : usable));
   zk_free(p);
   return fresh;
 }
@@ -83,7 +90,9 @@ ZK_EXPORT void *zk_aligned_alloc(size_t alignment, size_t size) {
     errno = ENOMEM;
     return NULL;
   }
-  return heap_malloc_generic(heap_current, size, alignment);
+  void *p = heap_malloc_generic(heap_current, size, alignment);
+  track_malloc(p, size, 0);
+  return p;
 }
 
 ZK_EXPORT int zk_posix_memalign(void **out, size_t alignment, size_t size) {

@@ -21,7 +21,7 @@ ZK_INLINE void *alloc_fast_malloc(size_t size) {
     return heap_malloc_generic(heap, size, 0);
   block_t *block = page->free;
   if (likely(block != NULL)) {
-    block_t *next = page_decode(page, block->next_encoded);
+    block_t *next = block_next(page, block);
     /* A link leaving the block's segment was overwritten (use after free
      * or overflow): the key makes a forged link land anywhere. */
     if (unlikely(((uintptr_t)next ^ (uintptr_t)block) >> SEGMENT_SHIFT) &&
@@ -46,7 +46,7 @@ ZK_INLINE void alloc_fast_free(void *p) {
     if (likely(atomic_load_explicit(&page->owner, memory_order_relaxed) ==
                    heap &&
                block != page->free)) {
-      block->next_encoded = page_encode(page, page->free);
+      block_set_next(page, block, page->free);
       page->free = block;
       page->frees++;
       if (unlikely(--page->used < page->free_trigger))
@@ -55,6 +55,20 @@ ZK_INLINE void alloc_fast_free(void *p) {
     }
   }
   heap_free_generic(p);
+}
+
+/* The entry points' malloc and free: the fast paths plus the memcheck
+ * annotations (nothing without ZKMEM_VALGRIND). */
+ZK_INLINE void *alloc_malloc(size_t size) {
+  void *p = alloc_fast_malloc(size);
+  track_malloc(p, size, 0);
+  return p;
+}
+
+ZK_INLINE void alloc_free(void *p) {
+  if (ZK_TRACKING && p != NULL)
+    track_free(p);
+  alloc_fast_free(p);
 }
 
 #endif

@@ -395,7 +395,7 @@ void *heap_malloc_generic(heap_t *heap, size_t size, size_t alignment) {
     }
   }
   block_t *block = page->free;
-  block_t *next = page_decode(page, block->next_encoded);
+  block_t *next = block_next(page, block);
   if (unlikely(page->secure)) {
     if (((uintptr_t)next ^ (uintptr_t)block) >> SEGMENT_SHIFT && next != NULL)
       return heap_free_list_corrupted(page, block);
@@ -461,8 +461,7 @@ static bool heap_secure_is_free(page_t *page, block_t *block) {
   if (!page->secure || !page_secure_intact(page, block))
     return false;
   page_collect(page);
-  for (block_t *b = page->free; b != NULL;
-       b = page_decode(page, b->next_encoded))
+  for (block_t *b = page->free; b != NULL; b = block_next(page, b))
     if (b == block)
       return true;
   return false;
@@ -497,7 +496,7 @@ void heap_free_generic(void *p) {
         error_report("double free", p, page->block_size);
         return;
       }
-      block->next_encoded = page_encode(page, page->free);
+      block_set_next(page, block, page->free);
       page->free = block;
       page->frees++;
       page->used--;

@@ -78,6 +78,7 @@ static void *large_alloc_guarded(heap_t *heap, size_t size) {
   }
   span->secure = 1;
   span->start = guard - rounded;
+  track_noaccess(span->start, rounded);
   span->large_size = rounded;
   atomic_fetch_add_explicit(&large_allocations, 1, memory_order_relaxed);
   atomic_fetch_add_explicit(&large_live, 1, memory_order_relaxed);
@@ -106,6 +107,7 @@ void *large_alloc(heap_t *heap, size_t size, size_t alignment) {
     }
   }
   span->large_size = slices << SLICE_SHIFT;
+  track_noaccess(span->start, span->large_size);
   atomic_fetch_add_explicit(&large_allocations, 1, memory_order_relaxed);
   atomic_fetch_add_explicit(&large_live, 1, memory_order_relaxed);
   large_account(span, size);

@@ -11,10 +11,10 @@
 #include <unistd.h>
 
 ZK_EXPORT void *malloc(size_t size) {
-  return alloc_fast_malloc(size);
+  return alloc_malloc(size);
 }
 ZK_EXPORT void free(void *p) {
-  alloc_fast_free(p);
+  alloc_free(p);
 }
 ZK_EXPORT void *calloc(size_t count, size_t size) {
   return zk_calloc(count, size);

@@ -124,6 +124,7 @@ void page_init_small(page_t *page, heap_t *heap, unsigned class_index) {
     os_protect(page->start + span_bytes, OS_PAGE_SIZE, false);
   }
   page->reserved = (uint32_t)(span_bytes / block_size);
+  track_noaccess(page->start, span_bytes);
   page->capacity = 0;
   page->used = 0;
   page->free_trigger = 1;
@@ -140,16 +141,20 @@ void page_init_small(page_t *page, heap_t *heap, unsigned class_index) {
 #define SECURE_FILL_BYTE 0xdf
 
 void page_secure_fill(const page_t *page, block_t *block) {
-  memset((uint8_t *)block + sizeof(block_t), SECURE_FILL_BYTE,
-         page->block_size - sizeof(block_t));
+  uint8_t *fill = (uint8_t *)block + sizeof(block_t);
+  track_undefined(fill, page->block_size - sizeof(block_t));
+  memset(fill, SECURE_FILL_BYTE, page->block_size - sizeof(block_t));
+  track_noaccess(fill, page->block_size - sizeof(block_t));
 }
 
 bool page_secure_intact(const page_t *page, const block_t *block) {
   const uint8_t *bytes = (const uint8_t *)block;
-  for (size_t i = sizeof(block_t); i < page->block_size; i++)
-    if (bytes[i] != SECURE_FILL_BYTE)
-      return false;
-  return true;
+  bool intact = true;
+  track_defined(bytes, page->block_size);
+  for (size_t i = sizeof(block_t); i < page->block_size && intact; i++)
+    intact = bytes[i] == SECURE_FILL_BYTE;
+  track_noaccess(bytes, page->block_size);
+  return intact;
 }
 
 /* Secure mode links a fresh batch in a random order (a stride coprime with
@@ -190,7 +195,7 @@ bool page_extend(page_t *page) {
     block_t *block = (block_t *)(first + (size_t)index * page->block_size);
     if (page->secure)
       page_secure_fill(page, block);
-    block->next_encoded = page_encode(page, next);
+    block_set_next(page, block, next);
     next = block;
   }
   page->free = next;
@@ -210,11 +215,11 @@ void page_collect(page_t *page) {
   uint32_t count = 1;
   block_t *tail = remote;
   block_t *next;
-  while ((next = page_decode(page, tail->next_encoded)) != NULL) {
+  while ((next = block_next(page, tail)) != NULL) {
     tail = next;
     count++;
   }
-  tail->next_encoded = page_encode(page, page->free);
+  block_set_next(page, tail, page->free);
   page->free = remote;
   page->used -= count;
   page->frees += count;
@@ -225,7 +230,7 @@ void page_free_remote(page_t *page, block_t *block) {
   block_t *head =
       atomic_load_explicit(&page->thread_free, memory_order_relaxed);
   do {
-    block->next_encoded = page_encode(page, head);
+    block_set_next(page, block, head);
   } while (!atomic_compare_exchange_weak_explicit(&page->thread_free, &head,
                                                   block, memory_order_seq_cst,
                                                   memory_order_relaxed));

@@ -102,18 +102,29 @@ static uint64_t pool_next_uid = 1;
 static ZK_NOINLINE void *pool_alloc_slow(zk_pool_t *pool);
 static ZK_NOINLINE void pool_free_slow(zk_pool_t *pool, void *object);
 
+/* Under memcheck a pool object is a heap block; a constructed object's
+ * contents are defined. */
+#define track_pool_alloc(pool, object)                                         \
+  track_malloc((object), (pool)->object_size, (pool)->constructor != NULL)
+
 ZK_EXPORT void *zk_pool_alloc(zk_pool_t *pool) {
   magazine_t *magazine = heap_current->pool_magazines[pool_slot(pool)];
   uint64_t state = magazine->state;
+  void *object;
   if (likely((state & MAGAZINE_COUNT_MASK) != 0)) {
     state += (UINT64_C(1) << MAGAZINE_COUNT_BITS) - 1; /* count one, pop */
     magazine->state = state;
-    return magazine->items[state & MAGAZINE_COUNT_MASK];
+    object = magazine->items[state & MAGAZINE_COUNT_MASK];
+  } else {
+    object = pool_alloc_slow(pool);
   }
-  return pool_alloc_slow(pool);
+  track_pool_alloc(pool, object);
+  return object;
 }
 
 ZK_EXPORT void zk_pool_free(zk_pool_t *pool, void *object) {
+  if (ZK_TRACKING && object != NULL)
+    track_free(object);
   magazine_t *magazine = heap_current->pool_magazines[pool_slot(pool)];
   uint64_t state = magazine->state;
   if (likely((state & MAGAZINE_COUNT_MASK) < magazine->capacity)) {
@@ -292,7 +303,7 @@ static void slab_put_locked(zk_pool_t *pool, void *object) {
     queue_unlink(&pool->drained, page);
     queue_append(&pool->partial, page);
   }
-  block->next_encoded = page_encode(page, page->free);
+  block_set_next(page, block, page->free);
   page->free = block;
   page->used--;
   relaxed_set(&pool->free_in_pages, pool->free_in_pages + 1);
@@ -307,7 +318,7 @@ static uint32_t slab_take_locked(zk_pool_t *pool, void **out, uint32_t want) {
     page_t *page = pool->partial.first;
     while (taken < want && page->free != NULL) {
       block_t *block = page->free;
-      page->free = page_decode(page, block->next_encoded);
+      page->free = block_next(page, block);
       page->used++;
       out[taken++] = block;
     }
@@ -649,9 +660,20 @@ ZK_EXPORT zk_pool_t *zk_pool_create(size_t object_size,
   return pool;
 }
 
+#ifdef ZKMEM_VALGRIND
+static void track_pool_object_gone(void *object, void *arg) {
+  (void)arg;
+  track_free(object);
+}
+#endif
+
 ZK_EXPORT void zk_pool_destroy(zk_pool_t *pool) {
   if (pool == NULL)
     return;
+#ifdef ZKMEM_VALGRIND
+  /* Objects still live die with the pool: not leaks of the program's. */
+  zk_pool_visit(pool, track_pool_object_gone, NULL);
+#endif
   pthread_mutex_lock(&pools_lock);
   pthread_mutex_lock(&pool->lock);
   /* Magazines stay where their heaps point at them, emptied and marked
@@ -741,8 +763,7 @@ ZK_EXPORT void zk_pool_visit(zk_pool_t *pool,
   }
   /* Free: in page lists, in magazines, or reserved but not yet carved. */
   for (page_t *page = pool->partial.first; page != NULL; page = page->next)
-    for (block_t *b = page->free; b != NULL;
-         b = page_decode(page, b->next_encoded))
+    for (block_t *b = page->free; b != NULL; b = block_next(page, b))
       visit_mark_free(pool, bits, b);
   for (depot_round_t *r = pool->depot_full; r != NULL; r = r->next)
     for (uint32_t i = 0; i < MAGAZINE_CAPACITY; i++)

@@ -145,6 +145,7 @@ static segment_t *segment_map_new(void) {
       os_reserve_aligned(SEGMENT_SIZE, SEGMENT_SIZE, huge_mode, &got_huge);
   if (segment == NULL)
     return NULL;
+  track_header(segment, SLICE_SIZE);
   segment->cookie = (uintptr_t)segment ^ segment_secret;
   segment->kind = SEGMENT_NORMAL;
   segment->huge_pages = got_huge;
@@ -191,6 +192,7 @@ static void segment_unmap(segment_t *segment) {
   bytes_mapped -= SEGMENT_SIZE;
   if (segment->huge_pages)
     bytes_huge_backed -= SEGMENT_SIZE;
+  track_header_gone(segment, SLICE_SIZE);
   os_release(segment, SEGMENT_SIZE);
 }
 
@@ -335,6 +337,7 @@ page_t *segment_huge_alloc(size_t size, size_t alignment) {
   }
   if (guarded)
     offset = (size_t)(guard - rounded - (uint8_t *)segment);
+  track_header(segment, SLICE_SIZE);
   pthread_mutex_lock(&segment_lock);
   if (segment_secret == 0)
     segment_secret = (uintptr_t)random_seed() | 1;
@@ -373,6 +376,7 @@ void segment_huge_free(page_t *page) {
     bytes_huge_backed -= total;
   pthread_mutex_unlock(&segment_lock);
   owned_map_set(segment, false);
+  track_header_gone(segment, SLICE_SIZE);
   os_release(segment, total);
 }
 
@@ -396,6 +400,8 @@ page_t *segment_huge_resize(page_t *page, size_t new_size) {
     if (moved == NULL)
       return NULL;
     owned_map_set(segment, false);
+    track_header_gone(segment, SLICE_SIZE);
+    track_header(moved, SLICE_SIZE);
     segment = moved;
     pthread_mutex_lock(&segment_lock);
     segment->cookie = (uintptr_t)segment ^ segment_secret;
