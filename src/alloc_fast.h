@@ -22,15 +22,7 @@ ZK_INLINE void *alloc_fast_malloc(size_t size) {
   block_t *block = page->free;
   if (likely(block != NULL)) {
     block_t *next = block_next(page, block);
-    /* A link leaving the block's segment was overwritten (use after free
-     * or overflow): the key makes a forged link land anywhere. The end of
-     * the list (NULL) passes by arithmetic, not by a branch: that branch
-     * mispredicted at the end of every short list. */
-    uintptr_t leaves_segment =
-        ((uintptr_t)next ^ (uintptr_t)block) >> SEGMENT_SHIFT;
-    uintptr_t is_link = next != NULL;
-    __asm__("" : "+r"(is_link)); /* keep the compiler from branching on it */
-    if (unlikely(leaves_segment & -is_link))
+    if (unlikely(link_is_forged(block, next)))
       return heap_free_list_corrupted(page, block);
     page->free = next;
     page->used++;

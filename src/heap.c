@@ -397,7 +397,7 @@ void *heap_malloc_generic(heap_t *heap, size_t size, size_t alignment) {
   block_t *block = page->free;
   block_t *next = block_next(page, block);
   if (unlikely(page->secure)) {
-    if (((uintptr_t)next ^ (uintptr_t)block) >> SEGMENT_SHIFT && next != NULL)
+    if (link_is_forged(block, next))
       return heap_free_list_corrupted(page, block);
     if (!page_secure_intact(page, block))
       error_report("write after free", block, page->block_size);

@@ -294,6 +294,17 @@ ZK_INLINE block_t *page_decode(const page_t *page, uintptr_t encoded) {
 ZK_INLINE uintptr_t page_encode(const page_t *page, const block_t *next) {
   return (uintptr_t)next ^ page->key;
 }
+/* A decoded link that leaves its block's segment was overwritten (use after
+ * free or overflow): the key makes a forged link land anywhere. The end of
+ * the list (NULL) passes by arithmetic, not by a branch: that branch
+ * mispredicted at the end of every short list. */
+ZK_INLINE bool link_is_forged(const block_t *block, const block_t *next) {
+  uintptr_t leaves_segment =
+      ((uintptr_t)next ^ (uintptr_t)block) >> SEGMENT_SHIFT;
+  uintptr_t is_link = next != NULL;
+  __asm__("" : "+r"(is_link)); /* keep the compiler from branching on it */
+  return (leaves_segment & -is_link) != 0;
+}
 /* A free block's link word: the only place zkmem reads or writes a block it
  * does not hand out, so the only place the memcheck annotations open. */
 ZK_INLINE block_t *block_next(const page_t *page, block_t *block) {

@@ -36,13 +36,20 @@ static void write_after_free(void) {
     zk_malloc(100);
 }
 
+/* Writes a byte the block owns, then one a guard page should stop; the
+ * parent expects SIGSEGV after the first marker and never the second. */
+static void write_across_guard(char *allowed, char *guarded) {
+  *(volatile char *)allowed = 1;
+  fprintf(stderr, "guard page not hit\n");
+  *(volatile char *)guarded = 1;
+  fprintf(stderr, "guard page missed\n");
+}
+
 static void overflow_into_guard_page(void) {
   zk_option_set(ZK_OPTION_SECURE, 1);
   char *p = zk_malloc(100000);
-  p[99999] = 1; /* the last byte is fine */
-  fprintf(stderr, "guard page not hit\n");
-  p[100000 + 15] = 1; /* past the block, rounded to 16 bytes: faults */
-  fprintf(stderr, "guard page missed\n");
+  /* The last byte is fine; past the block, rounded to 16 bytes, faults. */
+  write_across_guard(p + 99999, p + 100000 + 15);
 }
 
 /* 1 KiB blocks fill a guarded 64 KiB page exactly (60 of them), so the
@@ -56,10 +63,7 @@ static void overflow_off_small_page(void) {
       last = p;
   }
   CHECK(last != NULL);
-  last[1023] = 1;
-  fprintf(stderr, "guard page not hit\n");
-  last[1024] = 1;
-  fprintf(stderr, "guard page missed\n");
+  write_across_guard(last + 1023, last + 1024);
 }
 
 /* The first block of a segment's first page: just below it lies the guard
@@ -73,10 +77,7 @@ static void underflow_off_segment_start(void) {
       first = p;
   }
   CHECK(first != NULL);
-  first[0] = 1;
-  fprintf(stderr, "guard page not hit\n");
-  first[-1] = 1;
-  fprintf(stderr, "guard page missed\n");
+  write_across_guard(first, first - 1);
 }
 
 /* A huge block (above 2 MiB) ends at its mapping's guard page. */
@@ -85,10 +86,7 @@ static void overflow_off_huge_block(void) {
   size_t size = (3u << 20) + 8;
   char *p = zk_malloc(size);
   CHECK(p != NULL && zk_usable_size(p) == size + 8);
-  p[size - 1] = 1;
-  fprintf(stderr, "guard page not hit\n");
-  p[size + 8] = 1; /* past the 16-byte rounding */
-  fprintf(stderr, "guard page missed\n");
+  write_across_guard(p + size - 1, p + size + 8); /* past the rounding */
 }
 
 /* A missed guard page lets the child exit normally: no SIGSEGV. */
