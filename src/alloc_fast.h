@@ -1,6 +1,7 @@
 /* The two fast paths, and nowhere else:
- *   malloc: pop the free list of the current page of the size's class.
- *   free:   push onto the owning page's free list.
+ *   malloc: pop the bin of the size's class.
+ *   free:   push onto the bin of the block's class, when this thread owns
+ *           the block's page.
  * Everything else is one noinline call away (heap.c, large.c). They are
  * inlined into zk_malloc/zk_free (alloc.c) and into the exported malloc/free
  * (override.c), so that neither entry point pays a jump to the other. */
@@ -12,20 +13,21 @@
 
 ZK_INLINE void *alloc_fast_malloc(size_t size) {
   heap_t *heap = heap_current;
-  page_t *page;
+  unsigned class_index;
   if (likely(size <= DIRECT_MAX))
-    page = heap->direct[(size + 7) >> 3];
+    class_index = class_by_8[(size + 7) >> 3];
   else if (likely(size <= SMALL_MAX))
-    page = heap->class_pages[class_by_128[(size + 127) >> 7]];
+    class_index = class_by_128[(size + 127) >> 7];
   else
     return heap_malloc_generic(heap, size, 0);
-  block_t *block = page->free;
+  bin_t *bin = &heap->bins[class_index];
+  block_t *block = bin->head;
   if (likely(block != NULL)) {
-    block_t *next = block_next(page, block);
-    if (unlikely(link_is_forged(block, next)))
-      return heap_free_list_corrupted(page, block);
-    page->free = next;
-    page->used++;
+    block_t *next = bin_next(heap, block);
+    if (unlikely(bin_link_is_forged(next)))
+      return heap_bin_corrupted(heap, bin, block);
+    bin->head = next;
+    bin->state--; /* the count */
     return block;
   }
   return heap_malloc_generic(heap, size, 0);
@@ -34,21 +36,26 @@ ZK_INLINE void *alloc_fast_malloc(size_t size) {
 ZK_INLINE void alloc_fast_free(void *p) {
   segment_t *segment = segment_of(p);
   if (likely(segment_is_owned(segment))) {
-    page_t *page = segment_page_of(segment, p);
+    const page_t *slice = segment_slice_of(segment, p); /* see page_set_owner */
     heap_t *heap = heap_current;
-    block_t *block = p;
-    /* Owner's free, not the head of its list (an O(1) double-free check).
-     * The block goes straight back where malloc pops: LIFO reuse keeps the
-     * hottest block in cache. */
-    if (likely(atomic_load_explicit(&page->owner, memory_order_relaxed) ==
-                   heap &&
-               block != page->free)) {
-      block_set_next(page, block, page->free);
-      page->free = block;
-      page->frees++;
-      if (unlikely(--page->used < page->free_trigger))
-        heap_free_local_slow(heap, page);
-      return;
+    /* Owner's free (secure pages never match), not the head of the bin
+     * (an O(1) double-free check). LIFO: the next malloc of the class gets
+     * this block while it is still in cache. */
+    if (likely(atomic_load_explicit(&slice->owner, memory_order_relaxed) ==
+               heap)) {
+      bin_t *bin = &heap->bins[slice->class_index];
+      block_t *block = p;
+      block_t *head = bin->head;
+      uint64_t state = bin->state + BIN_FREE_STEP;
+      uint32_t limit = bin->limit; /* read before the block is written */
+      if (likely(block != head)) {
+        bin_set_next(heap, block, head);
+        bin->head = block;
+        bin->state = state;
+        if (unlikely((state & BIN_COUNT_MASK) > limit))
+          heap_bin_flush(heap, bin);
+        return;
+      }
     }
   }
   heap_free_generic(p);

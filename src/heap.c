@@ -1,11 +1,23 @@
-/* Thread heaps: the slow paths behind alloc.c's fast paths.
+/* Thread heaps: the slow paths behind alloc_fast.h's fast paths.
  *
- * A heap keeps, per size class, a queue of pages that may have free blocks;
- * the first page of each queue is the one heap->direct[] points at. Pages
- * found without free blocks move to the `full` queue. A page in `full` gets
- * back into its class queue when the owner frees into it (the local free
- * path checks `in_full`) or when another thread frees into it (the remote
- * free sets `remote_frees_to_full` and the owner rescans `full`).
+ * Bins. Malloc pops and the owner's free pushes a per-class stack of free
+ * blocks, the bin, which may hold blocks of any of the heap's pages of that
+ * class: neither fast path touches a page's free list or counters. A
+ * workload that frees at random (most servers, the mixed benchmark) thus
+ * never moves a page between queues per call, which per-page free lists do
+ * whenever a free lands in a full page and the page becomes current for a
+ * block or two. An empty bin is refilled with a page's whole free list (one
+ * splice: the page's key is the heap's bin key); a bin above its limit
+ * gives its coldest blocks back to their pages. Blocks in a bin stay
+ * counted as used by their pages.
+ *
+ * Pages. A heap keeps, per size class, a queue of pages that may have free
+ * blocks. Pages found without free blocks move to the `full` queue. A page
+ * in `full` gets back into its class queue when a bin flush returns a block
+ * to it or another thread frees into it (the remote free sets
+ * `remote_frees_to_full` and the owner rescans `full`). Secure pages bypass
+ * the bins: each of their blocks is checked on the way out and filled on the
+ * way in, at the page.
  *
  * Thread exit abandons the heap's pages: empty ones go back to the segment
  * layer, the others onto per-class abandoned lists, from which any thread
@@ -23,14 +35,10 @@
 
 extern magazine_t pool_magazine_empty;
 
-page_t page_empty; /* free == NULL: every fast path falls through */
-
-#define ALL_DIRECT(value)  [0 ... DIRECT_COUNT - 1] = (value)
-#define ALL_POOLS(value)   [0 ... POOL_SLOTS - 1] = (value)
-#define ALL_CLASSES(value) [0 ... CLASS_COUNT - 1] = (value)
+/* Empty bins and no pages: every fast path falls through to a slow path,
+ * which gives the thread a heap of its own. */
+#define ALL_POOLS(value) [0 ... POOL_SLOTS - 1] = (value)
 heap_t heap_empty = {
-    .direct = {ALL_DIRECT(&page_empty)},
-    .class_pages = {ALL_CLASSES(&page_empty)},
     .pool_magazines = {ALL_POOLS(&pool_magazine_empty)},
 };
 
@@ -80,35 +88,103 @@ static void queue_remove(page_queue_t *queue, page_t *page) {
   page->next = page->prev = NULL;
 }
 
-/* ---- direct map: granule -> current page of its class ---- */
+/* ---- bins ---- */
 
-/* Secure pages send every free to the slow path, which fills the block. */
-static void page_set_trigger(page_t *page, uint32_t trigger) {
-  page->free_trigger = page->secure ? UINT32_MAX : trigger;
+/* A bin holds up to BIN_BYTES of blocks, and from BIN_MIN_COUNT to
+ * BIN_MAX_COUNT of them: enough that a class's mallocs and frees, however
+ * interleaved, seldom reach either end; little enough that blocks do not
+ * wait long in one thread's bin while their pages could be given back. */
+#define BIN_BYTES     ((size_t)256 * 1024)
+#define BIN_MIN_COUNT 8
+#define BIN_MAX_COUNT 512
+static uint32_t bin_limit[CLASS_COUNT];
+
+static void bin_limits_init(void) {
+  for (unsigned c = 0; c < CLASS_COUNT; c++) {
+    size_t count = BIN_BYTES / class_block_size[c];
+    if (count < BIN_MIN_COUNT)
+      count = BIN_MIN_COUNT;
+    if (count > BIN_MAX_COUNT)
+      count = BIN_MAX_COUNT;
+    bin_limit[c] = (uint32_t)count;
+  }
 }
 
-/* Called whenever the first page of a queue may have changed: it becomes
- * current (its frees stay on the fast path), and the page it displaced
- * gets released when it empties. */
-static void heap_update_direct(heap_t *heap, unsigned class_index) {
-  page_t *page = heap->queues[class_index].first;
-  if (page != NULL) {
-    page_set_trigger(page, 0);
-    if (page->next != NULL)
-      page_set_trigger(page->next, 1);
+static void heap_page_return_block(heap_t *heap, page_t *page, block_t *block);
+
+static void bin_set_count(bin_t *bin, uint32_t count) {
+  bin->frees += bin->state >> BIN_COUNT_BITS;
+  bin->state = count;
+}
+
+/* Gives the blocks of a bin beyond its first `keep` back to their pages:
+ * the bin keeps the ones freed last, warm in cache. */
+static void heap_bin_trim(heap_t *heap, bin_t *bin, uint32_t keep) {
+  block_t *rest;
+  if (keep == 0) {
+    rest = bin->head;
+    bin->head = NULL;
+  } else {
+    block_t *last = bin->head;
+    for (uint32_t i = 1; i < keep; i++)
+      last = bin_next(heap, last);
+    rest = bin_next(heap, last);
+    bin_set_next(heap, last, NULL);
   }
-  /* Secure pages are never on a fast path: malloc checks their fill. */
-  if (page == NULL || page->secure)
-    page = &page_empty;
-  heap->class_pages[class_index] = page;
-  if (class_block_size[class_index] > DIRECT_MAX)
+  bin_set_count(bin, keep);
+  while (rest != NULL) {
+    block_t *block = rest;
+    rest = bin_next(heap, block);
+    if (unlikely(bin_link_is_forged(rest))) {
+      error_report("corrupted free list (write after free or overflow)", block,
+                   0);
+      rest = NULL; /* ZKMEM_ON_ERROR=warn: leak the rest */
+    }
+    heap_page_return_block(heap, segment_page_of(segment_of(block), block),
+                           block);
+  }
+}
+
+/* Decay: a bin that has not run empty since the last pass holds blocks the
+ * thread did not need in that time; three quarters of them go back to their
+ * pages, where the pages can empty and be purged. Paced by the bins' own
+ * slow paths (a clock read every BIN_DECAY_EVENTS of them) and by the purge
+ * delay, so a thread that stops allocating keeps its bins until it starts
+ * again, calls zk_collect or exits. */
+#define BIN_DECAY_EVENTS 64
+
+static void heap_bins_decay_maybe(heap_t *heap) {
+  if (++heap->bin_slow_events % BIN_DECAY_EVENTS != 0)
     return;
-  /* Granules g with size_to_class(8g) == class_index form one range. */
-  size_t granule = class_block_size[class_index] / 8;
-  for (size_t g = granule; g > 0 && size_to_class(g * 8) == class_index; g--)
-    heap->direct[g] = page;
-  if (class_index == 0)
-    heap->direct[0] = page;
+  uint64_t now = clock_now_ms();
+  if (now - heap->bin_decay_ms < (uint64_t)option(ZK_OPTION_PURGE_DELAY_MS) / 4)
+    return;
+  heap->bin_decay_ms = now;
+  for (unsigned c = 0; c < CLASS_COUNT; c++) {
+    bin_t *bin = &heap->bins[c];
+    if (!bin->refilled)
+      heap_bin_trim(heap, bin, bin_count(bin) / 4);
+    bin->refilled = 0;
+  }
+}
+
+/* The free that took a bin above its limit: keep half. */
+ZK_NOINLINE void heap_bin_flush(heap_t *heap, bin_t *bin) {
+  heap_bin_trim(heap, bin, bin->limit / 2);
+  heap_bins_decay_maybe(heap);
+}
+
+static void heap_flush_bins(heap_t *heap) {
+  for (unsigned c = 0; c < CLASS_COUNT; c++)
+    heap_bin_trim(heap, &heap->bins[c], 0);
+}
+
+ZK_COLD void *heap_bin_corrupted(heap_t *heap, bin_t *bin, block_t *block) {
+  error_report("corrupted free list (write after free or overflow)", block, 0);
+  /* ZKMEM_ON_ERROR=warn: drop the bin's list rather than follow it. */
+  bin->head = NULL;
+  bin_set_count(bin, 0);
+  return heap_malloc_generic(heap, class_block_size[bin - heap->bins], 0);
 }
 
 /* ---- process and heap life cycle ---- */
@@ -120,6 +196,7 @@ void process_init(void) {
   if (atomic_compare_exchange_strong(&process_state, &expected, 1)) {
     options_init();
     sizeclass_init();
+    bin_limits_init();
     pthread_key_create(&heap_exit_key, heap_thread_exit);
     atomic_store(&process_state, 2);
     return;
@@ -143,13 +220,15 @@ static heap_t *heap_create(void) {
    * remote free still points at some heap, which at worst gets a spurious
    * rescan hint. */
   memset(heap, 0, sizeof(*heap));
-  for (size_t i = 0; i < DIRECT_COUNT; i++)
-    heap->direct[i] = &page_empty;
   for (size_t i = 0; i < CLASS_COUNT; i++)
-    heap->class_pages[i] = &page_empty;
+    heap->bins[i].limit = bin_limit[i];
   for (size_t i = 0; i < POOL_SLOTS; i++)
     heap->pool_magazines[i] = &pool_magazine_empty;
   heap->random_state = random_seed() ^ (uint64_t)(uintptr_t)heap;
+  /* Top two bits 10: a zero or an all-ones top in a forged link word both
+   * decode above user space. */
+  heap->bin_key =
+      (random_next(&heap->random_state) & ~BIN_KEY_TOPMASK) | BIN_KEY_TOP;
   pthread_mutex_lock(&heaps_lock);
   heap->next_heap = heaps_live;
   heaps_live = heap;
@@ -193,7 +272,7 @@ static void abandon_page(heap_t *heap, page_t *page) {
   /* The page carries its counters to the abandoned list and on to the heap
    * that reclaims it. */
   __atomic_store_n(&page->in_full, 0, __ATOMIC_RELAXED);
-  atomic_store_explicit(&page->owner, NULL, memory_order_release);
+  page_set_owner(page, NULL, memory_order_release);
   pthread_mutex_lock(&abandoned_lock);
   queue_push_back(&abandoned[page->class_index], page);
   atomic_fetch_add(&abandoned_count[page->class_index], 1);
@@ -203,6 +282,7 @@ static void abandon_page(heap_t *heap, page_t *page) {
 static void heap_abandon(heap_t *heap) {
   pool_heap_exit(heap);
   large_cache_flush(heap);
+  heap_flush_bins(heap);
   for (unsigned c = 0; c < CLASS_COUNT; c++) {
     page_t *page;
     while ((page = heap->queues[c].first) != NULL) {
@@ -217,10 +297,11 @@ static void heap_abandon(heap_t *heap) {
   }
   pthread_mutex_lock(&heaps_lock);
   for (unsigned c = 0; c < CLASS_COUNT; c++) {
+    uint64_t bin_frees_total = bin_frees(&heap->bins[c]); /* bins are empty */
     heaps_retired_stats.class_allocs_retired[c] +=
-        heap->stats.class_allocs_retired[c];
+        heap->stats.class_allocs_retired[c] + bin_frees_total;
     heaps_retired_stats.class_frees_retired[c] +=
-        heap->stats.class_frees_retired[c];
+        heap->stats.class_frees_retired[c] + bin_frees_total;
   }
   heap_t **link = &heaps_live;
   while (*link != NULL && *link != heap)
@@ -257,8 +338,7 @@ static page_t *heap_reclaim_page(heap_t *heap, unsigned class_index) {
   pthread_mutex_unlock(&abandoned_lock);
   if (page == NULL)
     return NULL;
-  atomic_store_explicit(&page->owner, page_owner_word(page, heap),
-                        memory_order_release);
+  page_set_owner(page, page_owner_word(page, heap), memory_order_release);
   page_collect(page);
   return page;
 }
@@ -290,7 +370,6 @@ void heap_reclaim_abandoned(void) {
 
 static void heap_move_to_full(heap_t *heap, page_t *page) {
   queue_remove(&heap->queues[page->class_index], page);
-  page_set_trigger(page, UINT32_MAX);
   queue_push_back(&heap->full, page);
   /* Dekker with heap_free_remote, both sides sequentially consistent: a
    * remote free that missed in_full == 1 left its block where this load
@@ -300,13 +379,14 @@ static void heap_move_to_full(heap_t *heap, page_t *page) {
     atomic_store_explicit(&heap->remote_frees_to_full, 1, memory_order_relaxed);
 }
 
+/* A page that leaves `full` has a block or two free: it goes to the front
+ * of its queue, so refills fill it again before they touch emptier pages,
+ * which then drain and can be released (memory benchmark: 1.5% less RSS at
+ * peak than putting it at the back). */
 static void heap_unfull(heap_t *heap, page_t *page) {
   queue_remove(&heap->full, page);
   __atomic_store_n(&page->in_full, 0, __ATOMIC_RELAXED);
-  page_set_trigger(page, 1);
-  queue_push_back(&heap->queues[page->class_index], page);
-  if (heap->queues[page->class_index].first == page)
-    heap_update_direct(heap, page->class_index);
+  queue_push_front(&heap->queues[page->class_index], page);
 }
 
 static void heap_rescan_full(heap_t *heap) {
@@ -323,7 +403,7 @@ static void heap_rescan_full(heap_t *heap) {
   }
 }
 
-/* A page of this class with a free block, made current. */
+/* A page of this class with a free block, first in its queue. */
 static page_t *heap_find_page(heap_t *heap, unsigned class_index) {
   if (atomic_load_explicit(&heap->remote_frees_to_full, memory_order_relaxed))
     heap_rescan_full(heap);
@@ -337,7 +417,6 @@ static page_t *heap_find_page(heap_t *heap, unsigned class_index) {
         queue_remove(queue, page);
         queue_push_front(queue, page);
       }
-      heap_update_direct(heap, class_index);
       return page;
     }
     heap_move_to_full(heap, page);
@@ -355,13 +434,109 @@ static page_t *heap_find_page(heap_t *heap, unsigned class_index) {
   if (page->free == NULL && !page_extend(page)) {
     /* A reclaimed page that is still full. */
     __atomic_store_n(&page->in_full, 1, __ATOMIC_RELAXED);
-    page_set_trigger(page, UINT32_MAX);
     queue_push_back(&heap->full, page);
     return heap_find_page(heap, class_index);
   }
   queue_push_front(queue, page);
-  heap_update_direct(heap, class_index);
   return page;
+}
+
+/* ZKMEM_ON_ERROR=warn: the page's list is dropped (its blocks leak) and
+ * nothing is taken from it. */
+static ZK_COLD uint32_t heap_page_list_corrupted(page_t *page, block_t *block) {
+  error_report("corrupted free list (write after free or overflow)", block,
+               page->block_size);
+  page->used = page->capacity;
+  page->free = NULL;
+  return 0;
+}
+
+/* Moves up to `want` blocks of a collected page's free list onto a bin;
+ * returns how many. */
+static uint32_t heap_bin_take(heap_t *heap, bin_t *bin, page_t *page,
+                              uint32_t want) {
+  uint32_t available = page->capacity - page->used; /* all in `free` */
+  uint32_t take = available < want ? available : want;
+  if (take == 0)
+    return 0;
+  /* A page's list stays in its page: a link that leaves the segment was
+   * overwritten, and is not followed. */
+  if (page->key == heap->bin_key) { /* one encoding: splice */
+    block_t *first = page->free;
+    block_t *last = first;
+    for (uint32_t i = 1; i < take; i++) {
+      block_t *next = block_next(page, last);
+      if (unlikely(next == NULL || link_is_forged(last, next)))
+        return heap_page_list_corrupted(page, last);
+      last = next;
+    }
+    block_t *rest = block_next(page, last);
+    if (unlikely(link_is_forged(last, rest)))
+      return heap_page_list_corrupted(page, last);
+    page->free = rest;
+    block_set_next(page, last, bin->head);
+    bin->head = first;
+  } else {
+    /* A page reclaimed from an exited thread keeps that heap's key (other
+     * threads may be pushing remote frees with it): relink. */
+    for (uint32_t i = 0; i < take; i++) {
+      block_t *block = page->free;
+      block_t *next = block_next(page, block);
+      page->free = next;
+      bin_set_next(heap, block, bin->head);
+      bin->head = block;
+      if (unlikely(link_is_forged(block, next) ||
+                   (next == NULL && i + 1 < take))) {
+        heap_page_list_corrupted(page, block); /* the rest leaks */
+        bin_set_count(bin, bin_count(bin) + i + 1);
+        return i + 1;
+      }
+    }
+  }
+  page->used += take;
+  bin_set_count(bin, bin_count(bin) + take);
+  return take;
+}
+
+/* Fills an empty bin to half its limit (a full one would flush at the next
+ * free) from the first page of the class's queue and, where that page has
+ * fewer, the next few: the queue puts nearly full pages first (see
+ * heap_unfull), and gathering keeps refills rare all the same. */
+#define BIN_REFILL_PAGES 4
+
+static void heap_bin_refill(heap_t *heap, bin_t *bin, page_t *page) {
+  uint32_t want = bin->limit / 2;
+  uint32_t got = heap_bin_take(heap, bin, page, want);
+  unsigned pages = 1;
+  for (page_t *more = page->next;
+       got < want && more != NULL && pages < BIN_REFILL_PAGES;
+       more = more->next, pages++) {
+    if (more->secure)
+      continue;
+    page_collect(more);
+    got += heap_bin_take(heap, bin, more, want - got);
+  }
+}
+
+static ZK_COLD void *heap_free_list_corrupted(page_t *page, block_t *block) {
+  error_report("corrupted free list (write after free or overflow)", block,
+               page->block_size);
+  /* ZKMEM_ON_ERROR=warn: drop the page's list rather than follow it. */
+  page->free = NULL;
+  return heap_malloc_generic(heap_current, page->block_size, 0);
+}
+
+/* Secure pages: one block at a time, checked. */
+static void *heap_malloc_secure(page_t *page) {
+  block_t *block = page->free;
+  block_t *next = block_next(page, block);
+  if (link_is_forged(block, next))
+    return heap_free_list_corrupted(page, block);
+  if (!page_secure_intact(page, block))
+    error_report("write after free", block, page->block_size);
+  page->free = next;
+  page->used++;
+  return block;
 }
 
 static unsigned class_for_alignment(unsigned class_index, size_t alignment) {
@@ -386,48 +561,46 @@ void *heap_malloc_generic(heap_t *heap, size_t size, size_t alignment) {
     class_index = class_for_alignment(class_index, alignment);
   if (class_index >= CLASS_COUNT)
     return large_alloc(heap, size, alignment);
-  page_t *page = heap->queues[class_index].first;
-  if (page == NULL || page->free == NULL) {
-    page = heap_find_page(heap, class_index);
+  bin_t *bin = &heap->bins[class_index];
+  if (bin->head == NULL) {
+    page_t *page = heap_find_page(heap, class_index);
     if (page == NULL) {
       errno = ENOMEM;
       return NULL;
     }
+    if (unlikely(page->secure))
+      return heap_malloc_secure(page);
+    heap_bin_refill(heap, bin, page);
+    if (unlikely(bin->head == NULL)) /* the page's list was corrupted */
+      return heap_malloc_generic(heap, size, alignment);
+    bin->refilled = 1;
+    heap_bins_decay_maybe(heap);
   }
-  block_t *block = page->free;
-  block_t *next = block_next(page, block);
-  if (unlikely(page->secure)) {
-    if (link_is_forged(block, next))
-      return heap_free_list_corrupted(page, block);
-    if (!page_secure_intact(page, block))
-      error_report("write after free", block, page->block_size);
-  }
-  page->free = next;
-  page->used++;
+  block_t *block = bin->head;
+  block_t *next = bin_next(heap, block);
+  if (unlikely(bin_link_is_forged(next)))
+    return heap_bin_corrupted(heap, bin, block);
+  bin->head = next;
+  bin->state--;
   return block;
-}
-
-ZK_COLD void *heap_free_list_corrupted(page_t *page, block_t *block) {
-  error_report("corrupted free list (write after free or overflow)", block,
-               page->block_size);
-  /* ZKMEM_ON_ERROR=warn: drop the page's list rather than follow it. */
-  page->free = NULL;
-  return heap_malloc_generic(heap_current, page->block_size, 0);
 }
 
 /* ---- free slow paths ---- */
 
-/* Owner's free hit a page that is in `full` or became empty. */
-ZK_NOINLINE void heap_free_local_slow(heap_t *heap, page_t *page) {
-  if (page->secure)
-    page_secure_fill(page, page->free); /* the block just pushed */
+/* A block back on its page (bin flush, secure free): requeue a page that
+ * was in `full`, release one that emptied. A page counts the frees that
+ * reach it directly (secure, remote), a bin those pushed onto it. */
+static void heap_page_return_block(heap_t *heap, page_t *page, block_t *block) {
+  block_set_next(page, block, page->free);
+  page->free = block;
+  page->used--;
   if (page->in_full)
     heap_unfull(heap, page);
   if (page->used != 0)
     return;
   page_queue_t *queue = &heap->queues[page->class_index];
   /* Keep a class's only page, and one empty single-slice spare behind
-   * the current page: the next malloc of that size would want it back at
+   * the first page: the next refill of that class would want it back at
    * once, and a workload whose live set hovers at a page boundary would
    * otherwise take and return a span on every swing. Larger pages hold few
    * blocks and much memory: no spare. zk_collect releases spares. */
@@ -435,10 +608,7 @@ ZK_NOINLINE void heap_free_local_slow(heap_t *heap, page_t *page) {
       (queue->first == page ||
        (queue->first->next == page && page->slice_count == 1)))
     return;
-  bool was_current = queue->first == page;
   queue_remove(queue, page);
-  if (was_current)
-    heap_update_direct(heap, page->class_index);
   heap_page_release(heap, page);
 }
 
@@ -491,19 +661,21 @@ void heap_free_generic(void *p) {
     }
     heap_t *heap = heap_current;
     block_t *block = p;
-    if (page_owner(page) == heap) {
-      if (unlikely(block == page->free || heap_secure_is_free(page, block))) {
-        error_report("double free", p, page->block_size);
-        return;
-      }
-      block_set_next(page, block, page->free);
-      page->free = block;
-      page->frees++;
-      page->used--;
-      heap_free_local_slow(heap, page);
-    } else {
+    if (page_owner(page) != heap) {
       heap_free_remote(page, block);
+      return;
     }
+    if (!page->secure) { /* the fast path found it at the head of the bin */
+      error_report("double free", p, page->block_size);
+      return;
+    }
+    if (unlikely(block == page->free || heap_secure_is_free(page, block))) {
+      error_report("double free", p, page->block_size);
+      return;
+    }
+    page_secure_fill(page, block);
+    page->frees++;
+    heap_page_return_block(heap, page, block);
     return;
   }
   case PAGE_LARGE:
@@ -529,6 +701,7 @@ void heap_free_generic(void *p) {
 void heap_collect(heap_t *heap, bool force) {
   if (heap == &heap_empty)
     return;
+  heap_flush_bins(heap);
   heap_rescan_full(heap);
   for (unsigned c = 0; c < CLASS_COUNT; c++) {
     page_t *page = heap->queues[c].first;
@@ -541,7 +714,6 @@ void heap_collect(heap_t *heap, bool force) {
       }
       page = next;
     }
-    heap_update_direct(heap, c);
   }
   if (force)
     large_cache_flush(heap);
@@ -584,6 +756,17 @@ void heap_collect_stats(zk_stats_t *out) {
       stats_add_queue(out, &heap->queues[c]);
     stats_add_queue(out, &heap->full);
     stats_add_retired(out, &heap->stats);
+    for (unsigned c = 0; c < CLASS_COUNT; c++) {
+      /* Pages count a bin's blocks as used: they are free. */
+      const bin_t *bin = &heap->bins[c];
+      uint64_t state = __atomic_load_n(&bin->state, __ATOMIC_RELAXED);
+      uint64_t frees = __atomic_load_n(&bin->frees, __ATOMIC_RELAXED) +
+                       (state >> BIN_COUNT_BITS);
+      uint64_t held = state & BIN_COUNT_MASK;
+      out->classes[c].frees += frees;
+      out->classes[c].allocations += frees - held;
+      out->bytes_live -= held * class_block_size[c];
+    }
     for (unsigned i = 0; i < heap->large_cache_count; i++) /* free, resident */
       out->bytes_committed += (size_t)heap->large_cache[i]->slice_count
                               << SLICE_SHIFT;

@@ -14,8 +14,12 @@
  *            (large), or objects of one pool. Its descriptor is the page_t of
  *            the span's first slice.
  *   block    what malloc returns. Free blocks link through their first word,
- *            encoded with the page's key.
- *   heap     per-thread: the pages it allocates from, one queue per class.
+ *            encoded with the page's key (in a page's lists) or the heap's
+ *            (in a bin).
+ *   bin      a heap's stack of free blocks of one class, from any of its
+ *            pages: malloc pops, the owner's free pushes (the fast paths).
+ *   heap     per-thread: a bin per class in front of the pages it allocates
+ *            from, one queue of pages per class.
  *   pool     zk_pool_t: exact-size objects, per-thread magazines over pages.
  *
  * Layers: alloc.c and pool.c (API) -> heap.c -> page.c -> segment.c -> os.c.
@@ -95,10 +99,9 @@
 #define SEGMENT_USABLE_SLICES (SLICES_PER_SEGMENT - SEGMENT_FIRST_SLICE)
 
 #define SMALL_MAX           ((size_t)64 * 1024) /* largest size class */
-#define DIRECT_MAX          ((size_t)1024) /* sizes served by heap->direct */
-#define DIRECT_COUNT        (DIRECT_MAX / 8 + 1)
+#define DIRECT_MAX          ((size_t)1024)      /* class_by_8 up to here */
 #define LARGE_MAX           ((size_t)2 * 1024 * 1024) /* above: huge, own mapping */
-#define CLASS_COUNT         81
+#define CLASS_COUNT         69
 #define POOL_SLOTS          1024
 #define LARGE_CACHE_ENTRIES 8
 #define ZK_ALIGN_MAX_SMALL  SLICE_SIZE /* alignment pages give for free */
@@ -125,18 +128,16 @@ typedef enum page_kind {
 
 /* Invariant for small pages, on the owner's side:
  *   used == capacity - |free|
- * and blocks in thread_free are still counted in `used` until the owner
- * collects them. A page with used == 0 has every block in its own lists. */
+ * and blocks in thread_free, or in the owner's bin, are still counted in
+ * `used` until they come back. A page with used == 0 has every block in its
+ * own lists. */
 struct page {
-  /* Hot: the malloc and local free fast paths touch only this line. */
-  block_t *free; /* owner only: malloc pops, the owner's free pushes */
-  uintptr_t key; /* free-list encoding key, random per page */
-  uint32_t used; /* blocks handed out (owner's view) */
-  /* The owner's free takes the slow path when used drops below this:
-   * 0 for a class's current page (never), 1 for the other pages of the
-   * queue (when empty, to release them), UINT32_MAX for pages in `full`
-   * (always, to requeue them). One compare covers all three. */
-  uint32_t free_trigger;
+  /* Hot: the free fast path reads owner and class_index from this line. */
+  block_t *free;       /* owner only: refills its bin from here; bin flushes and
+                          secure frees push */
+  uintptr_t key;       /* free-list encoding key: the owner heap's bin key */
+  uint32_t used;       /* blocks handed out (owner's view) */
+  uint32_t unused;     /* keeps page_t at 128 bytes */
   uint8_t in_full;     /* in the heap's full queue */
   uint8_t kind;        /* page_kind_t */
   uint8_t class_index; /* small pages */
@@ -193,12 +194,35 @@ typedef struct heap_stats {
   uint64_t class_allocs_retired[CLASS_COUNT];
 } heap_stats_t;
 
+/* A heap's free blocks of one class (see heap.c). */
+typedef struct bin {
+  block_t *head; /* links encoded with the heap's bin_key */
+  /* Blocks held (low BIN_COUNT_BITS) and frees pushed since the last fold
+   * (the rest): one add counts both on the free fast path. Slow paths fold
+   * the high part into `frees`; 40 bits leave 10^12 frees between two. */
+  uint64_t state;
+  uint64_t frees;    /* by this thread into this bin, folded */
+  uint32_t limit;    /* the free that takes the count above it flushes */
+  uint32_t refilled; /* ran empty since the last decay pass */
+} bin_t;
+
+#define BIN_COUNT_BITS 24
+#define BIN_COUNT_MASK ((UINT64_C(1) << BIN_COUNT_BITS) - 1)
+#define BIN_FREE_STEP  ((UINT64_C(1) << BIN_COUNT_BITS) + 1)
+ZK_INLINE uint32_t bin_count(const bin_t *bin) {
+  return (uint32_t)(bin->state & BIN_COUNT_MASK);
+}
+ZK_INLINE uint64_t bin_frees(const bin_t *bin) {
+  return bin->frees + (bin->state >> BIN_COUNT_BITS);
+}
+
 struct heap {
-  /* Fast paths: direct[] maps (size + 7) / 8 to the class's current page,
-   * class_pages[] a class to it (page_empty when there is none);
-   * pool_magazines[] maps a pool slot to this thread's magazine. */
-  page_t *direct[DIRECT_COUNT];
-  page_t *class_pages[CLASS_COUNT];
+  /* Fast paths: bins[class], and pool_magazines[] mapping a pool slot to
+   * this thread's magazine. */
+  uintptr_t bin_key;
+  bin_t bins[CLASS_COUNT];
+  uint32_t bin_slow_events; /* refills and flushes, to pace decay */
+  uint64_t bin_decay_ms;    /* the last decay pass */
   magazine_t *pool_magazines[POOL_SLOTS];
   page_queue_t queues[CLASS_COUNT]; /* pages that may have free blocks */
   page_queue_t full;                /* pages found without free blocks */
@@ -261,6 +285,12 @@ ZK_INLINE bool segment_is_owned(const segment_t *segment) {
       ((uintptr_t)segment >> SEGMENT_SHIFT) & (SEGMENT_MAP_ENTRIES - 1);
   return __atomic_load_n(&segment_owned_map[index], __ATOMIC_RELAXED);
 }
+/* The descriptor of p's slice: the span head's, or an interior one. */
+ZK_INLINE const page_t *segment_slice_of(const segment_t *segment,
+                                         const void *p) {
+  uintptr_t slice = ((uintptr_t)p >> SLICE_SHIFT) & (SLICES_PER_SEGMENT - 1);
+  return &segment->pages[slice];
+}
 ZK_INLINE page_t *segment_page_of(segment_t *segment, const void *p) {
   /* In byte arithmetic: the compiler then needs one shift per step. */
   uintptr_t slice = ((uintptr_t)p >> SLICE_SHIFT) & (SLICES_PER_SEGMENT - 1);
@@ -305,6 +335,16 @@ ZK_INLINE bool link_is_forged(const block_t *block, const block_t *next) {
   __asm__("" : "+r"(is_link)); /* keep the compiler from branching on it */
   return (leaves_segment & -is_link) != 0;
 }
+/* A bin's links cross pages and segments, so link_is_forged's test does
+ * not apply; the key's top bits do it instead (BIN_KEY_TOP): a link word
+ * overwritten with a pointer, a small integer or a negative one decodes to
+ * an address above user space, and other data does with odds 1 - 2^-17.
+ * The end of a list (NULL) passes. */
+#define BIN_KEY_TOP     (UINT64_C(1) << 63)
+#define BIN_KEY_TOPMASK (UINT64_C(3) << 62)
+ZK_INLINE bool bin_link_is_forged(const block_t *next) {
+  return ((uintptr_t)next >> 47) != 0;
+}
 /* A free block's link word: the only place zkmem reads or writes a block it
  * does not hand out, so the only place the memcheck annotations open. */
 ZK_INLINE block_t *block_next(const page_t *page, block_t *block) {
@@ -319,6 +359,18 @@ ZK_INLINE void block_set_next(const page_t *page, block_t *block,
   block->next_encoded = page_encode(page, next);
   track_noaccess(block, sizeof(block_t));
 }
+ZK_INLINE block_t *bin_next(const heap_t *heap, block_t *block) {
+  track_defined(block, sizeof(block_t));
+  block_t *next = (block_t *)(block->next_encoded ^ heap->bin_key);
+  track_noaccess(block, sizeof(block_t));
+  return next;
+}
+ZK_INLINE void bin_set_next(const heap_t *heap, block_t *block,
+                            const block_t *next) {
+  track_undefined(block, sizeof(block_t));
+  block->next_encoded = (uintptr_t)next ^ heap->bin_key;
+  track_noaccess(block, sizeof(block_t));
+}
 /* The owner word a heap stores in its page, and the heap it names. */
 ZK_INLINE heap_t *page_owner_word(const page_t *page, heap_t *heap) {
   return page->secure ? (heap_t *)((uintptr_t)heap | 1) : heap;
@@ -328,17 +380,17 @@ ZK_INLINE heap_t *page_owner(page_t *page) {
                                                     memory_order_relaxed) &
                     ~(uintptr_t)1);
 }
+void page_set_owner(page_t *page, heap_t *owner_word, memory_order order);
 uint64_t random_next(uint64_t *state);
 uint64_t random_seed(void);
 
 /* ---- heap.c ---- */
 extern __thread heap_t *heap_current;
 extern heap_t heap_empty;
-extern page_t page_empty;
 void *heap_malloc_generic(heap_t *heap, size_t size, size_t alignment);
 void heap_free_generic(void *p);
-void heap_free_local_slow(heap_t *heap, page_t *page);
-void *heap_free_list_corrupted(page_t *page, block_t *block);
+void heap_bin_flush(heap_t *heap, bin_t *bin);
+void *heap_bin_corrupted(heap_t *heap, bin_t *bin, block_t *block);
 heap_t *heap_get_initialized(void);
 void heap_collect(heap_t *heap, bool force);
 void heap_reclaim_abandoned(void);

@@ -1,14 +1,11 @@
 /* Pages: a span serving blocks of one size class.
  *
  * Two free lists per page keep the owner's paths free of atomics: `free`
- * (malloc pops, the owner's free pushes: LIFO, so a freed block is reused
- * while it is still in cache) and `thread_free` (other threads push with one
- * CAS). When `free` runs dry the owner takes the whole `thread_free` list
- * with one exchange. A third, owner-only list for local frees (mimalloc's
- * design) was measured to lose reuse and cache locality for nothing: this
- * allocator does no periodic work that such a list would schedule.
- * Blocks are carved lazily, 4 KiB at a time, so a fresh page costs RSS only
- * as it is used. */
+ * (the owner's: its bins refill from it and flush into it, heap.c) and
+ * `thread_free` (other threads push with one CAS). The owner takes the
+ * whole `thread_free` list with one exchange when it looks for blocks in
+ * the page. Blocks are carved lazily, 4 KiB at a time, so a fresh page
+ * costs RSS only as it is used. */
 #include "internal.h"
 #include "os.h"
 #include "sizeclass.h"
@@ -23,6 +20,9 @@
   (base) + (base) / 8, (base) + 2 * (base) / 8, (base) + 3 * (base) / 8,       \
       (base) + 4 * (base) / 8, (base) + 5 * (base) / 8,                        \
       (base) + 6 * (base) / 8, (base) + 7 * (base) / 8, 2 * (base)
+#define QUARTERS(base)                                                         \
+  (base) + (base) / 4, (base) + 2 * (base) / 4, (base) + 3 * (base) / 4,       \
+      2 * (base)
 
 const uint32_t class_block_size[CLASS_COUNT] = {
     8,
@@ -40,9 +40,9 @@ const uint32_t class_block_size[CLASS_COUNT] = {
     DOUBLING(KIB(1)),
     DOUBLING(KIB(2)),
     DOUBLING(KIB(4)),
-    DOUBLING(KIB(8)),
-    DOUBLING(KIB(16)),
-    DOUBLING(KIB(32)),
+    QUARTERS(KIB(8)),
+    QUARTERS(KIB(16)),
+    QUARTERS(KIB(32)),
 };
 
 /* One slice (64 KiB) holds >= 8 blocks up to 8 KiB; larger classes take
@@ -55,6 +55,9 @@ const uint32_t class_block_size[CLASS_COUNT] = {
       PAGE_SLICES((base) + 5 * (base) / 8),                                    \
       PAGE_SLICES((base) + 6 * (base) / 8),                                    \
       PAGE_SLICES((base) + 7 * (base) / 8), PAGE_SLICES(2 * (base))
+#define QUARTERS_SLICES(base)                                                  \
+  PAGE_SLICES((base) + (base) / 4), PAGE_SLICES((base) + 2 * (base) / 4),      \
+      PAGE_SLICES((base) + 3 * (base) / 4), PAGE_SLICES(2 * (base))
 
 const uint8_t class_page_slices[CLASS_COUNT] = {
     1,
@@ -72,14 +75,17 @@ const uint8_t class_page_slices[CLASS_COUNT] = {
     DOUBLING_SLICES(KIB(1)),
     DOUBLING_SLICES(KIB(2)),
     DOUBLING_SLICES(KIB(4)),
-    DOUBLING_SLICES(KIB(8)),
-    DOUBLING_SLICES(KIB(16)),
-    DOUBLING_SLICES(KIB(32)),
+    QUARTERS_SLICES(KIB(8)),
+    QUARTERS_SLICES(KIB(16)),
+    QUARTERS_SLICES(KIB(32)),
 };
 
+uint8_t class_by_8[CLASS_BY_8_COUNT];
 uint8_t class_by_128[CLASS_BY_128_COUNT];
 
 void sizeclass_init(void) {
+  for (size_t i = 0; i < CLASS_BY_8_COUNT; i++)
+    class_by_8[i] = (uint8_t)size_to_class(i * 8);
   for (size_t i = DIRECT_MAX / 128; i < CLASS_BY_128_COUNT; i++)
     class_by_128[i] = (uint8_t)size_to_class(i * 128);
 }
@@ -127,13 +133,23 @@ void page_init_small(page_t *page, heap_t *heap, unsigned class_index) {
   track_noaccess(page->start, span_bytes);
   page->capacity = 0;
   page->used = 0;
-  page->free_trigger = 1;
   page->free = NULL;
   page->frees = 0;
-  page->key = random_next(&heap->random_state) | 1;
+  page->key = heap->bin_key; /* so a bin takes the page's list whole */
   atomic_store_explicit(&page->thread_free, NULL, memory_order_relaxed);
-  atomic_store_explicit(&page->owner, page_owner_word(page, heap),
-                        memory_order_relaxed);
+  page_set_owner(page, page_owner_word(page, heap), memory_order_relaxed);
+}
+
+/* The owner's free fast path reads the descriptor of the block's own slice
+ * (one load less than going back to the span head): every slice of a small
+ * page carries the owner word and the class. The head's store comes last,
+ * with the caller's ordering; the slow paths read only the head's. */
+void page_set_owner(page_t *page, heap_t *owner_word, memory_order order) {
+  for (uint32_t i = 1; i < page->slice_count; i++) {
+    page[i].class_index = page->class_index;
+    atomic_store_explicit(&page[i].owner, owner_word, memory_order_relaxed);
+  }
+  atomic_store_explicit(&page->owner, owner_word, order);
 }
 
 /* Secure mode: free blocks hold this byte after their link, checked when

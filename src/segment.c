@@ -41,7 +41,8 @@ static uint8_t *slice_address(const page_t *page) {
   return (uint8_t *)segment_of(page) + (slice_index(page) << SLICE_SHIFT);
 }
 
-/* Every slice of a span points back to the span head. */
+/* Every slice of a span points back to the span head, and has no owner
+ * until page_set_owner gives it one. */
 static void span_mark(page_t *head, size_t slices) {
   head->slice_count = (uint32_t)slices;
   head->slice_offset = 0;
@@ -49,6 +50,7 @@ static void span_mark(page_t *head, size_t slices) {
     head[i].slice_offset = (uint32_t)i;
     head[i].slice_count = 0;
     head[i].kind = head->kind;
+    atomic_store_explicit(&head[i].owner, NULL, memory_order_relaxed);
   }
 }
 
