@@ -272,6 +272,65 @@ static void test_thread_churn_reuse(void) {
   zk_collect(true);
 }
 
+/* A page left by an exited thread keeps that thread's list key; the thread
+ * that reclaims it relinks its free blocks into its own bin. Blocks still
+ * live stay untouched and are never handed out twice. */
+enum { RECLAIM_COUNT = 1000, RECLAIM_SIZE = 1500 }; /* a class of its own */
+
+static uint8_t *reclaim_freed[RECLAIM_COUNT / 2];
+
+static void *fill_and_exit_half_live(void *arg) {
+  uint8_t **blocks = arg;
+  for (int i = 0; i < RECLAIM_COUNT; i++) {
+    CHECK((blocks[i] = zk_malloc(RECLAIM_SIZE)) != NULL);
+    memset(blocks[i], (i & 0x7f) | 1, RECLAIM_SIZE);
+  }
+  for (int i = 0; i < RECLAIM_COUNT; i += 2) {
+    reclaim_freed[i / 2] = blocks[i];
+    zk_free(blocks[i]);
+  }
+  return NULL;
+}
+
+static int compare_pointers(const void *a, const void *b) {
+  uintptr_t x = *(const uintptr_t *)a, y = *(const uintptr_t *)b;
+  return (x > y) - (x < y);
+}
+
+static void test_reclaimed_pages_feed_bins(void) {
+  static uint8_t *left[RECLAIM_COUNT];
+  static uint8_t *mine[2 * RECLAIM_COUNT];
+  static uintptr_t all[3 * RECLAIM_COUNT];
+  pthread_t thread;
+  CHECK(pthread_create(&thread, NULL, fill_and_exit_half_live, left) == 0);
+  CHECK(pthread_join(thread, NULL) == 0);
+  size_t count = 0, reused = 0;
+  for (int i = 0; i < 2 * RECLAIM_COUNT; i++) {
+    CHECK((mine[i] = zk_malloc(RECLAIM_SIZE)) != NULL);
+    memset(mine[i], 0xee, RECLAIM_SIZE);
+    all[count++] = (uintptr_t)mine[i];
+  }
+  for (int i = 1; i < RECLAIM_COUNT; i += 2) {
+    all[count++] = (uintptr_t)left[i];
+    for (int j = 0; j < RECLAIM_SIZE; j++)
+      CHECK_EQ(left[i][j], (i & 0x7f) | 1);
+  }
+  qsort(all, count, sizeof(all[0]), compare_pointers);
+  for (size_t i = 1; i < count; i++) /* no block handed out twice */
+    CHECK(all[i] - all[i - 1] >= RECLAIM_SIZE);
+  /* The exited thread's free blocks were handed out here. */
+  for (int i = 0; i < 2 * RECLAIM_COUNT; i++)
+    for (int j = 0; j < RECLAIM_COUNT / 2; j++)
+      reused += mine[i] == reclaim_freed[j];
+  printf("%zu of the exited thread's %d free blocks reused\n", reused,
+         RECLAIM_COUNT / 2);
+  CHECK(reused > 0);
+  for (int i = 0; i < 2 * RECLAIM_COUNT; i++)
+    zk_free(mine[i]);
+  for (int i = 1; i < RECLAIM_COUNT; i += 2)
+    zk_free(left[i]);
+}
+
 /* ---- RSS ---- */
 
 /* Random 1 KB - 64 KB blocks, every byte written, until `total` bytes;
@@ -952,6 +1011,7 @@ int main(int argc, char **argv) {
   RUN(test_stats_bytes);
   RUN(test_huge_pages_purge);
   RUN(test_thread_churn_reuse);
+  RUN(test_reclaimed_pages_feed_bins);
   printf("test_large: ok\n");
   return 0;
 }
