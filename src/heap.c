@@ -110,7 +110,8 @@ static void bin_limits_init(void) {
   }
 }
 
-static void heap_page_return_block(heap_t *heap, page_t *page, block_t *block);
+static void heap_page_return_block(heap_t *heap, page_t *page, block_t *block,
+                                   uint64_t free_since_ms);
 
 static void bin_set_count(bin_t *bin, uint32_t count) {
   bin->frees += bin->state >> BIN_COUNT_BITS;
@@ -118,8 +119,10 @@ static void bin_set_count(bin_t *bin, uint32_t count) {
 }
 
 /* Gives the blocks of a bin beyond its first `keep` back to their pages:
- * the bin keeps the ones freed last, warm in cache. */
-static void heap_bin_trim(heap_t *heap, bin_t *bin, uint32_t keep) {
+ * the bin keeps the ones freed last, warm in cache. Pages that empty count
+ * as free since `free_since_ms` (0: now). */
+static void heap_bin_trim(heap_t *heap, bin_t *bin, uint32_t keep,
+                          uint64_t free_since_ms) {
   block_t *rest;
   if (keep == 0) {
     rest = bin->head;
@@ -141,42 +144,54 @@ static void heap_bin_trim(heap_t *heap, bin_t *bin, uint32_t keep) {
       rest = NULL; /* ZKMEM_ON_ERROR=warn: leak the rest */
     }
     heap_page_return_block(heap, segment_page_of(segment_of(block), block),
-                           block);
+                           block, free_since_ms);
   }
 }
 
 /* Decay: a bin that has not run empty since the last pass holds blocks the
- * thread did not need in that time; three quarters of them go back to their
- * pages, where the pages can empty and be purged. Paced by the bins' own
- * slow paths (a clock read every BIN_DECAY_EVENTS of them) and by the purge
- * delay, so a thread that stops allocating keeps its bins until it starts
- * again, calls zk_collect or exits. */
+ * thread did not need in that time, and gives them all back to their pages
+ * (all bins do after a pass-free stretch of a whole purge delay); pages that
+ * empty count as free since that last pass, so the same purge can return
+ * them. Runs at most every quarter purge delay,
+ * from the thread's bin slow paths (a clock read every BIN_DECAY_EVENTS of
+ * them) and from its other slow paths through purge_maybe. A thread that
+ * stops allocating keeps its bins until it starts again, calls zk_collect or
+ * exits. */
 #define BIN_DECAY_EVENTS 64
 
-static void heap_bins_decay_maybe(heap_t *heap) {
-  if (++heap->bin_slow_events % BIN_DECAY_EVENTS != 0)
+void heap_bins_decay(heap_t *heap, uint64_t now) {
+  if (heap == &heap_empty || heap->bin_decaying ||
+      now - heap->bin_decay_ms < (uint64_t)option(ZK_OPTION_PURGE_DELAY_MS) / 4)
     return;
-  uint64_t now = clock_now_ms();
-  if (now - heap->bin_decay_ms < (uint64_t)option(ZK_OPTION_PURGE_DELAY_MS) / 4)
-    return;
+  uint64_t delay = (uint64_t)option(ZK_OPTION_PURGE_DELAY_MS);
+  uint64_t idle_since = heap->bin_decay_ms != 0 ? heap->bin_decay_ms : now;
+  /* No slow path for a whole delay: the thread was idle, every bin goes. */
+  bool thread_was_idle = now - idle_since >= delay;
   heap->bin_decay_ms = now;
+  heap->bin_decaying = true; /* releasing pages calls purge_maybe */
   for (unsigned c = 0; c < CLASS_COUNT; c++) {
     bin_t *bin = &heap->bins[c];
-    if (!bin->refilled)
-      heap_bin_trim(heap, bin, bin_count(bin) / 4);
+    if (!bin->refilled || thread_was_idle)
+      heap_bin_trim(heap, bin, 0, idle_since);
     bin->refilled = 0;
   }
+  heap->bin_decaying = false;
+}
+
+static void heap_bins_decay_maybe(heap_t *heap) {
+  if (++heap->bin_slow_events % BIN_DECAY_EVENTS == 0)
+    purge_maybe(); /* decays this heap's bins, then purges */
 }
 
 /* The free that took a bin above its limit: keep half. */
 ZK_NOINLINE void heap_bin_flush(heap_t *heap, bin_t *bin) {
-  heap_bin_trim(heap, bin, bin->limit / 2);
+  heap_bin_trim(heap, bin, bin->limit / 2, 0);
   heap_bins_decay_maybe(heap);
 }
 
 static void heap_flush_bins(heap_t *heap) {
   for (unsigned c = 0; c < CLASS_COUNT; c++)
-    heap_bin_trim(heap, &heap->bins[c], 0);
+    heap_bin_trim(heap, &heap->bins[c], 0, 0);
 }
 
 ZK_COLD void *heap_bin_corrupted(heap_t *heap, bin_t *bin, block_t *block) {
@@ -257,16 +272,20 @@ static void stats_retire_page(heap_stats_t *stats, page_t *page) {
 }
 
 /* Give a page whose blocks are all free back to the segment layer. */
-static void heap_page_release(heap_t *heap, page_t *page) {
+static void heap_page_release(heap_t *heap, page_t *page,
+                              uint64_t free_since_ms) {
   stats_retire_page(&heap->stats, page);
-  segment_span_free(page);
+  if (free_since_ms != 0)
+    segment_span_free_since(page, free_since_ms);
+  else
+    segment_span_free(page);
   purge_maybe();
 }
 
 static void abandon_page(heap_t *heap, page_t *page) {
   page_collect(page);
   if (page->used == 0) {
-    heap_page_release(heap, page);
+    heap_page_release(heap, page, 0);
     return;
   }
   /* The page carries its counters to the abandoned list and on to the heap
@@ -563,6 +582,7 @@ void *heap_malloc_generic(heap_t *heap, size_t size, size_t alignment) {
     return large_alloc(heap, size, alignment);
   bin_t *bin = &heap->bins[class_index];
   if (bin->head == NULL) {
+    heap_bins_decay_maybe(heap); /* before the refill, which it could undo */
     page_t *page = heap_find_page(heap, class_index);
     if (page == NULL) {
       errno = ENOMEM;
@@ -574,7 +594,6 @@ void *heap_malloc_generic(heap_t *heap, size_t size, size_t alignment) {
     if (unlikely(bin->head == NULL)) /* the page's list was corrupted */
       return heap_malloc_generic(heap, size, alignment);
     bin->refilled = 1;
-    heap_bins_decay_maybe(heap);
   }
   block_t *block = bin->head;
   block_t *next = bin_next(heap, block);
@@ -590,7 +609,8 @@ void *heap_malloc_generic(heap_t *heap, size_t size, size_t alignment) {
 /* A block back on its page (bin flush, secure free): requeue a page that
  * was in `full`, release one that emptied. A page counts the frees that
  * reach it directly (secure, remote), a bin those pushed onto it. */
-static void heap_page_return_block(heap_t *heap, page_t *page, block_t *block) {
+static void heap_page_return_block(heap_t *heap, page_t *page, block_t *block,
+                                   uint64_t free_since_ms) {
   block_set_next(page, block, page->free);
   page->free = block;
   page->used--;
@@ -609,7 +629,7 @@ static void heap_page_return_block(heap_t *heap, page_t *page, block_t *block) {
        (queue->first->next == page && page->slice_count == 1)))
     return;
   queue_remove(queue, page);
-  heap_page_release(heap, page);
+  heap_page_release(heap, page, free_since_ms);
 }
 
 static void heap_free_remote(page_t *page, block_t *block) {
@@ -675,7 +695,7 @@ void heap_free_generic(void *p) {
     }
     page_secure_fill(page, block);
     page->frees++;
-    heap_page_return_block(heap, page, block);
+    heap_page_return_block(heap, page, block, 0);
     return;
   }
   case PAGE_LARGE:
@@ -710,7 +730,7 @@ void heap_collect(heap_t *heap, bool force) {
       page_collect(page);
       if (page->used == 0 && (force || page != heap->queues[c].first)) {
         queue_remove(&heap->queues[c], page);
-        heap_page_release(heap, page);
+        heap_page_release(heap, page, 0);
       }
       page = next;
     }

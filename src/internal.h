@@ -223,6 +223,7 @@ struct heap {
   bin_t bins[CLASS_COUNT];
   uint32_t bin_slow_events; /* refills and flushes, to pace decay */
   uint64_t bin_decay_ms;    /* the last decay pass */
+  bool bin_decaying;        /* a pass is running (pages it frees purge) */
   magazine_t *pool_magazines[POOL_SLOTS];
   page_queue_t queues[CLASS_COUNT]; /* pages that may have free blocks */
   page_queue_t full;                /* pages found without free blocks */
@@ -302,6 +303,7 @@ ZK_INLINE page_t *segment_page_of(segment_t *segment, const void *p) {
 /* home: the caller's preferred segment (a heap's), updated; or NULL. */
 page_t *segment_span_alloc(size_t slices, page_kind_t kind, segment_t **home);
 void segment_span_free(page_t *span);
+void segment_span_free_since(page_t *span, uint64_t free_since_ms);
 page_t *segment_huge_alloc(size_t size, size_t alignment);
 void segment_huge_free(page_t *page);
 page_t *segment_huge_resize(page_t *page, size_t new_size);
@@ -393,6 +395,7 @@ void heap_bin_flush(heap_t *heap, bin_t *bin);
 void *heap_bin_corrupted(heap_t *heap, bin_t *bin, block_t *block);
 heap_t *heap_get_initialized(void);
 void heap_collect(heap_t *heap, bool force);
+void heap_bins_decay(heap_t *heap, uint64_t now);
 void heap_reclaim_abandoned(void);
 void heap_lock_all(void);
 void heap_unlock_all(void);

@@ -15,7 +15,11 @@ uint64_t clock_now_ms(void) {
 }
 
 void purge_maybe(void) {
+  heap_t *heap = heap_current;
+  if (heap->bin_decaying)
+    return; /* pages freed by a decay pass: purged once it is done */
   uint64_t now = clock_now_ms();
+  heap_bins_decay(heap, now); /* may free pages for this purge */
   uint64_t last = atomic_load_explicit(&last_purge_ms, memory_order_relaxed);
   uint64_t interval = (uint64_t)option(ZK_OPTION_PURGE_DELAY_MS) / 4;
   if (now - last < interval)

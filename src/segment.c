@@ -284,7 +284,12 @@ page_t *segment_span_alloc(size_t slices, page_kind_t kind, segment_t **home) {
 }
 
 void segment_span_free(page_t *span) {
-  uint64_t now = clock_now_ms();
+  segment_span_free_since(span, clock_now_ms());
+}
+
+/* A span whose memory the program stopped using before now: purge counts
+ * its delay from then. */
+void segment_span_free_since(page_t *span, uint64_t now) {
   size_t slices = span->slice_count;
   if (span->secure) /* its last OS page was a guard (page.c, large.c) */
     os_protect(slice_address(span) + (slices << SLICE_SHIFT) - OS_PAGE_SIZE,
