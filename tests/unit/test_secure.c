@@ -18,6 +18,34 @@ static void overflow_into_free_list(void) {
     zk_malloc(64);
 }
 
+/* A use after free that stores a word over the link: a pointer, zero, a
+ * small or a negative integer are the common cases, and each is caught. */
+static void overwrite_link(uintptr_t value) {
+  uintptr_t *a = zk_malloc(64);
+  uintptr_t *b = zk_malloc(64);
+  zk_free(a);
+  zk_free(b);
+  b[0] = value;
+  for (int i = 0; i < 4; i++)
+    zk_malloc(64);
+}
+static void link_overwritten_by_pointer(void) {
+  int local;
+  overwrite_link((uintptr_t)&local);
+}
+static void link_overwritten_by_heap_pointer(void) {
+  overwrite_link((uintptr_t)zk_malloc(64));
+}
+static void link_overwritten_by_zero(void) {
+  overwrite_link(0);
+}
+static void link_overwritten_by_small_integer(void) {
+  overwrite_link(42);
+}
+static void link_overwritten_by_negative_integer(void) {
+  overwrite_link((uintptr_t)-1);
+}
+
 static void double_free_not_head(void) {
   zk_option_set(ZK_OPTION_SECURE, 1);
   void *a = zk_malloc(64);
@@ -141,6 +169,12 @@ static void test_shuffled_order(void) {
 
 int main(void) {
   test_expect_abort(overflow_into_free_list, "corrupted free list");
+  test_expect_abort(link_overwritten_by_pointer, "corrupted free list");
+  test_expect_abort(link_overwritten_by_heap_pointer, "corrupted free list");
+  test_expect_abort(link_overwritten_by_zero, "corrupted free list");
+  test_expect_abort(link_overwritten_by_small_integer, "corrupted free list");
+  test_expect_abort(link_overwritten_by_negative_integer,
+                    "corrupted free list");
   test_expect_abort(write_after_free, "write after free");
   test_expect_abort(double_free_not_head, "double free");
   test_shuffled_order();
