@@ -129,9 +129,19 @@ static void heap_bin_trim(heap_t *heap, bin_t *bin, uint32_t keep,
     bin->head = NULL;
   } else {
     block_t *last = bin->head;
-    for (uint32_t i = 1; i < keep; i++)
-      last = bin_next(heap, last);
+    uint32_t kept = 1;
+    for (block_t *next; kept < keep; kept++, last = next) {
+      next = bin_next(heap, last);
+      if (unlikely(next == NULL || bin_link_is_forged(next)))
+        break;
+    }
     rest = bin_next(heap, last);
+    if (unlikely(kept < keep || bin_link_is_forged(rest))) {
+      error_report("corrupted free list (write after free or overflow)", last,
+                   0);
+      rest = NULL; /* ZKMEM_ON_ERROR=warn: the bin ends here */
+      keep = kept;
+    }
     bin_set_next(heap, last, NULL);
   }
   bin_set_count(bin, keep);
@@ -150,13 +160,12 @@ static void heap_bin_trim(heap_t *heap, bin_t *bin, uint32_t keep,
 
 /* Decay: a bin that has not run empty since the last pass holds blocks the
  * thread did not need in that time, and gives them all back to their pages
- * (all bins do after a pass-free stretch of a whole purge delay); pages that
- * empty count as free since that last pass, so the same purge can return
- * them. Runs at most every quarter purge delay,
- * from the thread's bin slow paths (a clock read every BIN_DECAY_EVENTS of
- * them) and from its other slow paths through purge_maybe. A thread that
- * stops allocating keeps its bins until it starts again, calls zk_collect or
- * exits. */
+ * (all bins do after a whole purge delay without a pass); pages that empty
+ * count as free since that last pass, so the purge that follows can return
+ * them. Runs at most every quarter purge delay, through purge_maybe: from
+ * the thread's slow paths, and every BIN_DECAY_EVENTS bin refills or
+ * flushes. A thread that stops allocating keeps its bins until it starts
+ * again, calls zk_collect or exits. */
 #define BIN_DECAY_EVENTS 64
 
 void heap_bins_decay(heap_t *heap, uint64_t now) {
