@@ -105,7 +105,7 @@ static void double_free_small(void) {
   void *p = zk_malloc(64);
   zk_free(p);
   expect_report("double free", p, 64);
-  zk_free(p); /* the head of its page's free list */
+  zk_free(p); /* the head of its thread's bin */
 }
 
 /* Another class, with blocks freed around it: the one freed last is still
