@@ -21,15 +21,8 @@ ZK_INLINE void *alloc_fast_malloc(size_t size) {
   else
     return heap_malloc_generic(heap, size, 0);
   bin_t *bin = &heap->bins[class_index];
-  block_t *block = bin->head;
-  if (likely(block != NULL)) {
-    block_t *next = bin_next(heap, block);
-    if (unlikely(bin_link_is_forged(next)))
-      return heap_bin_corrupted(heap, bin, block);
-    bin->head = next;
-    bin->state--; /* the count */
-    return block;
-  }
+  if (likely(bin->head != NULL))
+    return bin_pop(heap, bin);
   return heap_malloc_generic(heap, size, 0);
 }
 

@@ -113,6 +113,12 @@ static void bin_limits_init(void) {
 static void heap_page_return_block(heap_t *heap, page_t *page, block_t *block,
                                    uint64_t free_since_ms);
 
+/* A free-list link that fails its check: every list reports it alike. */
+static ZK_COLD void report_corrupted_list(const block_t *block, size_t size) {
+  error_report("corrupted free list (write after free or overflow)", block,
+               size);
+}
+
 static void bin_set_count(bin_t *bin, uint32_t count) {
   bin->frees += bin->state >> BIN_COUNT_BITS;
   bin->state = count;
@@ -137,8 +143,7 @@ static void heap_bin_trim(heap_t *heap, bin_t *bin, uint32_t keep,
     }
     rest = bin_next(heap, last);
     if (unlikely(kept < keep || bin_link_is_forged(rest))) {
-      error_report("corrupted free list (write after free or overflow)", last,
-                   0);
+      report_corrupted_list(last, 0);
       rest = NULL; /* ZKMEM_ON_ERROR=warn: the bin ends here */
       keep = kept;
     }
@@ -149,8 +154,7 @@ static void heap_bin_trim(heap_t *heap, bin_t *bin, uint32_t keep,
     block_t *block = rest;
     rest = bin_next(heap, block);
     if (unlikely(bin_link_is_forged(rest))) {
-      error_report("corrupted free list (write after free or overflow)", block,
-                   0);
+      report_corrupted_list(block, 0);
       rest = NULL; /* ZKMEM_ON_ERROR=warn: leak the rest */
     }
     heap_page_return_block(heap, segment_page_of(segment_of(block), block),
@@ -169,10 +173,10 @@ static void heap_bin_trim(heap_t *heap, bin_t *bin, uint32_t keep,
 #define BIN_DECAY_EVENTS 64
 
 void heap_bins_decay(heap_t *heap, uint64_t now) {
-  if (heap == &heap_empty || heap->bin_decaying ||
-      now - heap->bin_decay_ms < (uint64_t)option(ZK_OPTION_PURGE_DELAY_MS) / 4)
-    return;
   uint64_t delay = (uint64_t)option(ZK_OPTION_PURGE_DELAY_MS);
+  if (heap == &heap_empty || heap->bin_decaying ||
+      now - heap->bin_decay_ms < delay / 4)
+    return;
   uint64_t idle_since = heap->bin_decay_ms != 0 ? heap->bin_decay_ms : now;
   /* No slow path for a whole delay: the thread was idle, every bin goes. */
   bool thread_was_idle = now - idle_since >= delay;
@@ -204,7 +208,7 @@ static void heap_flush_bins(heap_t *heap) {
 }
 
 ZK_COLD void *heap_bin_corrupted(heap_t *heap, bin_t *bin, block_t *block) {
-  error_report("corrupted free list (write after free or overflow)", block, 0);
+  report_corrupted_list(block, 0);
   /* ZKMEM_ON_ERROR=warn: drop the bin's list rather than follow it. */
   bin->head = NULL;
   bin_set_count(bin, 0);
@@ -472,8 +476,7 @@ static page_t *heap_find_page(heap_t *heap, unsigned class_index) {
 /* ZKMEM_ON_ERROR=warn: the page's list is dropped (its blocks leak) and
  * nothing is taken from it. */
 static ZK_COLD uint32_t heap_page_list_corrupted(page_t *page, block_t *block) {
-  error_report("corrupted free list (write after free or overflow)", block,
-               page->block_size);
+  report_corrupted_list(block, page->block_size);
   page->used = page->capacity;
   page->free = NULL;
   return 0;
@@ -547,8 +550,7 @@ static void heap_bin_refill(heap_t *heap, bin_t *bin, page_t *page) {
 }
 
 static ZK_COLD void *heap_free_list_corrupted(page_t *page, block_t *block) {
-  error_report("corrupted free list (write after free or overflow)", block,
-               page->block_size);
+  report_corrupted_list(block, page->block_size);
   /* ZKMEM_ON_ERROR=warn: drop the page's list rather than follow it. */
   page->free = NULL;
   return heap_malloc_generic(heap_current, page->block_size, 0);
@@ -604,13 +606,7 @@ void *heap_malloc_generic(heap_t *heap, size_t size, size_t alignment) {
       return heap_malloc_generic(heap, size, alignment);
     bin->refilled = 1;
   }
-  block_t *block = bin->head;
-  block_t *next = bin_next(heap, block);
-  if (unlikely(bin_link_is_forged(next)))
-    return heap_bin_corrupted(heap, bin, block);
-  bin->head = next;
-  bin->state--;
-  return block;
+  return bin_pop(heap, bin);
 }
 
 /* ---- free slow paths ---- */
@@ -694,11 +690,10 @@ void heap_free_generic(void *p) {
       heap_free_remote(page, block);
       return;
     }
-    if (!page->secure) { /* the fast path found it at the head of the bin */
-      error_report("double free", p, page->block_size);
-      return;
-    }
-    if (unlikely(block == page->free || heap_secure_is_free(page, block))) {
+    /* A page that is not secure is here only because the fast path found
+     * the block at the head of the bin. */
+    if (!page->secure || block == page->free ||
+        heap_secure_is_free(page, block)) {
       error_report("double free", p, page->block_size);
       return;
     }

@@ -393,6 +393,17 @@ void *heap_malloc_generic(heap_t *heap, size_t size, size_t alignment);
 void heap_free_generic(void *p);
 void heap_bin_flush(heap_t *heap, bin_t *bin);
 void *heap_bin_corrupted(heap_t *heap, bin_t *bin, block_t *block);
+/* A non-empty bin's head, popped: the end of malloc's fast path and of its
+ * slow path after a refill. */
+ZK_INLINE void *bin_pop(heap_t *heap, bin_t *bin) {
+  block_t *block = bin->head;
+  block_t *next = bin_next(heap, block);
+  if (unlikely(bin_link_is_forged(next)))
+    return heap_bin_corrupted(heap, bin, block);
+  bin->head = next;
+  bin->state--; /* the count */
+  return block;
+}
 heap_t *heap_get_initialized(void);
 void heap_collect(heap_t *heap, bool force);
 void heap_bins_decay(heap_t *heap, uint64_t now);
