@@ -549,10 +549,10 @@ static void heap_bin_refill(heap_t *heap, bin_t *bin, page_t *page) {
   }
 }
 
+/* ZKMEM_ON_ERROR=warn: the page's list is dropped, the block comes from
+ * elsewhere. */
 static ZK_COLD void *heap_free_list_corrupted(page_t *page, block_t *block) {
-  report_corrupted_list(block, page->block_size);
-  /* ZKMEM_ON_ERROR=warn: drop the page's list rather than follow it. */
-  page->free = NULL;
+  heap_page_list_corrupted(page, block);
   return heap_malloc_generic(heap_current, page->block_size, 0);
 }
 

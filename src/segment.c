@@ -336,14 +336,15 @@ page_t *segment_huge_alloc(size_t size, size_t alignment) {
       os_reserve_aligned(total, SEGMENT_SIZE, huge_mode, &got_huge);
   if (segment == NULL)
     return NULL;
-  uint8_t *guard = (uint8_t *)segment + total - OS_PAGE_SIZE;
-  if (guarded && !os_protect(guard, OS_PAGE_SIZE, false)) {
-    os_release(segment, total);
-    errno = ENOMEM;
-    return NULL;
-  }
-  if (guarded)
+  if (guarded) {
+    uint8_t *guard = (uint8_t *)segment + total - OS_PAGE_SIZE;
+    if (!os_protect(guard, OS_PAGE_SIZE, false)) {
+      os_release(segment, total);
+      errno = ENOMEM;
+      return NULL;
+    }
     offset = (size_t)(guard - rounded - (uint8_t *)segment);
+  }
   track_header(segment, SLICE_SIZE);
   pthread_mutex_lock(&segment_lock);
   if (segment_secret == 0)
