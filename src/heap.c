@@ -677,10 +677,13 @@ void heap_free_generic(void *p) {
   switch ((page_kind_t)page->kind) {
   case PAGE_SMALL: {
     size_t offset = (size_t)((uint8_t *)p - page->start);
-    uint32_t capacity = __atomic_load_n(&page->capacity, __ATOMIC_RELAXED);
-    if (unlikely(offset % page->block_size != 0 ||
-                 offset >= (size_t)capacity * page->block_size)) {
+    if (unlikely(offset % page->block_size != 0)) {
       error_report("free of a pointer inside a block (not its start)", p,
+                   page->block_size);
+      return;
+    }
+    if (unlikely(!page_block_is_carved(page, offset / page->block_size))) {
+      error_report("free of a block zkmem never handed out", p,
                    page->block_size);
       return;
     }

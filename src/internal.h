@@ -133,15 +133,15 @@ typedef enum page_kind {
  * own lists. */
 struct page {
   /* Hot: the free fast path reads owner and class_index from this line. */
-  block_t *free;       /* owner only: refills its bin from here; bin flushes and
-                          secure frees push */
-  uintptr_t key;       /* free-list encoding key: the owner heap's bin key */
-  uint32_t used;       /* blocks handed out (owner's view) */
-  uint32_t unused;     /* keeps page_t at 128 bytes */
-  uint8_t in_full;     /* in the heap's full queue */
-  uint8_t kind;        /* page_kind_t */
-  uint8_t class_index; /* small pages */
-  uint8_t is_zero;     /* span memory is known to read as zero */
+  block_t *free;        /* owner only: refills its bin from here; bin flushes
+                           and secure frees push */
+  uintptr_t key;        /* free-list encoding key: the owner heap's bin key */
+  uint32_t used;        /* blocks handed out (owner's view) */
+  uint32_t carve_first; /* first block carved: the page's colour */
+  uint8_t in_full;      /* in the heap's full queue */
+  uint8_t kind;         /* page_kind_t */
+  uint8_t class_index;  /* small pages */
+  uint8_t is_zero;      /* span memory is known to read as zero */
   /* NULL: abandoned, pool, large or free span. Secure pages store the heap
    * with bit 0 set, so the owner's fast path never matches and every free
    * takes the checked path. */
@@ -151,7 +151,7 @@ struct page {
   /* Cold: shared with other threads or used on slow paths. */
   _Atomic(block_t *) thread_free;
   uint32_t block_size;    /* small: class size; pool: stride */
-  uint32_t capacity;      /* blocks carved so far */
+  uint32_t capacity;      /* blocks carved so far, from carve_first on */
   uint32_t reserved;      /* blocks the span can hold */
   uint32_t slice_count;   /* span length, on the head */
   uint32_t slice_offset;  /* slices back to the span head (0 on the head) */
@@ -229,6 +229,7 @@ struct heap {
   page_queue_t full;                /* pages found without free blocks */
   atomic_int remote_frees_to_full;  /* hint: scan `full` */
   uint64_t random_state;
+  uint32_t page_colour;    /* the colour the next small page starts at */
   segment_t *home_segment; /* where this heap's spans come from first */
   page_t *large_cache[LARGE_CACHE_ENTRIES];
   unsigned large_cache_count;
@@ -316,6 +317,7 @@ extern pthread_mutex_t segment_lock;
 /* ---- page.c ---- */
 void page_init_small(page_t *page, heap_t *heap, unsigned class_index);
 bool page_extend(page_t *page);
+bool page_block_is_carved(const page_t *page, size_t index);
 void page_secure_fill(const page_t *page, block_t *block);
 bool page_secure_intact(const page_t *page, const block_t *block);
 void page_collect(page_t *page);

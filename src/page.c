@@ -117,6 +117,22 @@ uint64_t random_seed(void) {
   return seed;
 }
 
+/* Spans start on 64 KiB boundaries, and so would every page's first blocks
+ * (the hot ones: bins are LIFO), all in the same sets of a 512 KiB 8-way L2
+ * cache, whose sets repeat every 64 KiB. A heap's pages start carving at
+ * one of 16 colours 4 KiB apart instead, each five on from the last. */
+#define PAGE_COLOUR_BYTES 4096u
+#define PAGE_COLOUR_STEP  5u /* odd: visits every colour of a slice */
+
+static uint32_t page_colour_first_block(const page_t *page, heap_t *heap,
+                                        size_t span_bytes) {
+  uint32_t colours = (uint32_t)(span_bytes / PAGE_COLOUR_BYTES);
+  uint32_t colour = heap->page_colour % colours;
+  heap->page_colour += PAGE_COLOUR_STEP;
+  return (uint32_t)(((size_t)colour * PAGE_COLOUR_BYTES / page->block_size) %
+                    page->reserved);
+}
+
 void page_init_small(page_t *page, heap_t *heap, unsigned class_index) {
   uint32_t block_size = class_block_size[class_index];
   page->class_index = (uint8_t)class_index;
@@ -130,6 +146,7 @@ void page_init_small(page_t *page, heap_t *heap, unsigned class_index) {
     os_protect(page->start + span_bytes, OS_PAGE_SIZE, false);
   }
   page->reserved = (uint32_t)(span_bytes / block_size);
+  page->carve_first = page_colour_first_block(page, heap, span_bytes);
   track_noaccess(page->start, span_bytes);
   page->capacity = 0;
   page->used = 0;
@@ -193,16 +210,22 @@ static uint32_t page_batch_stride(const page_t *page, uint32_t batch) {
 }
 
 /* Carve the next blocks of the span into `free`: up to 4 KiB of them (at
- * least one). False when the page is fully carved. */
+ * least one), from carve_first to the end of the span, then from its start.
+ * False when the page is fully carved. */
 bool page_extend(page_t *page) {
   if (page->capacity >= page->reserved)
     return false;
+  uint32_t carve = page->carve_first + page->capacity;
+  if (carve >= page->reserved)
+    carve -= page->reserved;
   uint32_t batch = 4096 / page->block_size;
   if (batch == 0)
     batch = 1;
   if (batch > page->reserved - page->capacity)
     batch = page->reserved - page->capacity;
-  uint8_t *first = page->start + (size_t)page->capacity * page->block_size;
+  if (batch > page->reserved - carve) /* the next batch wraps to block 0 */
+    batch = page->reserved - carve;
+  uint8_t *first = page->start + (size_t)carve * page->block_size;
   uint32_t stride = page_batch_stride(page, batch);
   /* Link block (i * stride) % batch for i = batch-1 down to 0. */
   block_t *next = page->free;
@@ -218,6 +241,18 @@ bool page_extend(page_t *page) {
   /* Read by other threads' frees to validate pointers. */
   __atomic_store_n(&page->capacity, page->capacity + batch, __ATOMIC_RELAXED);
   return true;
+}
+
+/* Whether block `index` of the page has been carved (can have been handed
+ * out): the `capacity` blocks from carve_first on, wrapping at the end. */
+bool page_block_is_carved(const page_t *page, size_t index) {
+  uint32_t capacity = __atomic_load_n(&page->capacity, __ATOMIC_RELAXED);
+  if (index >= page->reserved)
+    return false;
+  size_t carved_before = index >= page->carve_first
+                             ? index - page->carve_first
+                             : index + page->reserved - page->carve_first;
+  return carved_before < capacity;
 }
 
 /* Owner only: move remote frees into `free`. */

@@ -5,6 +5,8 @@
 #include "zkmem.h"
 
 #include <errno.h>
+#include <pthread.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
@@ -216,6 +218,68 @@ static void test_bins_decay(void) {
   CHECK(zk_option_set(ZK_OPTION_PURGE_DELAY_MS, delay) == 0);
 }
 
+/* A thread's pages start carving at different 4 KiB colours of their
+ * slice, so that the first (hot) blocks of its classes do not all share the
+ * same cache sets; carving wraps to the page's start and reaches every
+ * block exactly once. */
+enum { SLICE_BYTES = 64 * 1024, COLOUR_BYTES = 4096 };
+
+static void *page_colours_thread(void *unused) {
+  (void)unused;
+  static const size_t sizes[] = {8,   16,  32,  48,  64,  80,  96,  112,
+                                 128, 144, 160, 176, 192, 208, 224, 240};
+  enum { SIZES = sizeof(sizes) / sizeof(sizes[0]) };
+  bool colour_seen[SLICE_BYTES / COLOUR_BYTES] = {false};
+  unsigned colours = 0;
+  for (unsigned i = 0; i < SIZES; i++) {
+    uintptr_t first = (uintptr_t)zk_malloc(sizes[i]);
+    CHECK(first != 0);
+    unsigned colour = (unsigned)(first % SLICE_BYTES) / COLOUR_BYTES;
+    colours += !colour_seen[colour];
+    colour_seen[colour] = true;
+  }
+  CHECK(colours >= SIZES / 2);
+
+  /* 1,024 blocks of 64 B fill a slice: allocate three slices' worth and
+   * check every page filled whole got each of its blocks once. */
+  enum { BLOCK = 64, PER_PAGE = SLICE_BYTES / BLOCK, COUNT = 3 * PER_PAGE };
+  static uintptr_t blocks[COUNT];
+  for (unsigned i = 0; i < COUNT; i++)
+    CHECK((blocks[i] = (uintptr_t)zk_malloc(BLOCK)) != 0);
+  unsigned full_pages = 0;
+  for (unsigned i = 0; i < COUNT; i++) {
+    uintptr_t page = blocks[i] & ~(uintptr_t)(SLICE_BYTES - 1);
+    bool page_seen = false;
+    for (unsigned j = 0; j < i && !page_seen; j++)
+      page_seen = (blocks[j] & ~(uintptr_t)(SLICE_BYTES - 1)) == page;
+    if (page_seen)
+      continue;
+    static bool offset_seen[PER_PAGE];
+    memset(offset_seen, 0, sizeof(offset_seen));
+    unsigned in_page = 0;
+    for (unsigned j = i; j < COUNT; j++) {
+      if ((blocks[j] & ~(uintptr_t)(SLICE_BYTES - 1)) != page)
+        continue;
+      CHECK_EQ(blocks[j] % BLOCK, 0);
+      unsigned index = (unsigned)(blocks[j] - page) / BLOCK;
+      CHECK(!offset_seen[index]);
+      offset_seen[index] = true;
+      in_page++;
+    }
+    full_pages += in_page == PER_PAGE;
+  }
+  CHECK(full_pages >= 1);
+  for (unsigned i = 0; i < COUNT; i++)
+    zk_free((void *)blocks[i]);
+  return NULL;
+}
+
+static void test_page_colours(void) {
+  pthread_t thread; /* a fresh heap: its pages are its own */
+  CHECK(pthread_create(&thread, NULL, page_colours_thread, NULL) == 0);
+  CHECK(pthread_join(thread, NULL) == 0);
+}
+
 int main(void) {
   test_size_classes();
   test_alignment_and_usable_size();
@@ -226,6 +290,7 @@ int main(void) {
   test_reuse_after_free();
   test_bins_return_blocks();
   test_bins_decay();
+  test_page_colours();
   printf("test_malloc: ok\n");
   return 0;
 }

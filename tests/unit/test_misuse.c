@@ -226,6 +226,19 @@ static void interior_small_remote(void) {
   pthread_join(thread, NULL);
 }
 
+/* A block of a page that was never carved was never handed out: with
+ * pages carving from a colour onwards, that can be the block before the
+ * first one carved. */
+static void uncarved_small_remote(void) {
+  char *p = zk_malloc(64);
+  uintptr_t slice = (uintptr_t)p & ~(uintptr_t)(64 * 1024 - 1);
+  char *before = (uintptr_t)p > slice ? p - 64 : (char *)slice + 64 * 1024 - 64;
+  expect_report("free of a block zkmem never handed out", before, 64);
+  pthread_t thread;
+  CHECK(pthread_create(&thread, NULL, free_in_thread, before) == 0);
+  pthread_join(thread, NULL);
+}
+
 static void interior_large(void) {
   char *p = zk_malloc(300 << 10);
   expect_report("free of a pointer inside a block (not its start)", p + 4096,
@@ -530,6 +543,7 @@ int main(int argc, char **argv) {
   expect_abort("segment header", segment_header);
   expect_abort("interior, secure", interior_small_secure);
   expect_abort("interior, other thread", interior_small_remote);
+  expect_abort("block never handed out, other thread", uncarved_small_remote);
   expect_abort("interior, large", interior_large);
   expect_abort("interior, huge", interior_huge);
   expect_abort("pool, other pool", pool_mismatch);
