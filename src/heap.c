@@ -120,8 +120,7 @@ static ZK_COLD void report_corrupted_list(const block_t *block, size_t size) {
 }
 
 static void bin_set_count(bin_t *bin, uint32_t count) {
-  bin->frees += bin->state >> BIN_COUNT_BITS;
-  bin->state = count;
+  bin->room = (int32_t)(bin->limit - count);
 }
 
 /* Gives the blocks of a bin beyond its first `keep` back to their pages:
@@ -248,8 +247,10 @@ static heap_t *heap_create(void) {
    * remote free still points at some heap, which at worst gets a spurious
    * rescan hint. */
   memset(heap, 0, sizeof(*heap));
-  for (size_t i = 0; i < CLASS_COUNT; i++)
+  for (size_t i = 0; i < CLASS_COUNT; i++) {
     heap->bins[i].limit = bin_limit[i];
+    heap->bins[i].room = (int32_t)bin_limit[i];
+  }
   for (size_t i = 0; i < POOL_SLOTS; i++)
     heap->pool_magazines[i] = &pool_magazine_empty;
   heap->random_state = random_seed() ^ (uint64_t)(uintptr_t)heap;
@@ -329,7 +330,7 @@ static void heap_abandon(heap_t *heap) {
   }
   pthread_mutex_lock(&heaps_lock);
   for (unsigned c = 0; c < CLASS_COUNT; c++) {
-    uint64_t bin_frees_total = bin_frees(&heap->bins[c]); /* bins are empty */
+    uint64_t bin_frees_total = heap->bins[c].frees; /* bins are empty */
     heaps_retired_stats.class_allocs_retired[c] +=
         heap->stats.class_allocs_retired[c] + bin_frees_total;
     heaps_retired_stats.class_frees_retired[c] +=
@@ -786,10 +787,9 @@ void heap_collect_stats(zk_stats_t *out) {
     for (unsigned c = 0; c < CLASS_COUNT; c++) {
       /* Pages count a bin's blocks as used: they are free. */
       const bin_t *bin = &heap->bins[c];
-      uint64_t state = __atomic_load_n(&bin->state, __ATOMIC_RELAXED);
-      uint64_t frees = __atomic_load_n(&bin->frees, __ATOMIC_RELAXED) +
-                       (state >> BIN_COUNT_BITS);
-      uint64_t held = state & BIN_COUNT_MASK;
+      uint64_t frees = __atomic_load_n(&bin->frees, __ATOMIC_RELAXED);
+      int64_t room = __atomic_load_n(&bin->room, __ATOMIC_RELAXED);
+      uint64_t held = room < bin->limit ? bin->limit - room : 0;
       out->classes[c].frees += frees;
       out->classes[c].allocations += frees - held;
       out->bytes_live -= held * class_block_size[c];

@@ -196,24 +196,18 @@ typedef struct heap_stats {
 
 /* A heap's free blocks of one class (see heap.c). */
 typedef struct bin {
-  block_t *head; /* links encoded with the heap's bin_key */
-  /* Blocks held (low BIN_COUNT_BITS) and frees pushed since the last fold
-   * (the rest): one add counts both on the free fast path. Slow paths fold
-   * the high part into `frees`; 40 bits leave 10^12 frees between two. */
-  uint64_t state;
-  uint64_t frees;    /* by this thread into this bin, folded */
-  uint32_t limit;    /* the free that takes the count above it flushes */
+  block_t *head;  /* links encoded with the heap's bin_key */
+  uint64_t frees; /* by this thread into this bin (statistics) */
+  /* How many more blocks the bin takes, limit - count: malloc adds one and
+   * free takes one, each a single read-modify-write, and the free that
+   * takes it below zero flushes. */
+  int32_t room;
+  uint32_t limit;
   uint32_t refilled; /* ran empty since the last decay pass */
 } bin_t;
 
-#define BIN_COUNT_BITS 24
-#define BIN_COUNT_MASK ((UINT64_C(1) << BIN_COUNT_BITS) - 1)
-#define BIN_FREE_STEP  ((UINT64_C(1) << BIN_COUNT_BITS) + 1)
 ZK_INLINE uint32_t bin_count(const bin_t *bin) {
-  return (uint32_t)(bin->state & BIN_COUNT_MASK);
-}
-ZK_INLINE uint64_t bin_frees(const bin_t *bin) {
-  return bin->frees + (bin->state >> BIN_COUNT_BITS);
+  return (uint32_t)((int64_t)bin->limit - bin->room);
 }
 
 struct heap {
@@ -403,7 +397,7 @@ ZK_INLINE void *bin_pop(heap_t *heap, bin_t *bin) {
   if (unlikely(bin_link_is_forged(next)))
     return heap_bin_corrupted(heap, bin, block);
   bin->head = next;
-  bin->state--; /* the count */
+  bin->room++;
   return block;
 }
 heap_t *heap_get_initialized(void);
