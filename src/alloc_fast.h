@@ -11,16 +11,19 @@
 #include "internal.h"
 #include "sizeclass.h"
 
+/* The bin's address in one register: without the barrier GCC computes it
+ * again after a store into the block, three instructions. */
+ZK_INLINE bin_t *heap_bin(heap_t *heap, unsigned class_index) {
+  bin_t *bin = &heap->bins[class_index];
+  __asm__("" : "+r"(bin));
+  return bin;
+}
+
 ZK_INLINE void *alloc_fast_malloc(size_t size) {
   heap_t *heap = heap_current;
-  unsigned class_index;
-  if (likely(size <= DIRECT_MAX))
-    class_index = class_by_8[(size + 7) >> 3];
-  else if (likely(size <= SMALL_MAX))
-    class_index = class_by_128[(size + 127) >> 7];
-  else
+  if (unlikely(size > SMALL_MAX))
     return heap_malloc_generic(heap, size, 0);
-  bin_t *bin = &heap->bins[class_index];
+  bin_t *bin = heap_bin(heap, class_by_8[(size + 7) >> 3]);
   if (likely(bin->head != NULL))
     return bin_pop(heap, bin);
   return heap_malloc_generic(heap, size, 0);
@@ -36,10 +39,7 @@ ZK_INLINE void alloc_fast_free(void *p) {
      * this block while it is still in cache. */
     if (likely(atomic_load_explicit(&slice->owner, memory_order_relaxed) ==
                heap)) {
-      bin_t *bin = &heap->bins[slice->class_index];
-      /* One register for the bin's address: without this GCC recomputes it
-       * after the block's store, three instructions. */
-      __asm__("" : "+r"(bin));
+      bin_t *bin = heap_bin(heap, slice->class_index);
       block_t *block = p;
       block_t *head = bin->head;
       if (likely(block != head)) {

@@ -98,8 +98,7 @@
 #define SEGMENT_FIRST_SLICE   1
 #define SEGMENT_USABLE_SLICES (SLICES_PER_SEGMENT - SEGMENT_FIRST_SLICE)
 
-#define SMALL_MAX           ((size_t)64 * 1024) /* largest size class */
-#define DIRECT_MAX          ((size_t)1024)      /* class_by_8 up to here */
+#define SMALL_MAX           ((size_t)64 * 1024)       /* largest size class */
 #define LARGE_MAX           ((size_t)2 * 1024 * 1024) /* above: huge, own mapping */
 #define CLASS_COUNT         69
 #define POOL_SLOTS          1024

@@ -81,13 +81,10 @@ const uint8_t class_page_slices[CLASS_COUNT] = {
 };
 
 uint8_t class_by_8[CLASS_BY_8_COUNT];
-uint8_t class_by_128[CLASS_BY_128_COUNT];
 
 void sizeclass_init(void) {
   for (size_t i = 0; i < CLASS_BY_8_COUNT; i++)
     class_by_8[i] = (uint8_t)size_to_class(i * 8);
-  for (size_t i = DIRECT_MAX / 128; i < CLASS_BY_128_COUNT; i++)
-    class_by_128[i] = (uint8_t)size_to_class(i * 128);
 }
 
 _Static_assert(sizeof(class_block_size) / sizeof(class_block_size[0]) ==
