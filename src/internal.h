@@ -140,8 +140,8 @@ struct page {
   uint8_t in_full;      /* in the heap's full queue */
   uint8_t kind;         /* page_kind_t */
   uint8_t is_zero;      /* span memory is known to read as zero */
-  uint8_t unused[4];
-  uint8_t class_index; /* small pages; where it is: see below */
+  uint8_t padding[4];   /* puts class_index at 31 mod 32: see below */
+  uint8_t class_index;  /* small pages */
   /* NULL: abandoned, pool, large or free span. Secure pages store the heap
    * with bit 0 set, so the owner's fast path never matches and every free
    * takes the checked path. */
@@ -213,7 +213,7 @@ typedef struct bin {
    * free takes one, each a single read-modify-write, and the free that
    * takes it below zero flushes. */
   int32_t room;
-  uint32_t limit;
+  uint32_t limit;    /* blocks the bin holds at most */
   uint32_t refilled; /* ran empty since the last decay pass */
 } bin_t;
 
