@@ -517,7 +517,31 @@ def best_peer(by_allocator, key="ops_per_s", lowest=False):
     return min(values) if lowest else max(values)
 
 
-def report(medians, machine, settings, out):
+def paired_with_best_peer(records, scenario, by_allocator):
+    """zkmem against the best peer (by median), round by round: rounds run
+    every allocator back to back, so a round's two runs share the machine's
+    state of the moment. Returns (peer, rounds zkmem was ahead, rounds,
+    median of the per-round ratios), or None."""
+    peer_rate = best_peer(by_allocator)
+    if "zkmem" not in by_allocator or peer_rate is None:
+        return None
+    peer = next(name for name in PEERS if name in by_allocator and
+                by_allocator[name].get("ops_per_s") == peer_rate)
+    rates = {}
+    for record in records:
+        if record["scenario"] == scenario and record["allocator"] in (
+                "zkmem", peer):
+            rates.setdefault(record["run"], {})[record["allocator"]] = (
+                record["result"]["ops_per_s"])
+    ratios = [pair["zkmem"] / pair[peer] for pair in rates.values()
+              if "zkmem" in pair and pair.get(peer)]
+    if not ratios:
+        return None
+    ahead = sum(1 for ratio in ratios if ratio > 1.0)
+    return peer, ahead, len(ratios), statistics.median(ratios)
+
+
+def report(medians, machine, settings, out, records=()):
     print(f"zkmem benchmarks, {settings['date']}", file=out)
     print(f"machine: {machine['cpu']}, {machine['cores']} cores "
           f"({machine['usable_cores']} usable), {machine['kernel']}, "
@@ -579,6 +603,11 @@ def report(medians, machine, settings, out):
                         "-" if ratio is None else f"{ratio:.3f}x"]
             rows.append(row)
         print_table(headers, rows, out)
+        paired = paired_with_best_peer(records, scenario.name, by_allocator)
+        if paired and paired[2] > 1:
+            peer, ahead, rounds, ratio = paired
+            print(f"zkmem vs {peer} round by round: ahead in {ahead} of "
+                  f"{rounds}, median ratio {ratio:.2f}x", file=out)
         note = FIXED_SIZE_NOTES.get(scenario.name)
         if note and any(name in by_allocator for name in ("zkmem-pool",
                                                           "seed")):
@@ -908,7 +937,8 @@ def replay(path):
     with open(path) as handle:
         data = json.load(handle)
     medians = summarise(data["runs"])
-    report(medians, data["machine"], data["settings"], sys.stdout)
+    report(medians, data["machine"], data["settings"], sys.stdout,
+           data["runs"])
     svg_path = os.path.join(os.path.dirname(os.path.abspath(path)),
                             "results.svg")
     write_svg(svg_path, medians, data["machine"], data["settings"])
@@ -996,7 +1026,7 @@ def main():
     out_dir = args.out or os.path.join(build_dir, "bench",
                                        "quick" if args.quick else "")
     os.makedirs(out_dir, exist_ok=True)
-    report(medians, machine, settings, sys.stdout)
+    report(medians, machine, settings, sys.stdout, records)
     json_path = os.path.join(out_dir, "results.json")
     svg_path = os.path.join(out_dir, "results.svg")
     with open(json_path, "w") as handle:
