@@ -249,7 +249,7 @@ static heap_t *heap_create(void) {
   memset(heap, 0, sizeof(*heap));
   for (size_t i = 0; i < CLASS_COUNT; i++) {
     heap->bins[i].limit = bin_limit[i];
-    heap->bins[i].room = (int32_t)bin_limit[i];
+    bin_set_count(&heap->bins[i], 0);
   }
   for (size_t i = 0; i < POOL_SLOTS; i++)
     heap->pool_magazines[i] = &pool_magazine_empty;
@@ -788,8 +788,7 @@ void heap_collect_stats(zk_stats_t *out) {
       /* Pages count a bin's blocks as used: they are free. */
       const bin_t *bin = &heap->bins[c];
       uint64_t frees = __atomic_load_n(&bin->frees, __ATOMIC_RELAXED);
-      int64_t room = __atomic_load_n(&bin->room, __ATOMIC_RELAXED);
-      uint64_t held = room < bin->limit ? bin->limit - room : 0;
+      uint64_t held = bin_count(bin);
       out->classes[c].frees += frees;
       out->classes[c].allocations += frees - held;
       out->bytes_live -= held * class_block_size[c];

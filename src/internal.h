@@ -217,8 +217,10 @@ typedef struct bin {
   uint32_t refilled; /* ran empty since the last decay pass */
 } bin_t;
 
+/* Relaxed: the statistics read other threads' bins with it. */
 ZK_INLINE uint32_t bin_count(const bin_t *bin) {
-  return (uint32_t)((int64_t)bin->limit - bin->room);
+  return (uint32_t)((int64_t)bin->limit -
+                    __atomic_load_n(&bin->room, __ATOMIC_RELAXED));
 }
 
 struct heap {
