@@ -152,6 +152,10 @@ typedef struct zk_stats {
   size_t rss; /* resident set size of the process */
   size_t peak_rss;
   double fragmentation; /* bytes_committed / bytes_live */
+  /* Of segments_mapped and bytes_mapped: the mappings of huge blocks (one
+   * each), so the rest is what small and large blocks are carved from. */
+  size_t huge_segments_mapped;
+  size_t bytes_mapped_huge;
 } zk_stats_t;
 
 void zk_stats_get(zk_stats_t *out);

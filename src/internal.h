@@ -160,7 +160,12 @@ struct page {
   uint8_t secure;         /* ZKMEM_SECURE when the page was set up */
   uint8_t *start;         /* first block */
   page_t *next, *prev;    /* heap queue, pool list or free bin */
-  uint64_t free_since_ms; /* free span: when it became free */
+  union {
+    uint64_t free_since_ms; /* free span, cached large span: freed when */
+    /* Secure small and pool pages: one bit per block, set while the block
+     * is free (page_free_bit_*), so every double free is caught at once. */
+    _Atomic(uint64_t) *free_bits;
+  };
   zk_pool_t *pool;        /* pool pages */
   size_t large_size;      /* large/huge: usable bytes */
 };
@@ -320,6 +325,9 @@ ZK_INLINE page_t *segment_page_of(segment_t *segment, const void *p) {
 }
 /* home: the caller's preferred segment (a heap's), updated; or NULL. */
 page_t *segment_span_alloc(size_t slices, page_kind_t kind, segment_t **home);
+/* The longest span a segment can give (secure segments keep a guard
+ * slice). */
+size_t segment_span_max_slices(void);
 void segment_span_free(page_t *span);
 void segment_span_free_since(page_t *span, uint64_t free_since_ms);
 page_t *segment_huge_alloc(size_t size, size_t alignment);
@@ -339,6 +347,12 @@ void page_secure_fill(const page_t *page, block_t *block);
 bool page_secure_intact(const page_t *page, const block_t *block);
 void page_collect(page_t *page);
 void page_free_remote(page_t *page, block_t *block);
+/* Secure free bits (see page_t): false when no memory for them. */
+bool page_free_bits_init(page_t *page);
+void page_free_bits_release(page_t *page);
+/* Marks block `index` free; false if it already was (a double free). */
+bool page_free_bit_set(page_t *page, size_t index);
+void page_free_bit_clear(page_t *page, size_t index);
 ZK_INLINE block_t *page_decode(const page_t *page, uintptr_t encoded) {
   return (block_t *)(encoded ^ page->key);
 }

@@ -187,6 +187,36 @@ bool page_secure_intact(const page_t *page, const block_t *block) {
   return intact;
 }
 
+/* Secure free bits: `reserved` bits in a metadata block, set with atomic
+ * operations since remote frees set them from any thread. */
+static size_t page_free_bits_bytes(const page_t *page) {
+  return ((size_t)page->reserved + 63) / 64 * sizeof(uint64_t);
+}
+
+bool page_free_bits_init(page_t *page) {
+  page->free_bits = os_meta_alloc(page_free_bits_bytes(page));
+  return page->free_bits != NULL;
+}
+
+void page_free_bits_release(page_t *page) {
+  if (page->free_bits != NULL)
+    os_meta_free((void *)page->free_bits, page_free_bits_bytes(page));
+  page->free_bits = NULL;
+}
+
+bool page_free_bit_set(page_t *page, size_t index) {
+  uint64_t bit = UINT64_C(1) << (index & 63);
+  uint64_t old = atomic_fetch_or_explicit(&page->free_bits[index >> 6], bit,
+                                          memory_order_acq_rel);
+  return (old & bit) == 0;
+}
+
+void page_free_bit_clear(page_t *page, size_t index) {
+  uint64_t bit = UINT64_C(1) << (index & 63);
+  atomic_fetch_and_explicit(&page->free_bits[index >> 6], ~bit,
+                            memory_order_acq_rel);
+}
+
 /* Secure mode links a fresh batch in a random order (a stride coprime with
  * the batch size, from the page key), so neighbours in memory are not
  * neighbours in time. */

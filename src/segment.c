@@ -24,6 +24,7 @@ static page_t *span_bins[SLICES_PER_SEGMENT]; /* free spans by slice count */
 static segment_t *segments;                   /* NORMAL segments */
 static uintptr_t segment_secret;
 static size_t segments_mapped, bytes_mapped, bytes_huge_backed;
+static size_t huge_blocks_mapped, bytes_huge_blocks_mapped; /* of bytes_mapped */
 static size_t bytes_purged_total, bytes_free_committed;
 
 static void owned_map_set(segment_t *segment, bool owned) {
@@ -213,6 +214,11 @@ static page_t *bins_find_in(size_t slices, const segment_t *home) {
   return NULL;
 }
 
+size_t segment_span_max_slices(void) {
+  return option(ZK_OPTION_SECURE) ? SEGMENT_USABLE_SLICES - 1
+                                  : SEGMENT_USABLE_SLICES;
+}
+
 page_t *segment_span_alloc(size_t slices, page_kind_t kind, segment_t **home) {
   if (slices == 0 || slices > SEGMENT_USABLE_SLICES) {
     errno = ENOMEM;
@@ -352,6 +358,8 @@ page_t *segment_huge_alloc(size_t size, size_t alignment) {
   segment->cookie = (uintptr_t)segment ^ segment_secret;
   segments_mapped++;
   bytes_mapped += total;
+  huge_blocks_mapped++;
+  bytes_huge_blocks_mapped += total;
   if (got_huge)
     bytes_huge_backed += total;
   pthread_mutex_unlock(&segment_lock);
@@ -380,6 +388,8 @@ void segment_huge_free(page_t *page) {
   pthread_mutex_lock(&segment_lock);
   segments_mapped--;
   bytes_mapped -= total;
+  huge_blocks_mapped--;
+  bytes_huge_blocks_mapped -= total;
   if (segment->huge_pages)
     bytes_huge_backed -= total;
   pthread_mutex_unlock(&segment_lock);
@@ -422,6 +432,7 @@ page_t *segment_huge_resize(page_t *page, size_t new_size) {
   }
   pthread_mutex_lock(&segment_lock);
   bytes_mapped += new_total - old_total;
+  bytes_huge_blocks_mapped += new_total - old_total;
   if (segment->huge_pages)
     bytes_huge_backed += new_total - old_total;
   pthread_mutex_unlock(&segment_lock);
@@ -483,6 +494,8 @@ void segment_collect_stats(zk_stats_t *out) {
   out->segments_mapped = segments_mapped;
   out->bytes_mapped = bytes_mapped;
   out->bytes_huge_pages = bytes_huge_backed;
+  out->huge_segments_mapped = huge_blocks_mapped;
+  out->bytes_mapped_huge = bytes_huge_blocks_mapped;
   out->bytes_purged = bytes_purged_total;
   out->bytes_committed += bytes_free_committed;
   pthread_mutex_unlock(&segment_lock);
