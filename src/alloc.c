@@ -30,10 +30,9 @@ ZK_EXPORT void *zk_calloc(size_t count, size_t size) {
 ZK_EXPORT size_t zk_usable_size(const void *p) {
   if (p == NULL)
     return 0;
-  segment_t *segment = segment_of(p);
-  if (!segment_is_owned(segment))
+  page_t *page = segment_lookup(p);
+  if (page == NULL)
     return 0;
-  page_t *page = segment_page_of(segment, p);
   switch ((page_kind_t)page->kind) {
   case PAGE_SMALL:
   case PAGE_POOL:

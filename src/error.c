@@ -3,19 +3,22 @@
  * while the heap may be corrupt. */
 #include "internal.h"
 
+#include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <unistd.h>
 
 static void write_line(const char *line, size_t length) {
+  int saved_errno = errno; /* ZKMEM_ON_ERROR=warn carries on */
   while (length > 0) {
     ssize_t written = write(STDERR_FILENO, line, length);
     if (written <= 0)
-      return;
+      break;
     line += written;
     length -= (size_t)written;
   }
+  errno = saved_errno;
 }
 
 void error_report(const char *what, const void *pointer, size_t size) {

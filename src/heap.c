@@ -128,6 +128,12 @@ static void bin_set_count(bin_t *bin, uint32_t count) {
  * as free since `free_since_ms` (0: now). */
 static void heap_bin_trim(heap_t *heap, bin_t *bin, uint32_t keep,
                           uint64_t free_since_ms) {
+  uint32_t count = bin_count(bin);
+  if (keep > count)
+    keep = count;
+  /* The walk below ends after the bin's count: a block freed twice in a
+   * row but for other frees between links the bin into a cycle. */
+  uint32_t returned = count - keep;
   block_t *rest;
   if (keep == 0) {
     rest = bin->head;
@@ -152,9 +158,9 @@ static void heap_bin_trim(heap_t *heap, bin_t *bin, uint32_t keep,
   while (rest != NULL) {
     block_t *block = rest;
     rest = bin_next(heap, block);
-    if (unlikely(bin_link_is_forged(rest))) {
+    if (unlikely(bin_link_is_forged(rest) || returned-- == 0)) {
       report_corrupted_list(block, 0);
-      rest = NULL; /* ZKMEM_ON_ERROR=warn: leak the rest */
+      break; /* ZKMEM_ON_ERROR=warn: leak the rest */
     }
     heap_page_return_block(heap, segment_page_of(segment_of(block), block),
                            block, free_since_ms);
@@ -217,6 +223,42 @@ ZK_COLD void *heap_bin_corrupted(heap_t *heap, bin_t *bin, block_t *block) {
 /* ---- process and heap life cycle ---- */
 
 static void heap_thread_exit(void *value);
+static void heap_abandon(heap_t *heap);
+static bool heap_exit_key_created;
+
+/* fork: every allocator lock is held across it, in the lock order of
+ * internal.h, so the child starts with consistent structures. */
+static void fork_prepare(void) {
+  pool_lock_all();
+  heap_lock_all();
+  segment_lock_all();
+  os_meta_lock();
+}
+
+static void fork_parent(void) {
+  os_meta_unlock();
+  segment_unlock_all();
+  heap_unlock_all();
+  pool_unlock_all();
+}
+
+/* The child has one thread: the other threads' heaps are abandoned, so
+ * their pages and cached memory serve the child instead of waiting for
+ * threads that do not exist in it. */
+static void fork_child(void) {
+  fork_parent();
+  heap_t *self = heap_current;
+  for (;;) {
+    pthread_mutex_lock(&heaps_lock);
+    heap_t *orphan = heaps_live;
+    while (orphan != NULL && orphan == self)
+      orphan = orphan->next_heap;
+    pthread_mutex_unlock(&heaps_lock);
+    if (orphan == NULL)
+      break;
+    heap_abandon(orphan);
+  }
+}
 
 void process_init(void) {
   int expected = 0;
@@ -224,8 +266,18 @@ void process_init(void) {
     options_init();
     sizeclass_init();
     bin_limits_init();
-    pthread_key_create(&heap_exit_key, heap_thread_exit);
+    /* Without the key, thread exit cannot give a heap's pages back: they
+     * stay with the heap, still correct (other threads free into them),
+     * but not reused. */
+    heap_exit_key_created =
+        pthread_key_create(&heap_exit_key, heap_thread_exit) == 0;
+    if (!heap_exit_key_created && option(ZK_OPTION_VERBOSE))
+      error_warning("zkmem: warning: no thread-exit key: the pages of "
+                    "exiting threads will not be reused\n");
     atomic_store(&process_state, 2);
+    /* After the state is ready: registering may allocate. Every build
+     * registers, the static library as well as the preloaded one. */
+    pthread_atfork(fork_prepare, fork_parent, fork_child);
     return;
   }
   while (atomic_load(&process_state) != 2)
@@ -274,7 +326,10 @@ heap_t *heap_get_initialized(void) {
   if (heap == NULL)
     return NULL;
   heap_current = heap;
-  pthread_setspecific(heap_exit_key, heap);
+  if (heap_exit_key_created && pthread_setspecific(heap_exit_key, heap) != 0 &&
+      option(ZK_OPTION_VERBOSE))
+    error_warning("zkmem: warning: no memory to register this thread's exit: "
+                  "its pages will not be reused after it exits\n");
   return heap;
 }
 
@@ -289,6 +344,7 @@ static void stats_retire_page(heap_stats_t *stats, page_t *page) {
 static void heap_page_release(heap_t *heap, page_t *page,
                               uint64_t free_since_ms) {
   stats_retire_page(&heap->stats, page);
+  page_free_bits_release(page);
   if (free_since_ms != 0)
     segment_span_free_since(page, free_since_ms);
   else
@@ -391,6 +447,7 @@ void heap_reclaim_abandoned(void) {
         pthread_mutex_lock(&heaps_lock);
         stats_retire_page(&heaps_retired_stats, page);
         pthread_mutex_unlock(&heaps_lock);
+        page_free_bits_release(page);
         segment_span_free(page);
       }
       page = next;
@@ -412,6 +469,12 @@ static void heap_move_to_full(heap_t *heap, page_t *page) {
     atomic_store_explicit(&heap->remote_frees_to_full, 1, memory_order_relaxed);
 }
 
+/* The hint is cleared before the scan, both sequentially consistent, as in
+ * heap_free_remote: a remote free that saw the hint still set (and so did
+ * not set it again) pushed its block before the clear, and the scan's loads
+ * come after it. */
+static void heap_rescan_full(heap_t *heap);
+
 /* A page that leaves `full` has a block or two free: it goes to the front
  * of its queue, so refills fill it again before they touch emptier pages,
  * which then drain and can be released (memory benchmark: 1.5% less RSS at
@@ -423,11 +486,11 @@ static void heap_unfull(heap_t *heap, page_t *page) {
 }
 
 static void heap_rescan_full(heap_t *heap) {
-  atomic_store_explicit(&heap->remote_frees_to_full, 0, memory_order_relaxed);
+  atomic_store_explicit(&heap->remote_frees_to_full, 0, memory_order_seq_cst);
   page_t *page = heap->full.first;
   while (page != NULL) {
     page_t *next = page->next;
-    if (atomic_load_explicit(&page->thread_free, memory_order_relaxed) !=
+    if (atomic_load_explicit(&page->thread_free, memory_order_seq_cst) !=
         NULL) {
       page_collect(page);
       heap_unfull(heap, page);
@@ -462,7 +525,10 @@ static page_t *heap_find_page(heap_t *heap, unsigned class_index) {
                               &heap->home_segment);
     if (page == NULL)
       return NULL;
-    page_init_small(page, heap, class_index);
+    if (!page_init_small(page, heap, class_index)) {
+      segment_span_free(page);
+      return NULL;
+    }
   }
   if (page->free == NULL && !page_extend(page)) {
     /* A reclaimed page that is still full. */
@@ -567,6 +633,7 @@ static void *heap_malloc_secure(page_t *page) {
     error_report("write after free", block, page->block_size);
   page->free = next;
   page->used++;
+  page_free_bit_clear(page, page_block_index(page, block));
   return block;
 }
 
@@ -617,6 +684,10 @@ void *heap_malloc_generic(heap_t *heap, size_t size, size_t alignment) {
  * reach it directly (secure, remote), a bin those pushed onto it. */
 static void heap_page_return_block(heap_t *heap, page_t *page, block_t *block,
                                    uint64_t free_since_ms) {
+  if (unlikely(page->used == 0)) { /* freed twice through a bin */
+    error_report("double free", block, page->block_size);
+    return;
+  }
   block_set_next(page, block, page->free);
   page->free = block;
   page->used--;
@@ -638,29 +709,28 @@ static void heap_page_return_block(heap_t *heap, page_t *page, block_t *block,
   heap_page_release(heap, page, free_since_ms);
 }
 
+/* Dekker with heap_move_to_full and heap_rescan_full, every access
+ * sequentially consistent: either the owner sees this block in
+ * thread_free, or this thread sees in_full and the hint it sets (or finds
+ * set) makes the owner rescan after the push. */
 static void heap_free_remote(page_t *page, block_t *block) {
-  if (page->secure)
+  if (page->secure) {
+    /* The free bit is exact from any thread: every double free is caught
+     * here, before the list could be linked into a cycle. */
+    if (!page_free_bit_set(page, page_block_index(page, block))) {
+      error_report("double free", block, page->block_size);
+      return;
+    }
     page_secure_fill(page, block);
+  }
   page_free_remote(page, block); /* a sequentially consistent CAS */
   if (__atomic_load_n(&page->in_full, __ATOMIC_SEQ_CST)) {
     heap_t *owner = page_owner(page);
     if (owner != NULL && !atomic_load_explicit(&owner->remote_frees_to_full,
-                                               memory_order_relaxed))
+                                               memory_order_seq_cst))
       atomic_store_explicit(&owner->remote_frees_to_full, 1,
                             memory_order_relaxed);
   }
-}
-
-/* Secure pages: a block whose fill pattern is intact may already be free;
- * walking the page's lists makes the answer certain. */
-static bool heap_secure_is_free(page_t *page, block_t *block) {
-  if (!page->secure || !page_secure_intact(page, block))
-    return false;
-  page_collect(page);
-  for (block_t *b = page->free; b != NULL; b = block_next(page, b))
-    if (b == block)
-      return true;
-  return false;
 }
 
 /* Everything zk_free's fast path does not handle: NULL, foreign pointers,
@@ -669,12 +739,11 @@ static bool heap_secure_is_free(page_t *page, block_t *block) {
 void heap_free_generic(void *p) {
   if (p == NULL)
     return;
-  segment_t *segment = segment_of(p);
-  if (!segment_is_owned(segment)) {
+  page_t *page = segment_lookup(p);
+  if (page == NULL) {
     error_report("free of a pointer zkmem does not own", p, 0);
     return;
   }
-  page_t *page = segment_page_of(segment, p);
   switch ((page_kind_t)page->kind) {
   case PAGE_SMALL: {
     size_t offset = (size_t)((uint8_t *)p - page->start);
@@ -696,8 +765,7 @@ void heap_free_generic(void *p) {
     }
     /* A page that is not secure is here only because the fast path found
      * the block at the head of the bin. */
-    if (!page->secure || block == page->free ||
-        heap_secure_is_free(page, block)) {
+    if (!page->secure || !page_free_bit_set(page, offset / page->block_size)) {
       error_report("double free", p, page->block_size);
       return;
     }
@@ -762,8 +830,14 @@ static void stats_add_page(zk_stats_t *out, const page_t *page) {
       (capacity * page->block_size + OS_PAGE_SIZE - 1) & ~(OS_PAGE_SIZE - 1);
 }
 
-static void stats_add_queue(zk_stats_t *out, const page_queue_t *queue) {
-  for (const page_t *page = queue->first; page != NULL; page = page->next)
+/* Another thread's queue, read while it changes: its links are read
+ * once each, and the walk stops after `*budget` pages in all (a page that
+ * moves between queues as it is read could lead the walk around again). */
+static void stats_add_queue(zk_stats_t *out, const page_queue_t *queue,
+                            size_t *budget) {
+  for (const page_t *page = __atomic_load_n(&queue->first, __ATOMIC_RELAXED);
+       page != NULL && *budget > 0;
+       page = __atomic_load_n(&page->next, __ATOMIC_RELAXED), --*budget)
     stats_add_page(out, page);
 }
 
@@ -775,14 +849,20 @@ static void stats_add_retired(zk_stats_t *out, const heap_stats_t *stats) {
 }
 
 /* Other threads' counters are read while they run: exact only when they
- * are quiescent. */
+ * are quiescent. Safe at any time: the segment lock keeps every segment
+ * mapped while the walk follows other threads' links to page descriptors
+ * (a page leaves a queue before its span goes back to the segment layer,
+ * under that lock), and each walk is bounded. */
 void heap_collect_stats(zk_stats_t *out) {
   pthread_mutex_lock(&abandoned_lock);
   pthread_mutex_lock(&heaps_lock);
+  segment_lock_all();
+  /* More pages than slices mapped: the walk went around a moving page. */
+  size_t budget = segment_slices_mapped();
   for (heap_t *heap = heaps_live; heap != NULL; heap = heap->next_heap) {
     for (unsigned c = 0; c < CLASS_COUNT; c++)
-      stats_add_queue(out, &heap->queues[c]);
-    stats_add_queue(out, &heap->full);
+      stats_add_queue(out, &heap->queues[c], &budget);
+    stats_add_queue(out, &heap->full, &budget);
     stats_add_retired(out, &heap->stats);
     for (unsigned c = 0; c < CLASS_COUNT; c++) {
       /* Pages count a bin's blocks as used: they are free. */
@@ -793,13 +873,22 @@ void heap_collect_stats(zk_stats_t *out) {
       out->classes[c].allocations += frees - held;
       out->bytes_live -= held * class_block_size[c];
     }
-    for (unsigned i = 0; i < heap->large_cache_count; i++) /* free, resident */
-      out->bytes_committed += (size_t)heap->large_cache[i]->slice_count
-                              << SLICE_SHIFT;
+    unsigned cached =
+        __atomic_load_n(&heap->large_cache_count, __ATOMIC_RELAXED);
+    for (unsigned i = 0; i < cached && i < LARGE_CACHE_ENTRIES; i++) {
+      /* Free, and resident until a purge returns it. */
+      const page_t *span =
+          __atomic_load_n(&heap->large_cache[i], __ATOMIC_RELAXED);
+      if (span != NULL && !__atomic_load_n(&span->purged, __ATOMIC_RELAXED))
+        out->bytes_committed +=
+            (size_t)__atomic_load_n(&span->slice_count, __ATOMIC_RELAXED)
+            << SLICE_SHIFT;
+    }
   }
   stats_add_retired(out, &heaps_retired_stats);
   for (unsigned c = 0; c < CLASS_COUNT; c++)
-    stats_add_queue(out, &abandoned[c]);
+    stats_add_queue(out, &abandoned[c], &budget);
+  segment_unlock_all();
   pthread_mutex_unlock(&heaps_lock);
   pthread_mutex_unlock(&abandoned_lock);
 }

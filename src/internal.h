@@ -122,7 +122,13 @@ typedef enum page_kind {
   PAGE_POOL,          /* objects of one zk_pool_t */
   PAGE_HUGE,          /* the block of a huge segment */
   PAGE_HEADER,        /* slice 0 */
-  PAGE_LARGE_CACHED,  /* a freed large span in a heap's cache */
+  /* A freed large span in a heap's cache. Any thread's purge may return
+   * its memory once it has been cached for the purge delay: the purge
+   * takes it with a CAS to PAGE_LARGE_PURGING, and its owner takes it back
+   * with a CAS to PAGE_LARGE (large.c), so neither writes it under the
+   * other. */
+  PAGE_LARGE_CACHED,
+  PAGE_LARGE_PURGING,
 } page_kind_t;
 
 /* Invariant for small pages, on the owner's side:
@@ -150,24 +156,24 @@ struct page {
 
   /* Cold: shared with other threads or used on slow paths. */
   _Atomic(block_t *) thread_free;
-  uint32_t block_size;    /* small: class size; pool: stride */
-  uint32_t capacity;      /* blocks carved so far, from carve_first on */
-  uint32_t reserved;      /* blocks the span can hold */
-  uint32_t slice_count;   /* span length, on the head */
-  uint32_t slice_offset;  /* slices back to the span head (0 on the head) */
-  uint8_t purged;         /* free span: returned to the OS */
-  uint8_t huge_pages;     /* backed by huge pages */
-  uint8_t secure;         /* ZKMEM_SECURE when the page was set up */
-  uint8_t *start;         /* first block */
-  page_t *next, *prev;    /* heap queue, pool list or free bin */
+  uint32_t block_size;   /* small: class size; pool: stride */
+  uint32_t capacity;     /* blocks carved so far, from carve_first on */
+  uint32_t reserved;     /* blocks the span can hold */
+  uint32_t slice_count;  /* span length, on the head */
+  uint32_t slice_offset; /* slices back to the span head (0 on the head) */
+  uint8_t purged;        /* free span: returned to the OS */
+  uint8_t huge_pages;    /* backed by huge pages */
+  uint8_t secure;        /* ZKMEM_SECURE when the page was set up */
+  uint8_t *start;        /* first block */
+  page_t *next, *prev;   /* heap queue, pool list or free bin */
   union {
     uint64_t free_since_ms; /* free span, cached large span: freed when */
     /* Secure small and pool pages: one bit per block, set while the block
      * is free (page_free_bit_*), so every double free is caught at once. */
     _Atomic(uint64_t) *free_bits;
   };
-  zk_pool_t *pool;        /* pool pages */
-  size_t large_size;      /* large/huge: usable bytes */
+  zk_pool_t *pool;   /* pool pages */
+  size_t large_size; /* large/huge: usable bytes */
 };
 /* A power of two, so that finding a slice's descriptor is a shift. */
 _Static_assert(sizeof(struct page) == 128, "page_t must stay 128 bytes");
@@ -192,6 +198,9 @@ struct segment {
   /* Secure mode: the header's last OS page and the last slice are
    * inaccessible, so no block borders a neighbouring segment. */
   uint8_t guarded;
+  /* HUGE: the block starts one segment on (alignment >= SEGMENT_SIZE), its
+   * descriptor is pages[SEGMENT_FIRST_SLICE]. */
+  uint8_t block_after_header;
   uint32_t used_slices;
   size_t mapped_size;
   uint64_t free_since_ms; /* all slices free since (NORMAL) */
@@ -300,15 +309,30 @@ ZK_INLINE uint64_t magazine_allocations(const magazine_t *magazine) {
 
 /* ---- segment.c ---- */
 #define SEGMENT_MAP_ENTRIES ((size_t)1 << (48 - SEGMENT_SHIFT))
+/* What the owned-segment map says of a 4 MiB-aligned address. */
+enum {
+  SEGMENT_MAP_NONE = 0,
+  SEGMENT_MAP_HEADER = 1, /* a segment header is here */
+  /* A huge block aligned to 4 MiB or more starts here; its header is the
+   * segment just before (segment_lookup). */
+  SEGMENT_MAP_AFTER_HEADER = 2,
+};
 extern uint8_t segment_owned_map[SEGMENT_MAP_ENTRIES];
 ZK_INLINE segment_t *segment_of(const void *p) {
   return (segment_t *)((uintptr_t)p & ~(uintptr_t)SEGMENT_MASK);
 }
-ZK_INLINE bool segment_is_owned(const segment_t *segment) {
+ZK_INLINE uint8_t segment_map_state(const segment_t *segment) {
   uintptr_t index =
       ((uintptr_t)segment >> SEGMENT_SHIFT) & (SEGMENT_MAP_ENTRIES - 1);
   return __atomic_load_n(&segment_owned_map[index], __ATOMIC_RELAXED);
 }
+/* A header is here: segment_page_of(segment, p) is p's descriptor. */
+ZK_INLINE bool segment_is_owned(const segment_t *segment) {
+  return segment_map_state(segment) == SEGMENT_MAP_HEADER;
+}
+/* Slow paths: the descriptor of the span or huge block holding p, also for
+ * huge blocks aligned beyond a segment; NULL where zkmem owns nothing. */
+page_t *segment_lookup(const void *p);
 /* The descriptor of p's slice: the span head's, or an interior one. */
 ZK_INLINE const page_t *segment_slice_of(const segment_t *segment,
                                          const void *p) {
@@ -334,13 +358,15 @@ page_t *segment_huge_alloc(size_t size, size_t alignment);
 void segment_huge_free(page_t *page);
 page_t *segment_huge_resize(page_t *page, size_t new_size);
 size_t segment_purge(uint64_t now_ms, bool force);
+size_t segment_slices_mapped(void); /* segment_lock held */
 void segment_lock_all(void);
 void segment_unlock_all(void);
 void segment_collect_stats(zk_stats_t *out);
 extern pthread_mutex_t segment_lock;
 
 /* ---- page.c ---- */
-void page_init_small(page_t *page, heap_t *heap, unsigned class_index);
+/* False when secure mode's free bits cannot be had (no memory). */
+bool page_init_small(page_t *page, heap_t *heap, unsigned class_index);
 bool page_extend(page_t *page);
 bool page_block_is_carved(const page_t *page, size_t index);
 void page_secure_fill(const page_t *page, block_t *block);
@@ -416,6 +442,9 @@ ZK_INLINE heap_t *page_owner(page_t *page) {
                     ~(uintptr_t)1);
 }
 void page_set_owner(page_t *page, heap_t *owner_word, memory_order order);
+ZK_INLINE size_t page_block_index(const page_t *page, const void *block) {
+  return (size_t)((const uint8_t *)block - page->start) / page->block_size;
+}
 uint64_t random_next(uint64_t *state);
 uint64_t random_seed(void);
 

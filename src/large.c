@@ -12,6 +12,7 @@
 #include "os.h"
 
 #include <errno.h>
+#include <sched.h>
 
 #define LARGE_CACHE_MAX_SLICES 64 /* 4 MiB per heap */
 
@@ -46,17 +47,36 @@ static void *huge_alloc(size_t size, size_t alignment) {
   return page->start;
 }
 
+/* Takes a cached span back from the purge (see PAGE_LARGE_CACHED); false
+ * while a purge is returning its memory. */
+static bool large_cache_claim(page_t *span) {
+  uint8_t expected = PAGE_LARGE_CACHED;
+  return __atomic_compare_exchange_n(&span->kind, &expected, PAGE_LARGE, false,
+                                     __ATOMIC_ACQUIRE, __ATOMIC_RELAXED);
+}
+
+static void large_cache_remove(heap_t *heap, unsigned i) {
+  heap->large_cache[i] = heap->large_cache[--heap->large_cache_count];
+}
+
 static page_t *large_cache_take(heap_t *heap, size_t slices) {
   for (unsigned i = heap->large_cache_count; i-- > 0;) {
     page_t *span = heap->large_cache[i];
-    if (span->slice_count == slices) {
-      heap->large_cache[i] = heap->large_cache[--heap->large_cache_count];
-      /* Read by the segment layer under its lock: merge and purge. */
-      __atomic_store_n(&span->kind, PAGE_LARGE, __ATOMIC_RELAXED);
+    if (span->slice_count == slices && large_cache_claim(span)) {
+      large_cache_remove(heap, i);
+      span->purged = 0; /* a used span; is_zero says what a purge left */
       return span;
     }
   }
   return NULL;
+}
+
+/* A cached span back to the segment layer; waits out a purge in progress
+ * (one madvise). The span's free time is when it was cached. */
+static void large_cache_release(page_t *span) {
+  while (!large_cache_claim(span))
+    sched_yield();
+  segment_span_free_since(span, span->free_since_ms);
 }
 
 /* Secure mode: the block ends where an inaccessible page begins, so an
@@ -147,28 +167,29 @@ void large_free(heap_t *heap, page_t *page) {
     for (unsigned i = 1; i < heap->large_cache_count; i++)
       heap->large_cache[i - 1] = heap->large_cache[i];
     heap->large_cache_count--;
-    segment_span_free(oldest);
+    large_cache_release(oldest);
   }
-  /* Not PAGE_LARGE any more: a second free of the block is reported. */
-  __atomic_store_n(&page->kind, PAGE_LARGE_CACHED, __ATOMIC_RELAXED);
+  page->free_since_ms = clock_now_ms();
+  page->purged = 0;
   heap->large_cache[heap->large_cache_count++] = page;
+  /* Not PAGE_LARGE any more: a second free of the block is reported. The
+   * release publishes the fields above to a purging thread. */
+  __atomic_store_n(&page->kind, PAGE_LARGE_CACHED, __ATOMIC_RELEASE);
 }
 
 void large_cache_flush(heap_t *heap) {
   while (heap->large_cache_count > 0)
-    segment_span_free(heap->large_cache[--heap->large_cache_count]);
+    large_cache_release(heap->large_cache[--heap->large_cache_count]);
 }
 
 bool large_block_is_zero(const void *p) {
-  segment_t *segment = segment_of(p);
-  page_t *page = segment_page_of(segment, p);
+  page_t *page = segment_lookup(p);
   return (page->kind == PAGE_LARGE || page->kind == PAGE_HUGE) &&
          page->is_zero && p == page->start;
 }
 
 void *large_try_resize(void *p, size_t size) {
-  segment_t *segment = segment_of(p);
-  page_t *page = segment_page_of(segment, p);
+  page_t *page = segment_lookup(p);
   if (page->kind != PAGE_HUGE || size <= LARGE_MAX || p != page->start)
     return NULL;
   large_unaccount(page);

@@ -16,6 +16,7 @@
 #endif
 
 static void *os_map(void *hint, size_t size, int extra_flags) {
+  int saved_errno = errno;
   void *address =
       mmap(hint, size, PROT_READ | PROT_WRITE,
            MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | extra_flags, -1, 0);
@@ -23,12 +24,14 @@ static void *os_map(void *hint, size_t size, int extra_flags) {
     errno = ENOMEM;
     return NULL;
   }
+  errno = saved_errno;
   return address;
 }
 
 /* Unmap both ends of an over-sized mapping so what is left is aligned. */
 static void *os_trim(uint8_t *raw, size_t oversize, size_t size,
                      size_t alignment) {
+  int saved_errno = errno;
   uintptr_t aligned = ((uintptr_t)raw + alignment - 1) & ~(alignment - 1);
   size_t before = aligned - (uintptr_t)raw;
   size_t after = oversize - before - size;
@@ -36,6 +39,7 @@ static void *os_trim(uint8_t *raw, size_t oversize, size_t size,
     munmap(raw, before);
   if (after)
     munmap((uint8_t *)aligned + size, after);
+  errno = saved_errno;
   return (void *)aligned;
 }
 
@@ -49,6 +53,7 @@ static void *os_map_trimmed(size_t size, size_t alignment) {
 
 void *os_reserve_aligned(size_t size, size_t alignment, int huge_pages,
                          int *got_huge) {
+  int saved_errno = errno;
   *got_huge = 0;
   if (huge_pages == 2 && (size & ((2u << 20) - 1)) == 0 &&
       alignment >= (2u << 20)) {
@@ -61,47 +66,80 @@ void *os_reserve_aligned(size_t size, size_t alignment, int huge_pages,
       *got_huge = 2;
       return os_trim(raw, oversize, size, alignment);
     }
+    errno = saved_errno; /* none reserved: the plain path below */
   }
   void *address = os_map_trimmed(size, alignment);
   if (address != NULL && huge_pages >= 1) {
     *got_huge = madvise(address, size, MADV_HUGEPAGE) == 0 ? 1 : 0;
+    errno = saved_errno;
   }
   return address;
 }
 
+void *os_reserve_aligned_at(size_t size, size_t alignment, size_t offset) {
+  size_t oversize = size + alignment;
+  if (oversize < size || offset > size) {
+    errno = ENOMEM;
+    return NULL;
+  }
+  uint8_t *raw = os_map(NULL, oversize, 0);
+  if (raw == NULL)
+    return NULL;
+  uintptr_t target =
+      (((uintptr_t)raw + offset + alignment - 1) & ~(alignment - 1)) - offset;
+  /* target - raw < alignment: the trim keeps `size` bytes from target. */
+  int saved_errno = errno;
+  size_t before = target - (uintptr_t)raw;
+  if (before)
+    munmap(raw, before);
+  if (oversize - before - size)
+    munmap((uint8_t *)target + size, oversize - before - size);
+  errno = saved_errno;
+  return (void *)target;
+}
+
 void os_release(void *address, size_t size) {
+  int saved_errno = errno;
   munmap(address, size);
+  errno = saved_errno;
 }
 
 bool os_purge(void *address, size_t size, bool decommit) {
-  if (!decommit && madvise(address, size, MADV_FREE) == 0)
-    return true;
-  return madvise(address, size, MADV_DONTNEED) == 0;
+  int saved_errno = errno;
+  bool purged = (!decommit && madvise(address, size, MADV_FREE) == 0) ||
+                madvise(address, size, MADV_DONTNEED) == 0;
+  errno = saved_errno;
+  return purged;
 }
 
 bool os_protect(void *address, size_t size, bool accessible) {
-  return mprotect(address, size,
-                  accessible ? PROT_READ | PROT_WRITE : PROT_NONE) == 0;
+  int saved_errno = errno;
+  bool done = mprotect(address, size,
+                       accessible ? PROT_READ | PROT_WRITE : PROT_NONE) == 0;
+  errno = saved_errno;
+  return done;
 }
 
 bool os_resize_in_place(void *address, size_t old_size, size_t new_size) {
+  int saved_errno = errno;
   void *moved = mremap(address, old_size, new_size, 0);
+  errno = saved_errno;
   return moved != MAP_FAILED;
 }
 
 void *os_move_aligned(void *address, size_t old_size, size_t new_size,
                       size_t alignment) {
+  int saved_errno = errno;
   void *target = os_map_trimmed(new_size, alignment);
-  if (target == NULL)
-    return NULL;
-  void *moved = mremap(address, old_size, new_size,
-                       MREMAP_MAYMOVE | MREMAP_FIXED, target);
-  if (moved == MAP_FAILED) {
-    munmap(target, new_size);
-    errno = ENOMEM;
-    return NULL;
+  void *moved = MAP_FAILED;
+  if (target != NULL) {
+    moved = mremap(address, old_size, new_size, MREMAP_MAYMOVE | MREMAP_FIXED,
+                   target);
+    if (moved == MAP_FAILED)
+      munmap(target, new_size);
   }
-  return moved;
+  errno = saved_errno;
+  return moved != MAP_FAILED ? moved : NULL;
 }
 
 /* ---- metadata ---- */

@@ -1,8 +1,14 @@
 /* The OS contract: every call zkmem makes to the kernel goes through here.
  *
  * Rules: addresses and sizes are multiples of the OS page size (4 KiB);
- * functions set errno and return NULL/false on failure and never abort;
- * nothing here allocates with malloc. Memory from os_reserve reads as zero. */
+ * functions return NULL/false on failure and never abort; nothing here
+ * allocates with malloc. Memory from os_reserve reads as zero.
+ *
+ * errno: every function leaves it as it found it, except that a failed
+ * reservation (os_reserve_aligned, os_meta_alloc) sets ENOMEM. A program's
+ * free, and every call that succeeds, must not change errno (POSIX 2024),
+ * and most kernel calls here may fail harmlessly: a purge refused for
+ * locked memory, huge pages refused, a remap that has to move instead. */
 #ifndef ZKMEM_OS_H
 #define ZKMEM_OS_H
 
@@ -18,6 +24,10 @@
  * which cannot be purged piecemeal. */
 void *os_reserve_aligned(size_t size, size_t alignment, int huge_pages,
                          int *got_huge);
+/* Read-write mapping of `size` bytes whose address plus `offset` is a
+ * multiple of `alignment` (any power of two the address space allows); no
+ * huge pages. */
+void *os_reserve_aligned_at(size_t size, size_t alignment, size_t offset);
 /* Give the mapping back. */
 void os_release(void *address, size_t size);
 /* Tell the kernel the range's contents are not needed. decommit = true:

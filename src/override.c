@@ -126,23 +126,8 @@ ZK_EXPORT void malloc_stats(void) {
   zk_stats_print(stderr);
 }
 
-/* fork: hold every allocator lock across it, so the child starts with
- * consistent structures and unlocked mutexes. */
-static void fork_prepare(void) { /* in the lock order of internal.h */
-  pool_lock_all();
-  heap_lock_all();
-  segment_lock_all();
-  os_meta_lock();
-}
-
-static void fork_parent(void) {
-  os_meta_unlock();
-  segment_unlock_all();
-  heap_unlock_all();
-  pool_unlock_all();
-}
-
+/* Initialised at load, before the program's first call: process_init also
+ * registers the fork handlers (heap.c), in every build. */
 __attribute__((constructor)) static void override_init(void) {
   process_init();
-  pthread_atfork(fork_prepare, fork_parent, fork_parent);
 }

@@ -10,6 +10,7 @@
 #include "os.h"
 #include "sizeclass.h"
 
+#include <errno.h>
 #include <fcntl.h>
 #include <string.h>
 #include <time.h>
@@ -100,6 +101,7 @@ uint64_t random_next(uint64_t *state) {
 }
 
 uint64_t random_seed(void) {
+  int saved_errno = errno; /* a new heap must not change the caller's */
   uint64_t seed = 0;
   int fd = open("/dev/urandom", O_RDONLY | O_CLOEXEC);
   if (fd >= 0) {
@@ -111,6 +113,7 @@ uint64_t random_seed(void) {
   clock_gettime(CLOCK_MONOTONIC, &now);
   seed ^=
       (uint64_t)now.tv_nsec * 0x9e3779b97f4a7c15ull ^ (uint64_t)(uintptr_t)&now;
+  errno = saved_errno;
   return seed;
 }
 
@@ -130,7 +133,7 @@ static uint32_t page_colour_first_block(const page_t *page, heap_t *heap,
                     page->reserved);
 }
 
-void page_init_small(page_t *page, heap_t *heap, unsigned class_index) {
+bool page_init_small(page_t *page, heap_t *heap, unsigned class_index) {
   uint32_t block_size = class_block_size[class_index];
   page->class_index = (uint8_t)class_index;
   page->block_size = block_size;
@@ -143,6 +146,8 @@ void page_init_small(page_t *page, heap_t *heap, unsigned class_index) {
     os_protect(page->start + span_bytes, OS_PAGE_SIZE, false);
   }
   page->reserved = (uint32_t)(span_bytes / block_size);
+  if (page->secure && !page_free_bits_init(page))
+    return false; /* segment_span_free lifts the guard */
   page->carve_first = page_colour_first_block(page, heap, span_bytes);
   track_noaccess(page->start, span_bytes);
   page->capacity = 0;
@@ -152,6 +157,7 @@ void page_init_small(page_t *page, heap_t *heap, unsigned class_index) {
   page->key = heap->bin_key; /* so a bin takes the page's list whole */
   atomic_store_explicit(&page->thread_free, NULL, memory_order_relaxed);
   page_set_owner(page, page_owner_word(page, heap), memory_order_relaxed);
+  return true;
 }
 
 /* The owner's free fast path reads the descriptor of the block's own slice
@@ -259,8 +265,10 @@ bool page_extend(page_t *page) {
   for (uint32_t i = batch; i-- > 0;) {
     uint32_t index = (uint32_t)(((uint64_t)i * stride) % batch);
     block_t *block = (block_t *)(first + (size_t)index * page->block_size);
-    if (page->secure)
+    if (page->secure) {
       page_secure_fill(page, block);
+      page_free_bit_set(page, (size_t)(carve + index));
+    }
     block_set_next(page, block, next);
     next = block;
   }
@@ -282,7 +290,24 @@ bool page_block_is_carved(const page_t *page, size_t index) {
   return carved_before < capacity;
 }
 
-/* Owner only: move remote frees into `free`. */
+/* A remote list that fails its walk: a block freed twice by other threads
+ * links into the list twice (a cycle, or a block also in `free`), an
+ * overwritten link leaves the page. ZKMEM_ON_ERROR=warn: the list leaks. */
+static ZK_COLD void page_remote_list_corrupted(const page_t *page,
+                                               const block_t *block) {
+  error_report("double free or corrupted free list (a block freed twice by "
+               "another thread, or written after free)",
+               block, page->block_size);
+}
+
+static bool page_holds(const page_t *page, const block_t *block) {
+  return (uintptr_t)((const uint8_t *)block - page->start) <
+         (uintptr_t)page->reserved * page->block_size;
+}
+
+/* Owner only: move remote frees into `free`. Other threads wrote the list,
+ * so the walk trusts nothing: at most `used` blocks can be out of the page,
+ * and each must lie in it. */
 void page_collect(page_t *page) {
   if (atomic_load_explicit(&page->thread_free, memory_order_relaxed) == NULL)
     return;
@@ -293,7 +318,15 @@ void page_collect(page_t *page) {
   uint32_t count = 1;
   block_t *tail = remote;
   block_t *next;
+  if (unlikely(page->used == 0 || !page_holds(page, remote))) {
+    page_remote_list_corrupted(page, remote);
+    return;
+  }
   while ((next = block_next(page, tail)) != NULL) {
+    if (unlikely(count >= page->used || !page_holds(page, next))) {
+      page_remote_list_corrupted(page, tail);
+      return;
+    }
     tail = next;
     count++;
   }

@@ -24,13 +24,27 @@ static page_t *span_bins[SLICES_PER_SEGMENT]; /* free spans by slice count */
 static segment_t *segments;                   /* NORMAL segments */
 static uintptr_t segment_secret;
 static size_t segments_mapped, bytes_mapped, bytes_huge_backed;
-static size_t huge_blocks_mapped, bytes_huge_blocks_mapped; /* of bytes_mapped */
+static size_t huge_blocks_mapped,
+    bytes_huge_blocks_mapped; /* of bytes_mapped */
 static size_t bytes_purged_total, bytes_free_committed;
 
-static void owned_map_set(segment_t *segment, bool owned) {
+static void owned_map_set(const void *segment, uint8_t state) {
   uintptr_t index =
       ((uintptr_t)segment >> SEGMENT_SHIFT) & (SEGMENT_MAP_ENTRIES - 1);
-  __atomic_store_n(&segment_owned_map[index], owned, __ATOMIC_RELEASE);
+  __atomic_store_n(&segment_owned_map[index], state, __ATOMIC_RELEASE);
+}
+
+page_t *segment_lookup(const void *p) {
+  segment_t *segment = segment_of(p);
+  switch (segment_map_state(segment)) {
+  case SEGMENT_MAP_HEADER:
+    return segment_page_of(segment, p);
+  case SEGMENT_MAP_AFTER_HEADER:
+    return &((segment_t *)((uint8_t *)segment - SEGMENT_SIZE))
+                ->pages[SEGMENT_FIRST_SLICE];
+  default:
+    return NULL;
+  }
 }
 
 static size_t slice_index(const page_t *page) {
@@ -175,7 +189,7 @@ static segment_t *segment_map_new(void) {
   bytes_mapped += SEGMENT_SIZE;
   if (got_huge)
     bytes_huge_backed += SEGMENT_SIZE;
-  owned_map_set(segment, true);
+  owned_map_set(segment, SEGMENT_MAP_HEADER);
   return segment;
 }
 
@@ -190,7 +204,7 @@ static void segment_unmap(segment_t *segment) {
     segments = segment->next;
   if (segment->next)
     segment->next->prev = segment->prev;
-  owned_map_set(segment, false);
+  owned_map_set(segment, SEGMENT_MAP_NONE); /* before the range is free */
   segments_mapped--;
   bytes_mapped -= SEGMENT_SIZE;
   if (segment->huge_pages)
@@ -300,16 +314,20 @@ void segment_span_free_since(page_t *span, uint64_t now) {
   if (span->secure) /* its last OS page was a guard (page.c, large.c) */
     os_protect(slice_address(span) + (slices << SLICE_SHIFT) - OS_PAGE_SIZE,
                OS_PAGE_SIZE, true);
+  /* A used span is purged only where a purge returned its memory while it
+   * sat in a large cache (segment_purge), and nothing touched it since. */
+  bool purged = span->purged;
   pthread_mutex_lock(&segment_lock);
   segment_t *segment = segment_of(span);
   segment->used_slices -= (uint32_t)slices;
   span->kind = PAGE_FREE_SPAN;
-  span->purged = 0;
-  span->is_zero = 0;
+  span->purged = purged;
+  span->is_zero = purged && span->is_zero;
   span->free_since_ms = now;
   atomic_store_explicit(&span->owner, NULL, memory_order_relaxed);
   span->pool = NULL;
-  bytes_free_committed += slices << SLICE_SHIFT;
+  if (!purged)
+    bytes_free_committed += slices << SLICE_SHIFT;
   span_insert_free(span);
   if (segment->used_slices == 0)
     segment->free_since_ms = now;
@@ -318,12 +336,31 @@ void segment_span_free_since(page_t *span, uint64_t now) {
 
 /* ---- huge blocks: a segment of their own ---- */
 
+/* The address where the huge block of `segment` starts, as the owned map
+ * knows it: its header's, or the segment after it. */
+static void *huge_map_address(const segment_t *segment) {
+  return segment->block_after_header ? (uint8_t *)segment + SEGMENT_SIZE
+                                     : (uint8_t *)segment;
+}
+
+static uint8_t huge_map_state(const segment_t *segment) {
+  return segment->block_after_header ? SEGMENT_MAP_AFTER_HEADER
+                                     : SEGMENT_MAP_HEADER;
+}
+
+/* Alignments of a segment or more: the header takes the segment before the
+ * block, since masking the block's address finds the block itself. */
+static segment_t *huge_reserve_after_header(size_t size, size_t alignment,
+                                            size_t *total) {
+  if (size > PTRDIFF_MAX - 2 * SEGMENT_SIZE)
+    return NULL;
+  *total = SEGMENT_SIZE + ((size + SEGMENT_MASK) & ~SEGMENT_MASK);
+  return os_reserve_aligned_at(*total, alignment, SEGMENT_SIZE);
+}
+
 page_t *segment_huge_alloc(size_t size, size_t alignment) {
   size_t offset = alignment > SLICE_SIZE ? alignment : SLICE_SIZE;
-  if (offset >= SEGMENT_SIZE) {
-    errno = ENOMEM;
-    return NULL;
-  }
+  bool after_header = offset >= SEGMENT_SIZE;
   /* Secure mode: the block ends where the mapping's last, inaccessible OS
    * page begins (16-byte alignment at most; huge pages would make the
    * guard 2 MiB). */
@@ -339,9 +376,13 @@ page_t *segment_huge_alloc(size_t size, size_t alignment) {
   int got_huge = 0;
   int huge_mode = guarded ? 0 : (int)option(ZK_OPTION_HUGE_PAGES);
   segment_t *segment =
-      os_reserve_aligned(total, SEGMENT_SIZE, huge_mode, &got_huge);
-  if (segment == NULL)
+      after_header
+          ? huge_reserve_after_header(size, alignment, &total)
+          : os_reserve_aligned(total, SEGMENT_SIZE, huge_mode, &got_huge);
+  if (segment == NULL) {
+    errno = ENOMEM;
     return NULL;
+  }
   if (guarded) {
     uint8_t *guard = (uint8_t *)segment + total - OS_PAGE_SIZE;
     if (!os_protect(guard, OS_PAGE_SIZE, false)) {
@@ -351,6 +392,8 @@ page_t *segment_huge_alloc(size_t size, size_t alignment) {
     }
     offset = (size_t)(guard - rounded - (uint8_t *)segment);
   }
+  if (after_header)
+    offset = SEGMENT_SIZE;
   track_header(segment, SLICE_SIZE);
   pthread_mutex_lock(&segment_lock);
   if (segment_secret == 0)
@@ -365,9 +408,10 @@ page_t *segment_huge_alloc(size_t size, size_t alignment) {
   pthread_mutex_unlock(&segment_lock);
   segment->kind = SEGMENT_HUGE;
   segment->huge_pages = got_huge;
+  segment->block_after_header = after_header;
   segment->mapped_size = total;
   segment->pages[0].kind = PAGE_HEADER;
-  size_t index = offset >> SLICE_SHIFT;
+  size_t index = after_header ? SEGMENT_FIRST_SLICE : offset >> SLICE_SHIFT;
   page_t *page = &segment->pages[index];
   page->kind = PAGE_HUGE;
   page->is_zero = 1;
@@ -376,9 +420,9 @@ page_t *segment_huge_alloc(size_t size, size_t alignment) {
   page->large_size = guarded ? rounded : total - offset;
   page->secure = guarded;
   /* Interior slices of the first 4 MiB resolve to the block. */
-  for (size_t i = index + 1; i < SLICES_PER_SEGMENT; i++)
+  for (size_t i = index + 1; !after_header && i < SLICES_PER_SEGMENT; i++)
     segment->pages[i].slice_offset = (uint32_t)(i - index);
-  owned_map_set(segment, true);
+  owned_map_set(huge_map_address(segment), huge_map_state(segment));
   return page;
 }
 
@@ -393,7 +437,9 @@ void segment_huge_free(page_t *page) {
   if (segment->huge_pages)
     bytes_huge_backed -= total;
   pthread_mutex_unlock(&segment_lock);
-  owned_map_set(segment, false);
+  /* Cleared before the range is unmapped: from then on another thread may
+   * map a segment of its own there and set the entry. */
+  owned_map_set(huge_map_address(segment), SEGMENT_MAP_NONE);
   track_header_gone(segment, SLICE_SIZE);
   os_release(segment, total);
 }
@@ -404,8 +450,10 @@ page_t *segment_huge_resize(page_t *page, size_t new_size) {
   size_t old_total = segment->mapped_size;
   size_t new_total = (offset + new_size + SEGMENT_MASK) & ~SEGMENT_MASK;
   /* hugetlb mappings cannot be remapped piecewise; a guarded block moves
-   * (the caller copies it into a fresh guarded one). */
-  if (new_total < new_size || segment->huge_pages == 2 || page->secure)
+   * (the caller copies it into a fresh guarded one), and so does one
+   * aligned beyond a segment (a move would lose the alignment). */
+  if (new_total < new_size || segment->huge_pages == 2 || page->secure ||
+      segment->block_after_header)
     return NULL;
   if (new_total == old_total)
     return page;
@@ -413,11 +461,15 @@ page_t *segment_huge_resize(page_t *page, size_t new_size) {
     segment->mapped_size = new_total;
     page->large_size = new_total - offset;
   } else {
+    /* The move unmaps the old range: its map entry goes first, so that a
+     * segment another thread maps there in the meantime keeps its own. */
+    owned_map_set(segment, SEGMENT_MAP_NONE);
     segment_t *moved =
         os_move_aligned(segment, old_total, new_total, SEGMENT_SIZE);
-    if (moved == NULL)
+    if (moved == NULL) {
+      owned_map_set(segment, SEGMENT_MAP_HEADER);
       return NULL;
-    owned_map_set(segment, false);
+    }
     track_header_gone(segment, SLICE_SIZE);
     track_header(moved, SLICE_SIZE);
     segment = moved;
@@ -428,7 +480,7 @@ page_t *segment_huge_resize(page_t *page, size_t new_size) {
     page = &segment->pages[offset >> SLICE_SHIFT];
     page->start = (uint8_t *)segment + offset;
     page->large_size = new_total - offset;
-    owned_map_set(segment, true);
+    owned_map_set(segment, SEGMENT_MAP_HEADER);
   }
   pthread_mutex_lock(&segment_lock);
   bytes_mapped += new_total - old_total;
@@ -440,6 +492,30 @@ page_t *segment_huge_resize(page_t *page, size_t new_size) {
 }
 
 /* ---- purge ---- */
+
+/* A span in some heap's large cache, cached longer than the delay (or
+ * force): its memory goes back to the OS while the span stays cached, so
+ * the heap reuses the address range and gets zeroed pages. The CAS keeps
+ * the owner from taking it back meanwhile (see PAGE_LARGE_CACHED). */
+static size_t span_purge_cached(page_t *span, uint64_t now_ms, uint64_t delay,
+                                bool force, bool decommit) {
+  uint8_t expected = PAGE_LARGE_CACHED;
+  if (!__atomic_compare_exchange_n(&span->kind, &expected, PAGE_LARGE_PURGING,
+                                   false, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
+    return 0;
+  size_t purged = 0;
+  if (!span->purged && (force || now_ms - span->free_since_ms >= delay)) {
+    if (os_purge(span->start, span_bytes(span), decommit)) {
+      span->purged = 1;
+      span->is_zero = decommit;
+      purged = span_bytes(span);
+    } else {
+      span->free_since_ms = now_ms;
+    }
+  }
+  __atomic_store_n(&span->kind, PAGE_LARGE_CACHED, __ATOMIC_RELEASE);
+  return purged;
+}
 
 /* Returns free spans older than the delay (all, if force) to the OS, and
  * unmaps segments that have been entirely free for four delays. Returns
@@ -464,14 +540,24 @@ size_t segment_purge(uint64_t now_ms, bool force) {
     for (size_t index = SEGMENT_FIRST_SLICE; index < SLICES_PER_SEGMENT;) {
       page_t *span = &segment->pages[index];
       size_t slices = span->slice_count ? span->slice_count : 1;
-      if (__atomic_load_n(&span->kind, __ATOMIC_RELAXED) == PAGE_FREE_SPAN &&
-          !span->purged && segment->huge_pages != 2 &&
+      uint8_t kind = __atomic_load_n(&span->kind, __ATOMIC_RELAXED);
+      if (kind == PAGE_LARGE_CACHED && segment->huge_pages != 2) {
+        purged += span_purge_cached(span, now_ms, delay, force, decommit);
+        index += slices;
+        continue;
+      }
+      if (kind == PAGE_FREE_SPAN && !span->purged && segment->huge_pages != 2 &&
           (force || now_ms - span->free_since_ms >= delay)) {
-        os_purge(slice_address(span), span_bytes(span), decommit);
-        span->purged = 1;
-        span->is_zero = decommit;
-        bytes_free_committed -= span_bytes(span);
-        purged += span_bytes(span);
+        if (os_purge(slice_address(span), span_bytes(span), decommit)) {
+          span->purged = 1;
+          span->is_zero = decommit;
+          bytes_free_committed -= span_bytes(span);
+          purged += span_bytes(span);
+        } else {
+          /* Refused (locked memory): the contents stay, and so does the
+           * span's state; try again a delay later. */
+          span->free_since_ms = now_ms;
+        }
       }
       index += slices;
     }
@@ -480,6 +566,10 @@ size_t segment_purge(uint64_t now_ms, bool force) {
   bytes_purged_total += purged;
   pthread_mutex_unlock(&segment_lock);
   return purged;
+}
+
+size_t segment_slices_mapped(void) {
+  return bytes_mapped >> SLICE_SHIFT;
 }
 
 void segment_lock_all(void) {

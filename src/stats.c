@@ -5,6 +5,7 @@
 #include "os.h"
 #include "sizeclass.h"
 
+#include <errno.h>
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
@@ -12,6 +13,7 @@
 #include <unistd.h>
 
 size_t stats_rss(size_t *peak) {
+  int saved_errno = errno;
   size_t rss = 0;
   char text[128];
   int fd = open("/proc/self/statm", O_RDONLY | O_CLOEXEC);
@@ -31,6 +33,7 @@ size_t stats_rss(size_t *peak) {
                 ? (size_t)usage.ru_maxrss * 1024u
                 : 0;
   }
+  errno = saved_errno;
   return rss;
 }
 

@@ -1,3 +1,4 @@
+#define _GNU_SOURCE /* MREMAP_FIXED */
 /* Large blocks and the span layer under them: split and merge of spans,
  * cross-size reuse of freed memory, RSS returned to the OS (forced and by
  * the purge delay), huge blocks resized by realloc, huge-page modes,
@@ -12,11 +13,45 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <stdarg.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
+
+/* ---- mremap, interposed ----
+ *
+ * Every mremap zkmem makes comes here. A move (MREMAP_FIXED) unmaps the old
+ * range, and from then on another thread may map a segment of its own
+ * there: the old range must no longer be in the owned-segment map by then,
+ * or clearing it afterwards would disown the newcomer. With
+ * mremap_refuse_in_place set, growing in place fails, so that realloc has
+ * to move. */
+static int mremap_refuse_in_place;
+static int mremap_moves, mremap_moves_still_owned;
+
+void *mremap(void *old_address, size_t old_size, size_t new_size, int flags,
+             ...) {
+  void *new_address = NULL;
+  if (flags & MREMAP_FIXED) {
+    va_list arguments;
+    va_start(arguments, flags);
+    new_address = va_arg(arguments, void *);
+    va_end(arguments);
+    mremap_moves++;
+    if (segment_map_state(segment_of(old_address)) != SEGMENT_MAP_NONE)
+      mremap_moves_still_owned++;
+  } else if (mremap_refuse_in_place && new_size > old_size) {
+    errno = ENOMEM;
+    return MAP_FAILED;
+  }
+  return (void *)syscall(SYS_mremap, old_address, old_size, new_size, flags,
+                         new_address);
+}
 
 /* ---- utilities ---- */
 
@@ -420,6 +455,112 @@ static void test_calloc_after_purge(void) {
   zk_collect(true);
 }
 
+/* Under mlockall the kernel refuses every purge (MADV_DONTNEED and
+ * MADV_FREE fail with EINVAL on locked memory): a span zkmem could not
+ * purge keeps its contents, and calloc must clear it. MCL_ONFAULT locks
+ * pages as they are touched, so the owned-segment map's zero pages stay
+ * untouched. Needs CAP_IPC_LOCK (root) or a high RLIMIT_MEMLOCK. */
+static void calloc_under_mlockall(void) {
+  struct rlimit unlimited = {RLIM_INFINITY, RLIM_INFINITY};
+  setrlimit(RLIMIT_MEMLOCK, &unlimited);
+  if (mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) != 0) {
+    printf("mlockall refused (%s)\n", strerror(errno));
+    _exit(geteuid() == 0 ? 1 : 77);
+  }
+  /* 256 KiB goes through the heap's large cache, 1.25 MiB does not. */
+  static const size_t sizes[] = {256 << 10, 20 * SLICE_SIZE};
+  for (size_t i = 0; i < 2; i++) {
+    void *keep = zk_malloc(sizes[i]); /* keeps the segment mapped */
+    unsigned char *dirty = zk_malloc(sizes[i]);
+    CHECK(keep && dirty);
+    memset(dirty, 0xaa, sizes[i]);
+    zk_free(dirty);
+    int saved_errno = errno = EDOM;
+    zk_collect(true);
+    CHECK_EQ(errno, saved_errno); /* the refused purges left errno alone */
+    unsigned char *p = zk_calloc(1, sizes[i]);
+    CHECK(p != NULL);
+    for (size_t j = 0; j < sizes[i]; j++)
+      if (p[j] != 0) {
+        printf("calloc(1, %zu) byte %zu is %#x\n", sizes[i], j, p[j]);
+        _exit(1);
+      }
+    zk_free(p);
+    zk_free(keep);
+  }
+  _exit(0);
+}
+
+static void test_calloc_after_refused_purge(void) {
+  pid_t child = fork();
+  CHECK(child >= 0);
+  if (child == 0)
+    calloc_under_mlockall();
+  int status;
+  CHECK(waitpid(child, &status, 0) == child);
+  CHECK(WIFEXITED(status));
+  if (WEXITSTATUS(status) == 77) {
+    printf("skipped: mlockall needs root or RLIMIT_MEMLOCK\n");
+    return;
+  }
+  CHECK_EQ(WEXITSTATUS(status), 0);
+}
+
+/* Freed large spans wait in their thread's cache; the purge of any thread
+ * returns their memory after the purge delay, while the threads that
+ * freed them keep running without allocating. They then reuse the spans,
+ * which read as zero. */
+#define DECAY_THREADS 8
+#define DECAY_BLOCK   ((size_t)512 << 10)
+static pthread_barrier_t decay_freed, decay_checked;
+
+static void *free_large_and_idle(void *arg) {
+  (void)arg;
+  unsigned char *p = zk_malloc(DECAY_BLOCK);
+  CHECK(p != NULL);
+  memset(p, 0x77, DECAY_BLOCK);
+  zk_free(p);
+  pthread_barrier_wait(&decay_freed);
+  pthread_barrier_wait(&decay_checked); /* idle, no allocation */
+  unsigned char *again = zk_calloc(1, DECAY_BLOCK);
+  CHECK(again == p); /* the cached span */
+  for (size_t i = 0; i < DECAY_BLOCK; i++)
+    CHECK(again[i] == 0);
+  zk_free(again);
+  return NULL;
+}
+
+static void test_large_cache_decays(void) {
+  CHECK(zk_option_set(ZK_OPTION_PURGE_DELAY_MS, 50) == 0);
+  zk_collect(true);
+  pthread_t threads[DECAY_THREADS];
+  CHECK(pthread_barrier_init(&decay_freed, NULL, DECAY_THREADS + 1) == 0);
+  CHECK(pthread_barrier_init(&decay_checked, NULL, DECAY_THREADS + 1) == 0);
+  for (int i = 0; i < DECAY_THREADS; i++)
+    CHECK(pthread_create(&threads[i], NULL, free_large_and_idle, NULL) == 0);
+  pthread_barrier_wait(&decay_freed);
+  zk_stats_t stats;
+  zk_stats_get(&stats);
+  size_t cached_rss = stats.rss, cached_committed = stats.bytes_committed;
+  sleep_ms(200); /* four delays */
+  zk_collect(false);
+  zk_stats_get(&stats);
+  printf("%d threads' freed 512 KiB blocks: rss %zu KiB, committed %zu KiB; "
+         "after the delay rss %zu KiB, committed %zu KiB\n",
+         DECAY_THREADS, cached_rss >> 10, cached_committed >> 10,
+         stats.rss >> 10, stats.bytes_committed >> 10);
+  size_t cached = DECAY_THREADS * DECAY_BLOCK;
+  CHECK(cached_rss > stats.rss && cached_rss - stats.rss >= cached * 3 / 4);
+  CHECK(cached_committed - stats.bytes_committed >= cached);
+  pthread_barrier_wait(&decay_checked);
+  for (int i = 0; i < DECAY_THREADS; i++)
+    CHECK(pthread_join(threads[i], NULL) == 0);
+  pthread_barrier_destroy(&decay_freed);
+  pthread_barrier_destroy(&decay_checked);
+  CHECK(zk_option_set(ZK_OPTION_PURGE_DELAY_MS, 1000) == 0);
+  zk_collect(true);
+}
+
 /* ---- realloc of huge blocks ---- */
 
 /* 64-bit words that depend on their index only: blocks that move keep
@@ -488,6 +629,21 @@ static void test_realloc_huge(void) {
     CHECK(verify_words(p, 0, check, 9));
   }
   zk_free(p);
+
+  /* A move: the old range leaves the owned map before mremap unmaps it. */
+  mremap_refuse_in_place = 1;
+  int moves = mremap_moves;
+  p = zk_malloc(8 * mb);
+  CHECK(p != NULL);
+  fill_words(p, 0, 8 * mb, 11);
+  p = zk_realloc(p, 64 * mb);
+  CHECK(p != NULL);
+  CHECK(verify_words(p, 0, 8 * mb, 11));
+  CHECK(mremap_moves > moves);
+  CHECK_EQ(mremap_moves_still_owned, 0);
+  CHECK(zk_usable_size(p) >= 64 * mb);
+  zk_free(p);
+  mremap_refuse_in_place = 0;
   zk_collect(true);
 }
 
@@ -1002,6 +1158,8 @@ int main(int argc, char **argv) {
   RUN(test_rss_forced);
   RUN(test_rss_by_delay);
   RUN(test_calloc_after_purge);
+  RUN(test_calloc_after_refused_purge);
+  RUN(test_large_cache_decays);
   RUN(test_realloc_huge);
   RUN(test_aligned_large);
   RUN(test_huge_pages);

@@ -111,6 +111,7 @@ static void test_realloc(void) {
 }
 
 static void test_aligned(void) {
+  void *p_aligned = NULL;
   for (size_t alignment = 1; alignment <= (2u << 20); alignment *= 2) {
     for (size_t size = 1; size < 300000; size = size * 7 + 5) {
       void *p = zk_aligned_alloc(alignment, size);
@@ -121,9 +122,37 @@ static void test_aligned(void) {
       zk_free(p);
     }
   }
-  /* Documented limit: alignments above 2 MiB are refused. */
+  /* A segment's alignment and beyond (DMA buffers, huge-page-aligned
+   * arenas): the block lives one segment past its header. */
+  for (unsigned shift = 22; shift <= 30; shift += 2) {
+    size_t alignment = (size_t)1 << shift;
+    size_t sizes[] = {100, (size_t)5 << 20};
+    for (int i = 0; i < 2; i++) {
+      int saved_errno = errno = EDOM;
+      char *q = zk_aligned_alloc(alignment, sizes[i]);
+      CHECK(q != NULL);
+      CHECK_EQ(errno, saved_errno);
+      CHECK(((uintptr_t)q & (alignment - 1)) == 0);
+      CHECK(zk_usable_size(q) >= sizes[i]);
+      memset(q, 0x5a, sizes[i]);
+      CHECK(zk_posix_memalign(&p_aligned, alignment, 64) == 0);
+      CHECK(((uintptr_t)p_aligned & (alignment - 1)) == 0);
+      zk_free(p_aligned);
+      /* realloc copies it into an ordinary block */
+      q = zk_realloc(q, sizes[i] * 2);
+      CHECK(q != NULL && q[0] == 0x5a && q[sizes[i] - 1] == 0x5a);
+      zk_free(q);
+    }
+    char *zeroed = zk_aligned_alloc(alignment, 1 << 20);
+    CHECK(zeroed != NULL && zeroed[0] == 0 && zeroed[(1 << 20) - 1] == 0);
+    zk_free(zeroed);
+  }
+  /* Beyond the address space: ENOMEM, nothing reserved. */
   errno = 0;
-  CHECK(zk_aligned_alloc(4u << 20, 100) == NULL);
+  CHECK(zk_aligned_alloc((size_t)1 << 62, 100) == NULL);
+  CHECK_EQ(errno, ENOMEM);
+  errno = 0;
+  CHECK(zk_aligned_alloc((size_t)1 << 63, 100) == NULL);
   CHECK_EQ(errno, ENOMEM);
   errno = 0;
   CHECK(zk_aligned_alloc(24, 100) == NULL);

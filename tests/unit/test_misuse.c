@@ -239,6 +239,58 @@ static void uncarved_small_remote(void) {
   pthread_join(thread, NULL);
 }
 
+/* Another thread frees the main thread's block twice: the block links to
+ * itself in the page's remote list. The owner's walk of that list is
+ * bounded by the blocks the page has out, and reports. alarm: a walk that
+ * spins would end the child with SIGALRM, not the report. */
+static void *free_twice_in_thread(void *block) {
+  zk_free(block);
+  zk_free(block);
+  return NULL;
+}
+
+static void double_free_remote(void) {
+  alarm(10);
+  char *p = zk_malloc(64);
+  expect_report("double free or corrupted free list (a block freed twice by "
+                "another thread, or written after free)",
+                p, 64);
+  pthread_t thread;
+  CHECK(pthread_create(&thread, NULL, free_twice_in_thread, p) == 0);
+  pthread_join(thread, NULL);
+  for (int i = 0; i < 100000; i++) /* until the page's lists are collected */
+    CHECK(zk_malloc(64) != NULL);
+}
+
+/* free(a), free(b), free(a): outside secure mode only a free of the
+ * bin's head is caught, and this one links a and b into a cycle in the
+ * bin. Whatever follows may go wrong, but nothing may hang: giving the bin
+ * back to its pages stops after the bin's count. */
+static void double_free_bin_cycle_body(void) {
+  alarm(10);
+  void *a = zk_malloc(64);
+  void *b = zk_malloc(64);
+  zk_free(a);
+  zk_free(b);
+  zk_free(a);
+  for (int i = 0; i < 3; i++) {
+    zk_collect(true);
+    for (int j = 0; j < 2000; j++)
+      zk_free(zk_malloc(64));
+  }
+}
+
+static void double_free_bin_cycle(void) {
+  char message[512];
+  int status =
+      test_run_child(double_free_bin_cycle_body, message, sizeof(message));
+  if (WIFSIGNALED(status) && WTERMSIG(status) == SIGALRM) {
+    fprintf(stderr, "double free, bin cycle: the child hung\n");
+    exit(1);
+  }
+  printf("%-28s no hang (status %#x)\n", "double free, bin cycle", status);
+}
+
 static void interior_large(void) {
   char *p = zk_malloc(300 << 10);
   expect_report("free of a pointer inside a block (not its start)", p + 4096,
@@ -546,6 +598,8 @@ int main(int argc, char **argv) {
   expect_abort("block never handed out, other thread", uncarved_small_remote);
   expect_abort("interior, large", interior_large);
   expect_abort("interior, huge", interior_huge);
+  expect_abort("double free, other thread", double_free_remote);
+  double_free_bin_cycle();
   expect_abort("pool, other pool", pool_mismatch);
   expect_abort("pool, malloc block", pool_malloc_block);
   expect_abort("pool, interior", pool_interior);

@@ -4,6 +4,7 @@
 #include "test_util.h"
 #include "zkmem.h"
 
+#include <pthread.h>
 #include <stdint.h>
 #include <string.h>
 #include <unistd.h>
@@ -53,6 +54,49 @@ static void double_free_not_head(void) {
   zk_free(a);
   zk_free(b);
   zk_free(a); /* b heads the list: only secure mode's lookup sees it */
+}
+
+/* Secure mode catches a double free by any thread at the second free,
+ * whether the first is still in the page's remote list or the owner has
+ * collected it since. */
+static void *free_in_thread(void *block) {
+  zk_free(block);
+  return NULL;
+}
+
+static void free_from_thread(void *block) {
+  pthread_t thread;
+  CHECK(pthread_create(&thread, NULL, free_in_thread, block) == 0);
+  CHECK(pthread_join(thread, NULL) == 0);
+}
+
+static void double_free_remote_pending(void) {
+  zk_option_set(ZK_OPTION_SECURE, 1);
+  alarm(10);
+  void *p = zk_malloc(64);
+  free_from_thread(p);
+  free_from_thread(p);
+}
+
+static void double_free_remote_collected(void) {
+  zk_option_set(ZK_OPTION_SECURE, 1);
+  alarm(10);
+  void *keep = zk_malloc(64); /* keeps the page */
+  void *p = zk_malloc(64);
+  free_from_thread(p);
+  zk_collect(false); /* the owner collects the remote free */
+  zk_free(p);        /* and frees the block again */
+  zk_free(keep);
+}
+
+static void double_free_remote_after_local(void) {
+  zk_option_set(ZK_OPTION_SECURE, 1);
+  alarm(10);
+  void *keep = zk_malloc(64); /* keeps the page */
+  void *p = zk_malloc(64);
+  zk_free(p);
+  free_from_thread(p);
+  zk_free(keep);
 }
 
 static void write_after_free(void) {
@@ -177,6 +221,11 @@ int main(void) {
                     "corrupted free list");
   test_expect_abort(write_after_free, "write after free");
   test_expect_abort(double_free_not_head, "double free");
+  test_expect_abort(double_free_remote_pending, "zkmem: error: double free: ");
+  test_expect_abort(double_free_remote_collected,
+                    "zkmem: error: double free: ");
+  test_expect_abort(double_free_remote_after_local,
+                    "zkmem: error: double free: ");
   test_shuffled_order();
   test_guard_page();
   test_guarded_blocks_work();

@@ -1,0 +1,288 @@
+/* The process around the allocator: fork while other threads allocate,
+ * errno left alone by every call that succeeds (and by free), statistics
+ * read while other threads change what they count.
+ *
+ * Linked with the static library, without the malloc override: what holds
+ * here holds for every program that links libzkmem.a. */
+#include "internal.h"
+#include "test_util.h"
+#include "zkmem.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+static atomic_int stop_churn;
+
+/* Huge blocks (mapped and unmapped under the segment lock's statistics),
+ * large and small ones, and forced collections: every allocator lock is
+ * taken over and over while the main thread forks. */
+static void *churn(void *arg) {
+  (void)arg;
+  unsigned i = 0;
+  while (!atomic_load(&stop_churn)) {
+    void *huge = zk_malloc((size_t)(5 + i % 4) << 20);
+    void *large = zk_malloc((size_t)(100 + i % 300) << 10);
+    void *small[16];
+    for (int j = 0; j < 16; j++)
+      small[j] = zk_malloc(16 + (size_t)(i * 7 + j) % 2000);
+    CHECK(huge && large);
+    for (int j = 0; j < 16; j++)
+      zk_free(small[j]);
+    zk_free(large);
+    zk_free(huge);
+    if (i++ % 8 == 0)
+      zk_collect(true);
+  }
+  return NULL;
+}
+
+/* The child allocates from every layer and exits; a lock left held by the
+ * churning thread at the fork would hang it, and the alarm turns a hang
+ * into a failure. */
+static void child_allocates(void) {
+  alarm(10);
+  void *blocks[64];
+  for (int i = 0; i < 64; i++) {
+    blocks[i] = zk_malloc((size_t)1 << (3 + i % 21));
+    CHECK(blocks[i] != NULL);
+  }
+  for (int i = 0; i < 64; i++)
+    zk_free(blocks[i]);
+  zk_collect(true);
+  _exit(0);
+}
+
+static void test_fork_while_churning(void) {
+  atomic_store(&stop_churn, 0);
+  pthread_t thread;
+  CHECK(pthread_create(&thread, NULL, churn, NULL) == 0);
+  int forks = 300;
+  for (int i = 0; i < forks; i++) {
+    pid_t child = fork();
+    CHECK(child >= 0);
+    if (child == 0)
+      child_allocates();
+    int status;
+    CHECK(waitpid(child, &status, 0) == child);
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+      fprintf(stderr, "fork %d: child status %#x (SIGALRM: deadlocked)\n", i,
+              status);
+      exit(1);
+    }
+  }
+  atomic_store(&stop_churn, 1);
+  CHECK(pthread_join(thread, NULL) == 0);
+  printf("%d forks while another thread churned: every child ran\n", forks);
+}
+
+/* After fork, the heaps of the parent's other threads belong to nobody in
+ * the child: they are abandoned, and their free pages go back. */
+static pthread_barrier_t holder_ready, holder_done;
+
+static void *hold_free_blocks(void *arg) {
+  (void)arg;
+  void *blocks[2000];
+  for (int i = 0; i < 2000; i++)
+    blocks[i] = zk_malloc(48);
+  for (int i = 0; i < 2000; i++)
+    zk_free(blocks[i]); /* into this thread's bin and pages */
+  pthread_barrier_wait(&holder_ready);
+  pthread_barrier_wait(&holder_done);
+  return NULL;
+}
+
+static uint64_t class_pages(size_t block_size) {
+  zk_stats_t stats;
+  zk_stats_get(&stats);
+  for (size_t c = 0; c < stats.class_count; c++)
+    if (stats.classes[c].block_size == block_size)
+      return stats.classes[c].pages;
+  return 0;
+}
+
+static void test_fork_abandons_other_heaps(void) {
+  CHECK(pthread_barrier_init(&holder_ready, NULL, 2) == 0);
+  CHECK(pthread_barrier_init(&holder_done, NULL, 2) == 0);
+  pthread_t thread;
+  CHECK(pthread_create(&thread, NULL, hold_free_blocks, NULL) == 0);
+  pthread_barrier_wait(&holder_ready);
+  uint64_t parent_pages = class_pages(48);
+  CHECK(parent_pages > 0);
+  pid_t child = fork();
+  CHECK(child >= 0);
+  if (child == 0) {
+    alarm(10);
+    zk_collect(true);
+    uint64_t pages = class_pages(48);
+    if (pages != 0) {
+      fprintf(stderr, "child: %llu pages of 48 B blocks still held\n",
+              (unsigned long long)pages);
+      _exit(1);
+    }
+    void *p = zk_malloc(48);
+    CHECK(p != NULL);
+    zk_free(p);
+    _exit(0);
+  }
+  int status;
+  CHECK(waitpid(child, &status, 0) == child);
+  CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  pthread_barrier_wait(&holder_done);
+  CHECK(pthread_join(thread, NULL) == 0);
+  pthread_barrier_destroy(&holder_ready);
+  pthread_barrier_destroy(&holder_done);
+  printf("fork: the other thread's %llu pages of 48 B blocks returned in "
+         "the child\n",
+         (unsigned long long)parent_pages);
+}
+
+/* ---- errno ---- */
+
+#define CHECK_ERRNO_KEPT(call)                                                 \
+  do {                                                                         \
+    errno = EDOM;                                                              \
+    call;                                                                      \
+    if (errno != EDOM) {                                                       \
+      fprintf(stderr, "%s:%d: %s changed errno to %d\n", __FILE__, __LINE__,   \
+              #call, errno);                                                   \
+      exit(1);                                                                 \
+    }                                                                          \
+  } while (0)
+
+/* Every layer's successful calls, and frees. */
+static void exercise_errno(void) {
+  void *small, *large, *huge, *moved, *aligned, *zeroed;
+  CHECK_ERRNO_KEPT(small = zk_malloc(64));
+  CHECK_ERRNO_KEPT(large = zk_malloc(300 << 10));
+  CHECK_ERRNO_KEPT(huge = zk_malloc((size_t)8 << 20));
+  CHECK_ERRNO_KEPT(zeroed = zk_calloc(1000, 1000));
+  CHECK_ERRNO_KEPT(aligned = zk_aligned_alloc((size_t)8 << 20, 100));
+  CHECK(small && large && huge && zeroed && aligned);
+  CHECK_ERRNO_KEPT(moved = zk_realloc(huge, (size_t)64 << 20));
+  CHECK(moved != NULL);
+  CHECK_ERRNO_KEPT(zk_free(moved));
+  CHECK_ERRNO_KEPT(zk_free(aligned));
+  CHECK_ERRNO_KEPT(zk_free(zeroed));
+  CHECK_ERRNO_KEPT(zk_free(large));
+  CHECK_ERRNO_KEPT(zk_free(small));
+  void *many[3000];
+  for (int i = 0; i < 3000; i++)
+    CHECK_ERRNO_KEPT(many[i] = zk_malloc(1000));
+  for (int i = 0; i < 3000; i++)
+    CHECK_ERRNO_KEPT(zk_free(many[i])); /* pages emptied and released */
+  zk_stats_t stats;
+  CHECK_ERRNO_KEPT(zk_stats_get(&stats));
+  CHECK_ERRNO_KEPT(zk_collect(true));
+}
+
+static void *exercise_errno_thread(void *arg) {
+  (void)arg;
+  exercise_errno(); /* the thread's first call creates its heap */
+  return NULL;
+}
+
+/* Under mlockall every purge is refused, and a new thread's heap cannot
+ * open /dev/urandom: both failures are zkmem's to absorb. */
+static void errno_child(void) {
+  alarm(20);
+  CHECK(zk_option_set(ZK_OPTION_PURGE_DELAY_MS, 0) == 0);
+  struct rlimit unlimited = {RLIM_INFINITY, RLIM_INFINITY};
+  setrlimit(RLIMIT_MEMLOCK, &unlimited);
+  bool locked = mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) == 0;
+  exercise_errno();
+  /* No file descriptor left for /dev/urandom. */
+  struct rlimit few = {3, 3};
+  for (int fd = 3; fd < 1024; fd++)
+    close(fd);
+  CHECK(setrlimit(RLIMIT_NOFILE, &few) == 0);
+  pthread_t thread;
+  CHECK(pthread_create(&thread, NULL, exercise_errno_thread, NULL) == 0);
+  CHECK(pthread_join(thread, NULL) == 0);
+  printf("errno kept%s\n", locked ? " (purges refused under mlockall)" : "");
+  _exit(locked || geteuid() != 0 ? 0 : 2);
+}
+
+static void test_errno_kept(void) {
+  fflush(stdout);
+  pid_t child = fork();
+  CHECK(child >= 0);
+  if (child == 0)
+    errno_child();
+  int status;
+  CHECK(waitpid(child, &status, 0) == child);
+  CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+}
+
+/* ---- statistics read while other threads change them ---- */
+
+static void *churn_for_stats(void *arg) {
+  uint64_t state = (uintptr_t)arg;
+  void *slots[256] = {0};
+  while (!atomic_load(&stop_churn)) {
+    state = state * 6364136223846793005ull + 1442695040888963407ull;
+    unsigned slot = (unsigned)(state >> 56);
+    zk_free(slots[slot]);
+    unsigned kind = (unsigned)(state >> 20) % 64;
+    size_t size = kind == 0  ? (size_t)(3 + (state >> 40) % 6) << 20
+                  : kind < 8 ? (size_t)(70 + (state >> 40) % 900) << 10
+                             : 8 + (size_t)(state >> 40) % 4000;
+    slots[slot] = zk_malloc(size);
+    CHECK(slots[slot] != NULL);
+    if ((state >> 33) % 4096 == 0)
+      zk_collect((state >> 45) & 1);
+  }
+  for (int i = 0; i < 256; i++)
+    zk_free(slots[i]);
+  return NULL;
+}
+
+static void test_stats_while_churning(void) {
+  atomic_store(&stop_churn, 0);
+  pthread_t threads[3];
+  for (uintptr_t i = 0; i < 3; i++)
+    CHECK(pthread_create(&threads[i], NULL, churn_for_stats,
+                         (void *)(i * 7919 + 1)) == 0);
+  struct timespec start, now;
+  clock_gettime(CLOCK_MONOTONIC, &start);
+  unsigned reads = 0;
+  do {
+    zk_stats_t stats;
+    zk_stats_get(&stats);
+    CHECK(stats.class_count > 0);
+    reads++;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+  } while (now.tv_sec - start.tv_sec < 2);
+  atomic_store(&stop_churn, 1);
+  for (int i = 0; i < 3; i++)
+    CHECK(pthread_join(threads[i], NULL) == 0);
+  zk_stats_t stats;
+  zk_stats_get(&stats);
+  /* The threads exited: every block is accounted for exactly. */
+  CHECK_EQ(stats.large_live, 0);
+  CHECK_EQ(stats.huge_live, 0);
+  uint64_t live = 0;
+  for (size_t c = 0; c < stats.class_count; c++)
+    live += stats.classes[c].live;
+  CHECK_EQ(live, 0);
+  printf("%u statistics reads while three threads churned\n", reads);
+}
+
+int main(int argc, char **argv) {
+  (void)argc;
+  test_reexec_without_zkmem_environment(argv[0]);
+  setvbuf(stdout, NULL, _IOLBF, 0);
+  test_errno_kept();
+  test_fork_abandons_other_heaps();
+  test_fork_while_churning();
+  test_stats_while_churning();
+  printf("test_process: ok\n");
+  return 0;
+}
