@@ -19,7 +19,8 @@ ZK_EXPORT void *zk_calloc(size_t count, size_t size) {
     errno = ENOMEM;
     return NULL;
   }
-  void *p = alloc_fast_malloc(total);
+  void *p = total > LARGE_MAX ? large_alloc_huge_zeroed(total)
+                              : alloc_fast_malloc(total);
   bool zero = p != NULL && large_block_is_zero(p);
   track_malloc(p, total, zero);
   if (p != NULL && !zero)

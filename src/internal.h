@@ -354,7 +354,8 @@ page_t *segment_span_alloc(size_t slices, page_kind_t kind, segment_t **home);
 size_t segment_span_max_slices(void);
 void segment_span_free(page_t *span);
 void segment_span_free_since(page_t *span, uint64_t free_since_ms);
-page_t *segment_huge_alloc(size_t size, size_t alignment);
+/* zeroed: the caller wants zeros, so fresh pages rather than reused. */
+page_t *segment_huge_alloc(size_t size, size_t alignment, bool zeroed);
 void segment_huge_free(page_t *page);
 page_t *segment_huge_resize(page_t *page, size_t new_size);
 size_t segment_purge(uint64_t now_ms, bool force);
@@ -477,6 +478,8 @@ void process_init(void);
 
 /* ---- large.c ---- */
 void *large_alloc(heap_t *heap, size_t size, size_t alignment);
+/* A huge block for calloc: fresh pages, zero without clearing. */
+void *large_alloc_huge_zeroed(size_t size);
 void large_free(heap_t *heap, page_t *page);
 void large_cache_flush(heap_t *heap);
 bool large_block_is_zero(const void *p);

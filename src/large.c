@@ -35,8 +35,8 @@ static void large_unaccount(const page_t *page) {
                             memory_order_relaxed);
 }
 
-static void *huge_alloc(size_t size, size_t alignment) {
-  page_t *page = segment_huge_alloc(size, alignment);
+static void *huge_alloc(size_t size, size_t alignment, bool zeroed) {
+  page_t *page = segment_huge_alloc(size, alignment, zeroed);
   if (page == NULL) {
     errno = ENOMEM;
     return NULL;
@@ -57,6 +57,14 @@ static bool large_cache_claim(page_t *span) {
 
 static void large_cache_remove(heap_t *heap, unsigned i) {
   heap->large_cache[i] = heap->large_cache[--heap->large_cache_count];
+}
+
+void *large_alloc_huge_zeroed(size_t size) {
+  if (unlikely(size > PTRDIFF_MAX)) {
+    errno = ENOMEM;
+    return NULL;
+  }
+  return huge_alloc(size, 0, true);
 }
 
 static page_t *large_cache_take(heap_t *heap, size_t slices) {
@@ -112,7 +120,7 @@ void *large_alloc(heap_t *heap, size_t size, size_t alignment) {
     return NULL;
   }
   if (size > LARGE_MAX || alignment > SLICE_SIZE)
-    return huge_alloc(size, alignment);
+    return huge_alloc(size, alignment, false);
   if (option(ZK_OPTION_SECURE) && alignment <= 16)
     return large_alloc_guarded(heap, size);
   size_t slices = (size + SLICE_SIZE - 1) >> SLICE_SHIFT;

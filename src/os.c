@@ -127,6 +127,14 @@ bool os_resize_in_place(void *address, size_t old_size, size_t new_size) {
   return moved != MAP_FAILED;
 }
 
+bool os_move_to(void *from, size_t size, void *to) {
+  int saved_errno = errno;
+  bool moved =
+      mremap(from, size, size, MREMAP_MAYMOVE | MREMAP_FIXED, to) != MAP_FAILED;
+  errno = saved_errno;
+  return moved;
+}
+
 void *os_move_aligned(void *address, size_t old_size, size_t new_size,
                       size_t alignment) {
   int saved_errno = errno;

@@ -28,6 +28,9 @@ void *os_reserve_aligned(size_t size, size_t alignment, int huge_pages,
  * multiple of `alignment` (any power of two the address space allows); no
  * huge pages. */
 void *os_reserve_aligned_at(size_t size, size_t alignment, size_t offset);
+/* Moves the pages of [from, from + size) to `to`, replacing what was
+ * mapped there, without copying them; false (nothing moved) on failure. */
+bool os_move_to(void *from, size_t size, void *to);
 /* Give the mapping back. */
 void os_release(void *address, size_t size);
 /* Tell the kernel the range's contents are not needed. decommit = true:

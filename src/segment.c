@@ -24,8 +24,24 @@ static page_t *span_bins[SLICES_PER_SEGMENT]; /* free spans by slice count */
 static segment_t *segments;                   /* NORMAL segments */
 static uintptr_t segment_secret;
 static size_t segments_mapped, bytes_mapped, bytes_huge_backed;
-static size_t huge_blocks_mapped,
-    bytes_huge_blocks_mapped; /* of bytes_mapped */
+/* Of segments_mapped and bytes_mapped: the mappings of huge blocks. */
+static size_t huge_blocks_mapped, bytes_huge_blocks_mapped;
+
+/* Freed huge mappings, cut into pieces of whole segments: kept mapped
+ * with their pages committed, so that a later huge block is assembled from
+ * them (a piece split, or several moved side by side with mremap, which
+ * moves pages without copying or faulting them) instead of faulting every
+ * page in again; the purge delay unmaps them. Under segment_lock. */
+typedef struct huge_piece {
+  uint8_t *base; /* segment-aligned */
+  size_t size;   /* a multiple of SEGMENT_SIZE */
+  uint64_t free_since_ms;
+} huge_piece_t;
+#define HUGE_CACHE_PIECES 16
+#define HUGE_CACHE_BYTES  ((size_t)128 << 20)
+static huge_piece_t huge_pieces[HUGE_CACHE_PIECES];
+static unsigned huge_piece_count;
+static size_t huge_cache_bytes;
 static size_t bytes_purged_total, bytes_free_committed;
 
 static void owned_map_set(const void *segment, uint8_t state) {
@@ -358,7 +374,151 @@ static segment_t *huge_reserve_after_header(size_t size, size_t alignment,
   return os_reserve_aligned_at(*total, alignment, SEGMENT_SIZE);
 }
 
-page_t *segment_huge_alloc(size_t size, size_t alignment) {
+/* Grows or shrinks a huge segment's mapping to new_total, in place or by
+ * moving its pages (no copy, no fault) to a fresh aligned range; NULL, and
+ * the mapping intact, if neither works. segment_lock held. */
+static segment_t *huge_remap(segment_t *segment, size_t new_total) {
+  size_t old_total = segment->mapped_size;
+  if (!os_resize_in_place(segment, old_total, new_total)) {
+    /* The move unmaps the old range: its map entry goes first, so that a
+     * segment another thread maps there in the meantime keeps its own. */
+    owned_map_set(segment, SEGMENT_MAP_NONE);
+    segment_t *moved =
+        os_move_aligned(segment, old_total, new_total, SEGMENT_SIZE);
+    if (moved == NULL) {
+      owned_map_set(segment, SEGMENT_MAP_HEADER);
+      return NULL;
+    }
+    track_header_gone(segment, SLICE_SIZE);
+    track_header(moved, SLICE_SIZE);
+    segment = moved;
+    segment->cookie = (uintptr_t)segment ^ segment_secret;
+    owned_map_set(segment, SEGMENT_MAP_HEADER);
+  }
+  segment->mapped_size = new_total;
+  bytes_mapped += new_total - old_total;
+  bytes_huge_blocks_mapped += new_total - old_total;
+  if (segment->huge_pages)
+    bytes_huge_backed += new_total - old_total;
+  return segment;
+}
+
+/* segment_lock held. */
+static void huge_unmap(segment_t *segment) {
+  size_t total = segment->mapped_size;
+  segments_mapped--;
+  bytes_mapped -= total;
+  huge_blocks_mapped--;
+  bytes_huge_blocks_mapped -= total;
+  if (segment->huge_pages)
+    bytes_huge_backed -= total;
+  /* Cleared before the range is unmapped: from then on another thread may
+   * map a segment of its own there and set the entry. */
+  owned_map_set(huge_map_address(segment), SEGMENT_MAP_NONE);
+  track_header_gone(segment, SLICE_SIZE);
+  os_release(segment, total);
+}
+
+static void huge_piece_remove(unsigned index) {
+  huge_piece_count--;
+  for (unsigned i = index; i < huge_piece_count; i++)
+    huge_pieces[i] = huge_pieces[i + 1];
+}
+
+/* Takes `size` bytes from the front of piece `index`. */
+static uint8_t *huge_piece_take(unsigned index, size_t size) {
+  huge_piece_t *piece = &huge_pieces[index];
+  uint8_t *base = piece->base;
+  huge_cache_bytes -= size;
+  if (size == piece->size) {
+    huge_piece_remove(index);
+  } else {
+    piece->base += size;
+    piece->size -= size;
+  }
+  return base;
+}
+
+static void huge_piece_release(unsigned index) {
+  size_t size = huge_pieces[index].size;
+  bytes_mapped -= size;
+  bytes_huge_blocks_mapped -= size;
+  os_release(huge_piece_take(index, size), size);
+}
+
+/* A mapping of `total` bytes, segment-aligned, built from cached pieces:
+ * the smallest piece that holds it, split; else the largest pieces moved
+ * side by side into a fresh range, whose remaining pages stay fresh. NULL
+ * when the cache is empty. segment_lock held. */
+static segment_t *huge_pieces_assemble(size_t total) {
+  unsigned best = HUGE_CACHE_PIECES;
+  for (unsigned i = 0; i < huge_piece_count; i++)
+    if (huge_pieces[i].size >= total &&
+        (best == HUGE_CACHE_PIECES ||
+         huge_pieces[i].size < huge_pieces[best].size))
+      best = i;
+  if (best != HUGE_CACHE_PIECES)
+    return (segment_t *)huge_piece_take(best, total);
+  if (huge_piece_count == 0)
+    return NULL;
+  int got_huge;
+  uint8_t *target = os_reserve_aligned(total, SEGMENT_SIZE, 0, &got_huge);
+  if (target == NULL)
+    return NULL;
+  bytes_mapped += total;
+  bytes_huge_blocks_mapped += total;
+  for (size_t filled = 0; filled < total && huge_piece_count > 0;) {
+    unsigned largest = 0;
+    for (unsigned i = 1; i < huge_piece_count; i++)
+      if (huge_pieces[i].size > huge_pieces[largest].size)
+        largest = i;
+    size_t move = total - filled;
+    if (move > huge_pieces[largest].size)
+      move = huge_pieces[largest].size;
+    if (!os_move_to(huge_pieces[largest].base, move, target + filled))
+      break;
+    huge_piece_take(largest, move); /* its pages now back the target */
+    bytes_mapped -= move;
+    bytes_huge_blocks_mapped -= move;
+    filled += move;
+  }
+  return (segment_t *)target;
+}
+
+/* A freed huge block's mapping joins the pieces, the oldest making room;
+ * one too large for the cache is unmapped. segment_lock held. */
+static void huge_pieces_add(segment_t *segment) {
+  size_t size = segment->mapped_size;
+  segments_mapped--;
+  huge_blocks_mapped--;
+  if (segment->huge_pages)
+    bytes_huge_backed -= size;
+  /* Not a block any more: a second free of it finds no owner. */
+  owned_map_set(segment, SEGMENT_MAP_NONE);
+  track_header_gone(segment, SLICE_SIZE);
+  if (size > HUGE_CACHE_BYTES / 2) {
+    bytes_mapped -= size;
+    bytes_huge_blocks_mapped -= size;
+    os_release(segment, size);
+    return;
+  }
+  while (huge_piece_count == HUGE_CACHE_PIECES ||
+         huge_cache_bytes + size > HUGE_CACHE_BYTES) {
+    unsigned oldest = 0;
+    for (unsigned i = 1; i < huge_piece_count; i++)
+      if (huge_pieces[i].free_since_ms < huge_pieces[oldest].free_since_ms)
+        oldest = i;
+    huge_piece_release(oldest);
+  }
+  huge_pieces[huge_piece_count++] = (huge_piece_t){
+      .base = (uint8_t *)segment,
+      .size = size,
+      .free_since_ms = clock_now_ms(),
+  };
+  huge_cache_bytes += size;
+}
+
+page_t *segment_huge_alloc(size_t size, size_t alignment, bool zeroed) {
   size_t offset = alignment > SLICE_SIZE ? alignment : SLICE_SIZE;
   bool after_header = offset >= SEGMENT_SIZE;
   /* Secure mode: the block ends where the mapping's last, inaccessible OS
@@ -373,12 +533,26 @@ page_t *segment_huge_alloc(size_t size, size_t alignment) {
     errno = ENOMEM;
     return NULL;
   }
+  segment_t *segment = NULL;
   int got_huge = 0;
+  bool reused = false;
+  /* A zeroed block wants fresh pages: zero until written, where reused
+   * ones would have to be cleared. */
+  if (!guarded && !zeroed && offset == SLICE_SIZE &&
+      __atomic_load_n(&huge_piece_count, __ATOMIC_RELAXED) != 0) {
+    pthread_mutex_lock(&segment_lock);
+    segment = huge_pieces_assemble(total);
+    pthread_mutex_unlock(&segment_lock);
+    if (segment != NULL) {
+      reused = true;
+      memset(segment, 0, sizeof(segment_t)); /* old blocks' bytes */
+    }
+  }
   int huge_mode = guarded ? 0 : (int)option(ZK_OPTION_HUGE_PAGES);
-  segment_t *segment =
-      after_header
-          ? huge_reserve_after_header(size, alignment, &total)
-          : os_reserve_aligned(total, SEGMENT_SIZE, huge_mode, &got_huge);
+  if (segment == NULL)
+    segment = after_header ? huge_reserve_after_header(size, alignment, &total)
+                           : os_reserve_aligned(total, SEGMENT_SIZE, huge_mode,
+                                                &got_huge);
   if (segment == NULL) {
     errno = ENOMEM;
     return NULL;
@@ -400,9 +574,11 @@ page_t *segment_huge_alloc(size_t size, size_t alignment) {
     segment_secret = (uintptr_t)random_seed() | 1;
   segment->cookie = (uintptr_t)segment ^ segment_secret;
   segments_mapped++;
-  bytes_mapped += total;
   huge_blocks_mapped++;
-  bytes_huge_blocks_mapped += total;
+  if (!reused) { /* huge_pieces_assemble counted its mapping */
+    bytes_mapped += total;
+    bytes_huge_blocks_mapped += total;
+  }
   if (got_huge)
     bytes_huge_backed += total;
   pthread_mutex_unlock(&segment_lock);
@@ -414,7 +590,7 @@ page_t *segment_huge_alloc(size_t size, size_t alignment) {
   size_t index = after_header ? SEGMENT_FIRST_SLICE : offset >> SLICE_SHIFT;
   page_t *page = &segment->pages[index];
   page->kind = PAGE_HUGE;
-  page->is_zero = 1;
+  page->is_zero = !reused;
   page->huge_pages = got_huge;
   page->start = (uint8_t *)segment + offset;
   page->large_size = guarded ? rounded : total - offset;
@@ -426,28 +602,40 @@ page_t *segment_huge_alloc(size_t size, size_t alignment) {
   return page;
 }
 
+/* A mapping the cache can take: no guard page, pages that can move. */
+static bool huge_cacheable(const segment_t *segment, const page_t *page) {
+  return !page->secure && !segment->block_after_header &&
+         segment->huge_pages != 2;
+}
+
 void segment_huge_free(page_t *page) {
   segment_t *segment = segment_of(page);
-  size_t total = segment->mapped_size;
   pthread_mutex_lock(&segment_lock);
-  segments_mapped--;
-  bytes_mapped -= total;
-  huge_blocks_mapped--;
-  bytes_huge_blocks_mapped -= total;
-  if (segment->huge_pages)
-    bytes_huge_backed -= total;
+  if (huge_cacheable(segment, page))
+    huge_pieces_add(segment);
+  else
+    huge_unmap(segment);
   pthread_mutex_unlock(&segment_lock);
-  /* Cleared before the range is unmapped: from then on another thread may
-   * map a segment of its own there and set the entry. */
-  owned_map_set(huge_map_address(segment), SEGMENT_MAP_NONE);
-  track_header_gone(segment, SLICE_SIZE);
-  os_release(segment, total);
+}
+
+/* Pieces freed longer than the delay ago (all, if force) go back to the
+ * OS; returns their bytes. segment_lock held. */
+static size_t huge_cache_purge(uint64_t now_ms, uint64_t delay, bool force) {
+  size_t released = 0;
+  for (unsigned i = 0; i < huge_piece_count;) {
+    if (force || now_ms - huge_pieces[i].free_since_ms >= delay) {
+      released += huge_pieces[i].size;
+      huge_piece_release(i);
+    } else {
+      i++;
+    }
+  }
+  return released;
 }
 
 page_t *segment_huge_resize(page_t *page, size_t new_size) {
   segment_t *segment = segment_of(page);
   size_t offset = (size_t)(page->start - (uint8_t *)segment);
-  size_t old_total = segment->mapped_size;
   size_t new_total = (offset + new_size + SEGMENT_MASK) & ~SEGMENT_MASK;
   /* hugetlb mappings cannot be remapped piecewise; a guarded block moves
    * (the caller copies it into a fresh guarded one), and so does one
@@ -455,39 +643,16 @@ page_t *segment_huge_resize(page_t *page, size_t new_size) {
   if (new_total < new_size || segment->huge_pages == 2 || page->secure ||
       segment->block_after_header)
     return NULL;
-  if (new_total == old_total)
+  if (new_total == segment->mapped_size)
     return page;
-  if (os_resize_in_place(segment, old_total, new_total)) {
-    segment->mapped_size = new_total;
-    page->large_size = new_total - offset;
-  } else {
-    /* The move unmaps the old range: its map entry goes first, so that a
-     * segment another thread maps there in the meantime keeps its own. */
-    owned_map_set(segment, SEGMENT_MAP_NONE);
-    segment_t *moved =
-        os_move_aligned(segment, old_total, new_total, SEGMENT_SIZE);
-    if (moved == NULL) {
-      owned_map_set(segment, SEGMENT_MAP_HEADER);
-      return NULL;
-    }
-    track_header_gone(segment, SLICE_SIZE);
-    track_header(moved, SLICE_SIZE);
-    segment = moved;
-    pthread_mutex_lock(&segment_lock);
-    segment->cookie = (uintptr_t)segment ^ segment_secret;
-    pthread_mutex_unlock(&segment_lock);
-    segment->mapped_size = new_total;
-    page = &segment->pages[offset >> SLICE_SHIFT];
-    page->start = (uint8_t *)segment + offset;
-    page->large_size = new_total - offset;
-    owned_map_set(segment, SEGMENT_MAP_HEADER);
-  }
   pthread_mutex_lock(&segment_lock);
-  bytes_mapped += new_total - old_total;
-  bytes_huge_blocks_mapped += new_total - old_total;
-  if (segment->huge_pages)
-    bytes_huge_backed += new_total - old_total;
+  segment_t *resized = huge_remap(segment, new_total);
   pthread_mutex_unlock(&segment_lock);
+  if (resized == NULL)
+    return NULL;
+  page = &resized->pages[offset >> SLICE_SHIFT];
+  page->start = (uint8_t *)resized + offset;
+  page->large_size = new_total - offset;
   return page;
 }
 
@@ -523,8 +688,8 @@ static size_t span_purge_cached(page_t *span, uint64_t now_ms, uint64_t delay,
 size_t segment_purge(uint64_t now_ms, bool force) {
   uint64_t delay = (uint64_t)option(ZK_OPTION_PURGE_DELAY_MS);
   bool decommit = option(ZK_OPTION_PURGE_DECOMMIT) != 0;
-  size_t purged = 0;
   pthread_mutex_lock(&segment_lock);
+  size_t purged = huge_cache_purge(now_ms, delay, force);
   segment_t *segment = segments;
   while (segment != NULL) {
     segment_t *next = segment->next;
@@ -587,6 +752,6 @@ void segment_collect_stats(zk_stats_t *out) {
   out->huge_segments_mapped = huge_blocks_mapped;
   out->bytes_mapped_huge = bytes_huge_blocks_mapped;
   out->bytes_purged = bytes_purged_total;
-  out->bytes_committed += bytes_free_committed;
+  out->bytes_committed += bytes_free_committed + huge_cache_bytes;
   pthread_mutex_unlock(&segment_lock);
 }

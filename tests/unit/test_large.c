@@ -647,6 +647,67 @@ static void test_realloc_huge(void) {
   zk_collect(true);
 }
 
+/* Freed huge blocks keep their pages for later huge blocks: a smaller one
+ * splits a freed mapping, a larger one is assembled from several by moving
+ * their pages, and neither faults the reused pages in again. calloc gets
+ * fresh pages (zero without clearing); the purge delay and zk_collect
+ * return the rest. */
+static long minor_faults(void) {
+  struct rusage usage;
+  getrusage(RUSAGE_SELF, &usage);
+  return usage.ru_minflt;
+}
+
+static void test_huge_reuse(void) {
+  const size_t mb = (size_t)1 << 20;
+  zk_collect(true);
+  zk_stats_t stats;
+  zk_stats_get(&stats);
+  size_t mapped_before = stats.bytes_mapped;
+  uint8_t *a = zk_malloc(20 * mb), *b = zk_malloc(10 * mb);
+  CHECK(a && b);
+  memset(a, 0xa1, 20 * mb);
+  memset(b, 0xb2, 10 * mb);
+  zk_free(a);
+  zk_free(b);
+  /* Split: 12 MiB from the 20 MiB mapping. */
+  long faults = minor_faults();
+  uint8_t *c = zk_malloc(12 * mb);
+  CHECK(c != NULL);
+  memset(c, 0xc3, 12 * mb);
+  long split_faults = minor_faults() - faults;
+  /* Assembled: 22 MiB from what is left (8 + 12 MiB pieces, and 2 fresh). */
+  faults = minor_faults();
+  uint8_t *d = zk_malloc(22 * mb);
+  CHECK(d != NULL);
+  memset(d, 0xd4, 22 * mb);
+  long assembled_faults = minor_faults() - faults;
+  printf("huge blocks from freed mappings: %ld faults for 12 MiB (3072 "
+         "pages), %ld for 22 MiB (5632 pages)\n",
+         split_faults, assembled_faults);
+  CHECK(split_faults < 3072 / 4);
+  CHECK(assembled_faults < 5632 / 2);
+  CHECK(zk_usable_size(c) >= 12 * mb && zk_usable_size(d) >= 22 * mb);
+  CHECK(c[0] == 0xc3 && c[12 * mb - 1] == 0xc3);
+  CHECK(d[0] == 0xd4 && d[22 * mb - 1] == 0xd4);
+  zk_free(c);
+  /* calloc: zero, whatever the pieces held. */
+  uint8_t *zeroed = zk_calloc(1, 9 * mb);
+  CHECK(zeroed != NULL);
+  for (size_t i = 0; i < 9 * mb; i += 4096)
+    CHECK(zeroed[i] == 0 && zeroed[i + 4095] == 0);
+  zk_free(zeroed);
+  zk_free(d);
+  /* The delay returns the pieces. */
+  CHECK(zk_option_set(ZK_OPTION_PURGE_DELAY_MS, 50) == 0);
+  sleep_ms(120);
+  zk_collect(false);
+  zk_stats_get(&stats);
+  CHECK_EQ(stats.bytes_mapped, mapped_before);
+  CHECK_EQ(stats.huge_live, 0);
+  CHECK(zk_option_set(ZK_OPTION_PURGE_DELAY_MS, 1000) == 0);
+}
+
 /* Aligned large and huge blocks: alignments above a slice get a mapping of
  * their own at that offset. */
 static void test_aligned_large(void) {
@@ -1161,6 +1222,7 @@ int main(int argc, char **argv) {
   RUN(test_calloc_after_refused_purge);
   RUN(test_large_cache_decays);
   RUN(test_realloc_huge);
+  RUN(test_huge_reuse);
   RUN(test_aligned_large);
   RUN(test_huge_pages);
   RUN(test_stats);

@@ -148,8 +148,9 @@ static void double_free_large_merged(void) {
   zk_free(b);
 }
 
-/* A huge block's mapping is gone after its free: the second one is a
- * pointer zkmem does not own any more. */
+/* A freed huge block's mapping is no block any more (unmapped, or kept as
+ * a piece for later huge blocks): the second free is of a pointer zkmem
+ * does not own. */
 static void double_free_huge(void) {
   void *p = zk_malloc((size_t)8 << 20);
   zk_free(p);
