@@ -48,7 +48,21 @@ size_t zk_usable_size(const void *ptr);
 /* A pool hands out objects of one exact size with 100% reuse of freed ones.
  * Any thread may allocate and free; each thread caches free objects in a
  * private magazine, so both calls are a push or pop on a thread-local stack
- * in the common case. */
+ * in the common case.
+ *
+ * NULL: zk_pool_alloc(NULL) returns NULL with errno EINVAL; freeing a NULL
+ * object does nothing, whatever the pool; zk_pool_destroy(NULL) and
+ * zk_pool_visit(NULL, ...) do nothing; zk_pool_stats(NULL, ...) returns -1
+ * (EINVAL). Misuse, reported as under Errors above: zk_pool_free(NULL,
+ * object), and a pointer that is not a pool (or a destroyed pool's, until
+ * its slot serves a new pool) given to alloc, free, destroy or visit; with
+ * ZKMEM_ON_ERROR=warn such an alloc returns NULL with errno EINVAL.
+ * zk_free() of a pool object returns it to its pool, with the checks it
+ * makes for other blocks.
+ *
+ * Constructors and visitors run with no zkmem lock held, so they may
+ * allocate from and free to any pool, their own included, and call any
+ * other zkmem function. */
 typedef struct zk_pool zk_pool_t;
 
 typedef struct zk_pool_options {
@@ -83,14 +97,26 @@ void *zk_pool_alloc(zk_pool_t *pool);
 void zk_pool_free(zk_pool_t *pool, void *object);
 /* Frees every object of the pool, live ones included, in O(pages). */
 void zk_pool_destroy(zk_pool_t *pool);
-/* Calls visitor(object, arg) for every live object. */
+/* Calls visitor(object, arg) once for each object live when the call
+ * began, in no particular order. The visitor may free the object it is
+ * given, allocate (objects allocated during the visit are not visited) and
+ * call any zkmem function. An object freed during the visit before its turn
+ * (by the visitor, or by zk_pool_destroy) is still passed to the visitor,
+ * which must then not touch it: its memory may already be reused or
+ * returned to the OS. Other threads must leave the pool alone meanwhile.
+ * When zkmem cannot get memory to list the objects, nothing is visited and
+ * errno is ENOMEM. */
 void zk_pool_visit(zk_pool_t *pool, void (*visitor)(void *object, void *arg),
                    void *arg);
-/* 0 on success, -1 (EINVAL) for a NULL pool or out. */
+/* 0 on success, -1 (EINVAL) for a NULL out, or a pool that is NULL or not
+ * a live pool. */
 int zk_pool_stats(const zk_pool_t *pool, zk_pool_stats_t *out);
 
 /* A pool of `type` created on first use: prefix_alloc() and
- * prefix_free(object), with the size known at compile time. */
+ * prefix_free(object), with the size known at compile time. prefix_pool()
+ * and prefix_alloc() return NULL, with zk_pool_create's errno (ENOMEM when
+ * every pool slot is taken), while the pool cannot be created; a later call
+ * tries again. prefix_free(NULL) does nothing. */
 #define ZK_POOL_TYPED(prefix, type)                                            \
   static zk_pool_t *prefix##_pool_instance;                                    \
   static zk_pool_t *prefix##_pool(void) {                                      \
@@ -101,6 +127,8 @@ int zk_pool_stats(const zk_pool_t *pool, zk_pool_stats_t *out);
       options.alignment = _Alignof(type);                                      \
       options.name = #prefix;                                                  \
       zk_pool_t *fresh = zk_pool_create(sizeof(type), &options);               \
+      if (fresh == NULL) /* another thread's may have come meanwhile */        \
+        return __atomic_load_n(&prefix##_pool_instance, __ATOMIC_ACQUIRE);     \
       zk_pool_t *expected = NULL;                                              \
       if (__atomic_compare_exchange_n(&prefix##_pool_instance, &expected,      \
                                       fresh, 0, __ATOMIC_ACQ_REL,              \
@@ -114,10 +142,14 @@ int zk_pool_stats(const zk_pool_t *pool, zk_pool_stats_t *out);
     return pool;                                                               \
   }                                                                            \
   static inline type *prefix##_alloc(void) {                                   \
-    return (type *)zk_pool_alloc(prefix##_pool());                             \
+    zk_pool_t *pool = prefix##_pool();                                         \
+    if (__builtin_expect(pool == NULL, 0))                                     \
+      return NULL; /* zk_pool_alloc(NULL) would set EINVAL over ENOMEM */      \
+    return (type *)zk_pool_alloc(pool);                                        \
   }                                                                            \
   static inline void prefix##_free(type *object) {                             \
-    zk_pool_free(prefix##_pool_instance, object);                              \
+    zk_pool_free(__atomic_load_n(&prefix##_pool_instance, __ATOMIC_ACQUIRE),   \
+                 object);                                                      \
   }
 
 /* ---- memory returned to the OS, statistics, options ------------------ */

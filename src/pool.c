@@ -19,7 +19,10 @@
  *
  * Fresh objects are carved, and constructed, one at a time from a region a
  * magazine reserves in a page (so "fresh" vs "reused" is exact), with no
- * lock held.
+ * lock held. A region whose thread exits before carving all of it goes back
+ * to its page if it is the page's tail, and otherwise onto the pool's list of
+ * leftover regions, which the next magazine needing fresh objects takes
+ * before new memory: its objects are still constructed once, when carved.
  *
  * Counting: a magazine counts its allocations and `taken` (objects moved in
  * from the slab minus objects moved out). Over all magazines,
@@ -32,7 +35,10 @@
  * empty pages beyond that go back to the segment layer.
  *
  * Locks: pools_lock (slots, magazine attach/detach, destroy) before
- * pool->lock before the segment lock. */
+ * pool->lock before the segment lock. No user code (constructor, visitor)
+ * runs while any is held: user code may call any zkmem function, and a
+ * constructor that allocated from a pool at thread exit, or a visitor that
+ * freed, deadlocked on the registry or on its own pool's lock. */
 #include "internal.h"
 #include "os.h"
 
@@ -45,6 +51,14 @@
 #define POOL_EPOCH           64
 #define POOL_MAX_PAGE_SLICES 16
 #define POOL_MAX_OBJECT      ((size_t)1 << 20)
+
+/* A leftover region's first word: the next region's address, and in the top
+ * bits the region's object count (a region is at most CARVE_REGION_BYTES of
+ * objects of at least 8 bytes, so the word fits in the first object). */
+#define LEFTOVER_COUNT_SHIFT 48
+#define LEFTOVER_NEXT_MASK   ((UINT64_C(1) << LEFTOVER_COUNT_SHIFT) - 1)
+_Static_assert(CARVE_REGION_BYTES / 8 < (1u << (64 - LEFTOVER_COUNT_SHIFT)),
+               "a region's object count fits its link word");
 
 typedef struct depot_round {
   struct depot_round *next;
@@ -64,6 +78,7 @@ struct zk_pool {
   page_queue_t partial; /* pages with objects in their free list */
   page_queue_t drained; /* pages without */
   page_t *carve_page;   /* where the next carve region comes from */
+  uint8_t *leftover;    /* regions of exited threads, see the top */
   uint32_t next_page_slices;
   uint32_t page_count;
   uint64_t free_in_pages;
@@ -92,15 +107,31 @@ static zk_pool_t pool_table[POOL_SLOTS];
 _Static_assert((sizeof(zk_pool_t) & (sizeof(zk_pool_t) - 1)) == 0,
                "pool slot arithmetic wants a power-of-two size");
 
+/* Unsigned: NULL and every pointer outside the table give a slot of
+ * POOL_SLOTS or more. */
 ZK_INLINE size_t pool_slot(const zk_pool_t *pool) {
-  return (size_t)(pool - pool_table);
+  return ((uintptr_t)pool - (uintptr_t)pool_table) / sizeof(zk_pool_t);
+}
+
+/* A pool created and not destroyed (a slot reused since is undetectable). */
+static bool pool_is_live(const zk_pool_t *pool) {
+  size_t slot = pool_slot(pool);
+  return slot < POOL_SLOTS &&
+         __atomic_load_n(&pool_slots[slot], __ATOMIC_ACQUIRE) == pool;
 }
 static uint64_t pool_next_uid = 1;
 
 /* ---- fast paths ---- */
 
-static ZK_NOINLINE void *pool_alloc_slow(zk_pool_t *pool);
-static ZK_NOINLINE void pool_free_slow(zk_pool_t *pool, void *object);
+/* The fast paths test the pool's byte offset in the table, unsigned: one
+ * compare rejects NULL and every pointer outside it. They pass the slow
+ * paths that offset or the slot rather than the pool, so the pool's
+ * register can hold them: keeping the pool cost a copy. (A pointer inside
+ * the table but not at a pool's start acts as that slot's pool.) */
+static ZK_COLD void *pool_alloc_outside(uintptr_t offset);
+static ZK_NOINLINE void *pool_alloc_slow(size_t slot);
+static ZK_COLD void pool_free_outside(uintptr_t offset, void *object);
+static ZK_NOINLINE void pool_free_slow(size_t slot, void *object);
 
 /* Under memcheck a pool object is a heap block; a constructed object's
  * contents are defined. */
@@ -108,7 +139,11 @@ static ZK_NOINLINE void pool_free_slow(zk_pool_t *pool, void *object);
   track_malloc((object), (pool)->object_size, (pool)->constructor != NULL)
 
 ZK_EXPORT void *zk_pool_alloc(zk_pool_t *pool) {
-  magazine_t *magazine = heap_current->pool_magazines[pool_slot(pool)];
+  uintptr_t offset = (uintptr_t)pool - (uintptr_t)pool_table;
+  if (unlikely(offset >= sizeof(pool_table)))
+    return pool_alloc_outside(offset);
+  size_t slot = offset / sizeof(zk_pool_t);
+  magazine_t *magazine = heap_current->pool_magazines[slot];
   uint64_t state = magazine->state;
   void *object;
   if (likely((state & MAGAZINE_COUNT_MASK) != 0)) {
@@ -116,23 +151,34 @@ ZK_EXPORT void *zk_pool_alloc(zk_pool_t *pool) {
     magazine->state = state;
     object = magazine->items[state & MAGAZINE_COUNT_MASK];
   } else {
-    object = pool_alloc_slow(pool);
+    object = pool_alloc_slow(slot);
   }
-  track_pool_alloc(pool, object);
+  track_pool_alloc(&pool_table[slot], object);
   return object;
 }
 
 ZK_EXPORT void zk_pool_free(zk_pool_t *pool, void *object) {
   if (ZK_TRACKING && object != NULL)
     track_free(object);
-  magazine_t *magazine = heap_current->pool_magazines[pool_slot(pool)];
-  uint64_t state = magazine->state;
-  if (likely((state & MAGAZINE_COUNT_MASK) < magazine->capacity)) {
-    magazine->items[state & MAGAZINE_COUNT_MASK] = object;
-    magazine->state = state + 1;
+  uintptr_t offset = (uintptr_t)pool - (uintptr_t)pool_table;
+  if (unlikely(offset >= sizeof(pool_table))) {
+    pool_free_outside(offset, object);
     return;
   }
-  pool_free_slow(pool, object);
+  size_t slot = offset / sizeof(zk_pool_t);
+  magazine_t *magazine = heap_current->pool_magazines[slot];
+  uint64_t state = magazine->state;
+  /* 32 bits: the compare then reads the capacity from memory, saving the
+   * instruction that freeing NULL costs below. */
+  uint32_t count = (uint32_t)state & MAGAZINE_COUNT_MASK;
+  if (likely(count < magazine->capacity)) {
+    /* NULL is stored above the count, where it is never popped: freeing
+     * NULL costs no branch. */
+    magazine->items[count] = object;
+    magazine->state = state + (object != NULL);
+    return;
+  }
+  pool_free_slow(slot, object);
 }
 
 /* ---- slab (pool->lock held) ---- */
@@ -170,12 +216,16 @@ static void queue_unlink(page_queue_t *queue, page_t *page) {
 }
 
 static page_t *pool_page_new(zk_pool_t *pool, size_t min_objects) {
+  /* Secure segments give one slice less (a guard): asking for more fails. */
+  size_t max_slices = segment_span_max_slices();
   size_t slices = pool->next_page_slices;
-  size_t needed = (min_objects * pool->stride + SLICE_SIZE - 1) >> SLICE_SHIFT;
+  size_t needed = max_slices;
+  if (min_objects < (max_slices << SLICE_SHIFT) / pool->stride)
+    needed = (min_objects * pool->stride + SLICE_SIZE - 1) >> SLICE_SHIFT;
   if (slices < needed)
     slices = needed;
-  if (slices > SEGMENT_USABLE_SLICES)
-    slices = SEGMENT_USABLE_SLICES;
+  if (slices > max_slices)
+    slices = max_slices;
   page_t *page = segment_span_alloc(slices, PAGE_POOL, NULL);
   if (page == NULL)
     return NULL;
@@ -183,6 +233,12 @@ static page_t *pool_page_new(zk_pool_t *pool, size_t min_objects) {
   page->block_size = (uint32_t)pool->stride;
   page->reserved = (uint32_t)(((size_t)slices << SLICE_SHIFT) / pool->stride);
   page->key = random_seed() | 1;
+  /* After `reserved`, which sizes the bits. */
+  if (option(ZK_OPTION_SECURE) && !page_free_bits_init(page)) {
+    segment_span_free(page);
+    errno = ENOMEM;
+    return NULL;
+  }
   queue_append(&pool->drained, page);
   pool->page_count++;
   if (pool->next_page_slices < POOL_MAX_PAGE_SLICES)
@@ -196,6 +252,8 @@ static void pool_page_release(zk_pool_t *pool, page_t *page) {
   pool->page_count--;
   if (pool->carve_page == page)
     pool->carve_page = NULL;
+  /* The bits share their word with the free span's timestamp. */
+  page_free_bits_release(page);
   segment_span_free(page);
 }
 
@@ -226,7 +284,7 @@ static uint64_t pool_cache_limit(const zk_pool_t *pool, uint64_t live) {
 
 /* Return empty pages while the slab caches more than the limit. The page
  * being carved stays: it is where growth continues. */
-static void slab_put_locked(zk_pool_t *pool, void *object);
+static bool slab_put_locked(zk_pool_t *pool, void *object);
 
 static void depot_spill_locked(zk_pool_t *pool) {
   depot_round_t *round = pool->depot_full;
@@ -282,21 +340,45 @@ static page_t *pool_page_of(const void *object) {
   return page->kind == PAGE_POOL ? page : NULL;
 }
 
-static bool pool_owns(const zk_pool_t *pool, const page_t *page,
-                      const void *object) {
-  if (page == NULL || page->pool != pool)
-    return false;
+/* What is wrong with `object` as one of `page`'s objects, or NULL. The
+ * capacity counts regions reserved to magazines, carved or not. */
+static const char *pool_object_misfit(const zk_pool_t *pool, const page_t *page,
+                                      const void *object) {
   size_t offset = (size_t)((const uint8_t *)object - page->start);
   uint32_t capacity = __atomic_load_n(&page->capacity, __ATOMIC_RELAXED);
-  return offset % pool->stride == 0 && offset < (size_t)capacity * pool->stride;
+  if (offset % pool->stride != 0)
+    return "free of a pointer inside a block (not its start)";
+  if (offset >= (size_t)capacity * pool->stride)
+    return "free of a block zkmem never handed out";
+  return NULL;
 }
 
-static void slab_put_locked(zk_pool_t *pool, void *object) {
+static bool pool_owns(const zk_pool_t *pool, const page_t *page,
+                      const void *object) {
+  return page != NULL && page->pool == pool &&
+         pool_object_misfit(pool, page, object) == NULL;
+}
+
+static size_t pool_object_index(const zk_pool_t *pool, const page_t *page,
+                                const void *object) {
+  return (size_t)((const uint8_t *)object - page->start) / pool->stride;
+}
+
+/* False when the object was reported (and left out). */
+static bool slab_put_locked(zk_pool_t *pool, void *object) {
   page_t *page = pool_page_of(object);
   if (unlikely(!pool_owns(pool, page, object))) {
     error_report("object freed to a pool that does not own it", object,
                  pool->object_size);
-    return;
+    return false;
+  }
+  /* Secure pages: the bit is set while the object is in the slab, and
+   * secure magazines hold nothing, so a second free finds it set. */
+  if (page->free_bits != NULL &&
+      unlikely(
+          !page_free_bit_set(page, pool_object_index(pool, page, object)))) {
+    error_report("double free", object, pool->object_size);
+    return false;
   }
   block_t *block = object;
   if (page->free == NULL) {
@@ -310,6 +392,7 @@ static void slab_put_locked(zk_pool_t *pool, void *object) {
   if (page->used == 0 && page != pool->carve_page &&
       pool->free_in_pages > pool_cache_limit(pool, 0) + page->capacity)
     pool_page_release(pool, page);
+  return true;
 }
 
 static uint32_t slab_take_locked(zk_pool_t *pool, void **out, uint32_t want) {
@@ -320,6 +403,8 @@ static uint32_t slab_take_locked(zk_pool_t *pool, void **out, uint32_t want) {
       block_t *block = page->free;
       page->free = block_next(page, block);
       page->used++;
+      if (page->free_bits != NULL)
+        page_free_bit_clear(page, pool_object_index(pool, page, block));
       out[taken++] = block;
     }
     if (page->free == NULL) {
@@ -331,8 +416,40 @@ static uint32_t slab_take_locked(zk_pool_t *pool, void **out, uint32_t want) {
   return taken;
 }
 
-/* Reserve uncarved objects of a page to this magazine. */
+/* ---- leftover regions (pool->lock held) ---- */
+
+static uint64_t leftover_word(const uint8_t *region) {
+  uint64_t word;
+  memcpy(&word, region, sizeof(word));
+  return word;
+}
+
+static void leftover_set(uint8_t *region, const uint8_t *next, uint64_t count) {
+  uint64_t word = (uint64_t)(uintptr_t)next | count << LEFTOVER_COUNT_SHIFT;
+  memcpy(region, &word, sizeof(word));
+}
+
+static uint8_t *leftover_next(const uint8_t *region) {
+  return (uint8_t *)(uintptr_t)(leftover_word(region) & LEFTOVER_NEXT_MASK);
+}
+
+static uint32_t leftover_count(const uint8_t *region) {
+  return (uint32_t)(leftover_word(region) >> LEFTOVER_COUNT_SHIFT);
+}
+
+/* Reserve uncarved objects of a page to this magazine: a leftover region
+ * first, so that its page can empty again. */
 static bool pool_reserve_region_locked(zk_pool_t *pool, magazine_t *magazine) {
+  uint8_t *region = pool->leftover;
+  if (region != NULL) {
+    uint32_t count = leftover_count(region);
+    pool->leftover = leftover_next(region);
+    memset(region, 0, sizeof(uint64_t)); /* hand out no zkmem address */
+    magazine->carve_next = region;
+    magazine->carve_end = region + (size_t)count * pool->stride;
+    magazine->carve_page = pool_page_of(region);
+    return true;
+  }
   page_t *page = pool->carve_page;
   if (page == NULL || page->capacity >= page->reserved) {
     page = NULL;
@@ -362,31 +479,27 @@ static bool pool_reserve_region_locked(zk_pool_t *pool, magazine_t *magazine) {
 }
 
 /* Give back the uncarved rest of a magazine's region: roll the page back if
- * the region is its tail, otherwise construct the objects and free them. */
+ * the region is its tail, otherwise put it on the leftover list (a page
+ * with a leftover region stays in use until a magazine takes the region).
+ * Constructing the objects here instead would run the user's constructor
+ * under the locks. */
 static void pool_release_region_locked(zk_pool_t *pool, magazine_t *magazine) {
   page_t *page = magazine->carve_page;
-  if (page == NULL || magazine->carve_next >= magazine->carve_end) {
-    magazine->carve_next = magazine->carve_end = NULL;
-    magazine->carve_page = NULL;
+  uint8_t *start = magazine->carve_next;
+  uint8_t *end = magazine->carve_end;
+  magazine->carve_next = magazine->carve_end = NULL;
+  magazine->carve_page = NULL;
+  if (page == NULL || start >= end)
     return;
-  }
-  uint32_t count =
-      (uint32_t)((size_t)(magazine->carve_end - magazine->carve_next) /
-                 pool->stride);
+  uint32_t count = (uint32_t)((size_t)(end - start) / pool->stride);
   uint8_t *tail = page->start + (size_t)page->capacity * pool->stride;
-  if (tail == magazine->carve_end) {
+  if (tail == end) {
     __atomic_store_n(&page->capacity, page->capacity - count, __ATOMIC_RELAXED);
     page->used -= count;
   } else {
-    for (uint8_t *object = magazine->carve_next; object < magazine->carve_end;
-         object += pool->stride) {
-      if (pool->constructor)
-        pool->constructor(object, pool->constructor_arg);
-      slab_put_locked(pool, object);
-    }
+    leftover_set(start, pool->leftover, count);
+    pool->leftover = start;
   }
-  magazine->carve_next = magazine->carve_end = NULL;
-  magazine->carve_page = NULL;
 }
 
 /* ---- magazines ---- */
@@ -481,7 +594,29 @@ static void *pool_carve(zk_pool_t *pool, magazine_t *magazine) {
   return object;
 }
 
-static ZK_NOINLINE void *pool_alloc_slow(zk_pool_t *pool) {
+/* Out of the fast paths' slot range, or a slot whose pool is gone. */
+static ZK_COLD void *pool_alloc_invalid(zk_pool_t *pool) {
+  if (pool != NULL)
+    error_report("not a zkmem pool", pool, 0);
+  errno = EINVAL;
+  return NULL;
+}
+
+static ZK_COLD void pool_free_invalid(zk_pool_t *pool, void *object) {
+  if (pool == NULL)
+    error_report("object freed to a NULL pool", object, 0);
+  else
+    error_report("not a zkmem pool", pool, 0);
+}
+
+static ZK_COLD void *pool_alloc_outside(uintptr_t offset) {
+  return pool_alloc_invalid((zk_pool_t *)((uintptr_t)pool_table + offset));
+}
+
+static ZK_NOINLINE void *pool_alloc_slow(size_t slot) {
+  zk_pool_t *pool = &pool_table[slot];
+  if (unlikely(!pool_is_live(pool)))
+    return pool_alloc_invalid(pool);
   magazine_t *magazine = magazine_for(pool);
   if (magazine == NULL) {
     errno = ENOMEM;
@@ -535,7 +670,19 @@ static ZK_NOINLINE void *pool_alloc_slow(zk_pool_t *pool) {
   return NULL;
 }
 
-static ZK_NOINLINE void pool_free_slow(zk_pool_t *pool, void *object) {
+static ZK_COLD void pool_free_outside(uintptr_t offset, void *object) {
+  if (object != NULL) /* whatever the pool, as free(NULL) */
+    pool_free_invalid((zk_pool_t *)((uintptr_t)pool_table + offset), object);
+}
+
+static ZK_NOINLINE void pool_free_slow(size_t slot, void *object) {
+  zk_pool_t *pool = &pool_table[slot];
+  if (object == NULL)
+    return;
+  if (unlikely(!pool_is_live(pool))) {
+    pool_free_invalid(pool, object);
+    return;
+  }
   page_t *page = pool_page_of(object);
   if (unlikely(!pool_owns(pool, page, object))) {
     error_report("object freed to a pool that does not own it", object,
@@ -551,11 +698,13 @@ static ZK_NOINLINE void pool_free_slow(zk_pool_t *pool, void *object) {
   }
   pthread_mutex_lock(&pool->lock);
   if (magazine == NULL || magazine->capacity == 0) {
-    slab_put_locked(pool, object);
-    if (magazine != NULL)
-      magazine->taken--;
-    else
-      pool->retired_taken--;
+    /* A double free reported in warn mode frees nothing: live stays exact. */
+    if (slab_put_locked(pool, object)) {
+      if (magazine != NULL)
+        magazine->taken--;
+      else
+        pool->retired_taken--;
+    }
     pool_observe_locked(pool, magazine);
     pthread_mutex_unlock(&pool->lock);
     return;
@@ -585,8 +734,16 @@ static ZK_NOINLINE void pool_free_slow(zk_pool_t *pool, void *object) {
   magazine_set_count(magazine, 1);
 }
 
+/* free() of a pool object: the pool's own free checks nothing on its fast
+ * path, so check here what free() checks for small blocks. */
 void pool_free_from_malloc(page_t *page, void *object) {
-  zk_pool_free(page->pool, object);
+  zk_pool_t *pool = page->pool;
+  const char *misfit = pool_object_misfit(pool, page, object);
+  if (unlikely(misfit != NULL)) {
+    error_report(misfit, object, pool->stride);
+    return;
+  }
+  zk_pool_free(pool, object);
 }
 
 /* ---- life cycle ---- */
@@ -618,7 +775,7 @@ ZK_EXPORT zk_pool_t *zk_pool_create(size_t object_size,
   memset(pool, 0, sizeof(*pool));
   pool->slot = slot;
   pool->uid = pool_next_uid++;
-  pool_slots[slot] = pool;
+  __atomic_store_n(&pool_slots[slot], pool, __ATOMIC_RELEASE);
   size_t stride = (object_size + alignment - 1) & ~(alignment - 1);
   if (stride < sizeof(block_t))
     stride = sizeof(block_t);
@@ -670,6 +827,10 @@ static void track_pool_object_gone(void *object, void *arg) {
 ZK_EXPORT void zk_pool_destroy(zk_pool_t *pool) {
   if (pool == NULL)
     return;
+  if (unlikely(!pool_is_live(pool))) {
+    error_report("not a zkmem pool", pool, 0);
+    return;
+  }
 #ifdef ZKMEM_VALGRIND
   /* Objects still live die with the pool: not leaks of the program's. */
   zk_pool_visit(pool, track_pool_object_gone, NULL);
@@ -693,19 +854,22 @@ ZK_EXPORT void zk_pool_destroy(zk_pool_t *pool) {
       lists[l] = next;
     }
   }
+  pool->leftover = NULL; /* in the pages freed below */
   page_t *page;
   while ((page = pool->partial.first) != NULL) {
     queue_unlink(&pool->partial, page);
+    page_free_bits_release(page);
     segment_span_free(page);
   }
   while ((page = pool->drained.first) != NULL) {
     queue_unlink(&pool->drained, page);
+    page_free_bits_release(page);
     segment_span_free(page);
   }
   pthread_mutex_unlock(&pool->lock);
   pthread_mutex_destroy(&pool->lock);
   pool->uid = 0; /* no magazine matches a free slot */
-  pool_slots[pool->slot] = NULL;
+  __atomic_store_n(&pool_slots[pool->slot], NULL, __ATOMIC_RELAXED);
   pthread_mutex_unlock(&pools_lock);
 }
 
@@ -736,32 +900,38 @@ static void visit_queue_offsets(page_queue_t *queue, size_t *total_bits) {
   }
 }
 
-static void visit_queue(zk_pool_t *pool, page_queue_t *queue, uint64_t *bits,
-                        void (*visitor)(void *, void *), void *arg) {
-  for (page_t *page = queue->first; page != NULL; page = page->next) {
+/* Live objects of the queue's pages: counted (out == NULL) or collected. */
+static size_t visit_queue_live(const zk_pool_t *pool, const page_queue_t *queue,
+                               const uint64_t *bits, void **out) {
+  size_t live = 0;
+  for (const page_t *page = queue->first; page != NULL; page = page->next) {
     for (uint32_t i = 0; i < page->capacity; i++) {
-      if (!bitmap_get(bits, page->large_size + i))
-        visitor(page->start + (size_t)i * pool->stride, arg);
+      if (bitmap_get(bits, page->large_size + i))
+        continue;
+      if (out != NULL)
+        out[live] = page->start + (size_t)i * pool->stride;
+      live++;
     }
   }
+  return live;
 }
 
-ZK_EXPORT void zk_pool_visit(zk_pool_t *pool,
-                             void (*visitor)(void *object, void *arg),
-                             void *arg) {
-  if (pool == NULL || visitor == NULL)
-    return;
-  pthread_mutex_lock(&pool->lock);
+/* The live objects, in a metadata block of *bytes bytes the caller frees;
+ * NULL when there are none or no memory for them (errno ENOMEM). */
+static void **visit_collect_locked(zk_pool_t *pool, size_t *count,
+                                   size_t *bytes) {
+  *count = *bytes = 0;
   size_t total_bits = 0;
   visit_queue_offsets(&pool->partial, &total_bits);
   visit_queue_offsets(&pool->drained, &total_bits);
   size_t bitmap_bytes = ((total_bits + 63) / 64) * 8 + 8;
   uint64_t *bits = os_meta_alloc(bitmap_bytes);
   if (bits == NULL) {
-    pthread_mutex_unlock(&pool->lock);
-    return;
+    errno = ENOMEM;
+    return NULL;
   }
-  /* Free: in page lists, in magazines, or reserved but not yet carved. */
+  /* Free: in page lists, in the depot, in magazines, or reserved but not
+   * yet carved (magazines' regions, leftover regions). */
   for (page_t *page = pool->partial.first; page != NULL; page = page->next)
     for (block_t *b = page->free; b != NULL; b = block_next(page, b))
       visit_mark_free(pool, bits, b);
@@ -775,15 +945,54 @@ ZK_EXPORT void zk_pool_visit(zk_pool_t *pool,
          object += pool->stride)
       visit_mark_free(pool, bits, object);
   }
-  /* The visitor may not call into this pool (it is locked). */
-  visit_queue(pool, &pool->partial, bits, visitor, arg);
-  visit_queue(pool, &pool->drained, bits, visitor, arg);
-  pthread_mutex_unlock(&pool->lock);
+  for (uint8_t *region = pool->leftover; region != NULL;
+       region = leftover_next(region)) {
+    uint8_t *end = region + (size_t)leftover_count(region) * pool->stride;
+    for (uint8_t *object = region; object < end; object += pool->stride)
+      visit_mark_free(pool, bits, object);
+  }
+  size_t live = visit_queue_live(pool, &pool->partial, bits, NULL) +
+                visit_queue_live(pool, &pool->drained, bits, NULL);
+  void **objects = NULL;
+  if (live != 0) {
+    objects = os_meta_alloc(live * sizeof(void *));
+    if (objects == NULL) {
+      errno = ENOMEM;
+    } else {
+      size_t first = visit_queue_live(pool, &pool->partial, bits, objects);
+      visit_queue_live(pool, &pool->drained, bits, objects + first);
+      *count = live;
+      *bytes = live * sizeof(void *);
+    }
+  }
   os_meta_free(bits, bitmap_bytes);
+  return objects;
+}
+
+/* The visitor runs on a list of the live objects taken under the lock, with
+ * no lock held: one that freed its object, or called into the pool at all,
+ * deadlocked when it ran under pool->lock. */
+ZK_EXPORT void zk_pool_visit(zk_pool_t *pool,
+                             void (*visitor)(void *object, void *arg),
+                             void *arg) {
+  if (pool == NULL || visitor == NULL)
+    return;
+  if (unlikely(!pool_is_live(pool))) {
+    error_report("not a zkmem pool", pool, 0);
+    return;
+  }
+  size_t count, bytes;
+  pthread_mutex_lock(&pool->lock);
+  void **objects = visit_collect_locked(pool, &count, &bytes);
+  pthread_mutex_unlock(&pool->lock);
+  for (size_t i = 0; i < count; i++)
+    visitor(objects[i], arg);
+  if (objects != NULL)
+    os_meta_free(objects, bytes);
 }
 
 ZK_EXPORT int zk_pool_stats(const zk_pool_t *pool, zk_pool_stats_t *out) {
-  if (pool == NULL || out == NULL) {
+  if (!pool_is_live(pool) || out == NULL) {
     errno = EINVAL;
     return -1;
   }
