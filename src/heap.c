@@ -490,11 +490,10 @@ static void heap_rescan_full(heap_t *heap) {
   page_t *page = heap->full.first;
   while (page != NULL) {
     page_t *next = page->next;
-    if (atomic_load_explicit(&page->thread_free, memory_order_seq_cst) !=
-        NULL) {
-      page_collect(page);
+    /* Not collected here: the refill that takes from the page takes its
+     * remote list into the bin in one splice. */
+    if (atomic_load_explicit(&page->thread_free, memory_order_seq_cst) != NULL)
       heap_unfull(heap, page);
-    }
     page = next;
   }
 }
@@ -507,8 +506,9 @@ static page_t *heap_find_page(heap_t *heap, unsigned class_index) {
   page_t *page = queue->first;
   while (page != NULL) {
     page_t *next = page->next;
-    page_collect(page);
-    if (page->free != NULL || page_extend(page)) {
+    if (page->secure) /* secure pages serve malloc from `free` */
+      page_collect(page);
+    if (page->free != NULL || page_has_remote(page) || page_extend(page)) {
       if (page != queue->first) {
         queue_remove(queue, page);
         queue_push_front(queue, page);
@@ -602,17 +602,48 @@ static uint32_t heap_bin_take(heap_t *heap, bin_t *bin, page_t *page,
  * heap_unfull), and gathering keeps refills rare all the same. */
 #define BIN_REFILL_PAGES 4
 
+/* A page's remote frees go to the bin whole, in one splice: the walk that
+ * checks the list finds its tail, and the blocks stay counted as used by
+ * the page, as bin blocks are. (Splicing them into the page's list and
+ * then taking them from there walked every block twice: with blocks freed
+ * by other threads in batches, 16% and 34% of the time in the two walks.)
+ * A page reclaimed from an exited thread keeps that heap's key: its list
+ * goes to the page, to be relinked. */
+static uint32_t heap_bin_take_remote(heap_t *heap, bin_t *bin, page_t *page) {
+  if (page->key != heap->bin_key) {
+    page_collect(page);
+    return 0;
+  }
+  block_t *tail;
+  uint32_t count;
+  block_t *remote = page_take_remote(page, &tail, &count);
+  if (remote == NULL)
+    return 0;
+  block_set_next(page, tail, bin->head);
+  bin->head = remote;
+  page->frees += count;
+  bin_set_count(bin, bin_count(bin) + count);
+  return count;
+}
+
+static uint32_t heap_bin_take_page(heap_t *heap, bin_t *bin, page_t *page,
+                                   uint32_t want) {
+  uint32_t got = heap_bin_take_remote(heap, bin, page);
+  if (got < want)
+    got += heap_bin_take(heap, bin, page, want - got);
+  return got;
+}
+
 static void heap_bin_refill(heap_t *heap, bin_t *bin, page_t *page) {
   uint32_t want = bin->limit / 2;
-  uint32_t got = heap_bin_take(heap, bin, page, want);
+  uint32_t got = heap_bin_take_page(heap, bin, page, want);
   unsigned pages = 1;
   for (page_t *more = page->next;
        got < want && more != NULL && pages < BIN_REFILL_PAGES;
        more = more->next, pages++) {
     if (more->secure)
       continue;
-    page_collect(more);
-    got += heap_bin_take(heap, bin, more, want - got);
+    got += heap_bin_take_page(heap, bin, more, want - got);
   }
 }
 

@@ -305,31 +305,45 @@ static bool page_holds(const page_t *page, const block_t *block) {
          (uintptr_t)page->reserved * page->block_size;
 }
 
-/* Owner only: move remote frees into `free`. Other threads wrote the list,
- * so the walk trusts nothing: at most `used` blocks can be out of the page,
- * and each must lie in it. */
-void page_collect(page_t *page) {
+/* Owner only: takes the page's remote frees; *tail and *count describe
+ * the list, NULL when there is none (or it was corrupted and reported).
+ * Other threads wrote the list, so the walk trusts nothing: at most `used`
+ * blocks can be out of the page, and each must lie in it. */
+block_t *page_take_remote(page_t *page, block_t **tail_out,
+                          uint32_t *count_out) {
   if (atomic_load_explicit(&page->thread_free, memory_order_relaxed) == NULL)
-    return;
+    return NULL;
   block_t *remote =
       atomic_exchange_explicit(&page->thread_free, NULL, memory_order_acquire);
   if (remote == NULL)
-    return;
+    return NULL;
   uint32_t count = 1;
   block_t *tail = remote;
   block_t *next;
   if (unlikely(page->used == 0 || !page_holds(page, remote))) {
     page_remote_list_corrupted(page, remote);
-    return;
+    return NULL;
   }
   while ((next = block_next(page, tail)) != NULL) {
     if (unlikely(count >= page->used || !page_holds(page, next))) {
       page_remote_list_corrupted(page, tail);
-      return;
+      return NULL;
     }
     tail = next;
     count++;
   }
+  *tail_out = tail;
+  *count_out = count;
+  return remote;
+}
+
+/* Owner only: move remote frees into `free`. */
+void page_collect(page_t *page) {
+  block_t *tail;
+  uint32_t count;
+  block_t *remote = page_take_remote(page, &tail, &count);
+  if (remote == NULL)
+    return;
   block_set_next(page, tail, page->free);
   page->free = remote;
   page->used -= count;

@@ -419,8 +419,13 @@ static void huge_unmap(segment_t *segment) {
   os_release(segment, total);
 }
 
+/* Peeked without the lock by segment_huge_alloc. */
+static void huge_piece_count_set(unsigned count) {
+  __atomic_store_n(&huge_piece_count, count, __ATOMIC_RELAXED);
+}
+
 static void huge_piece_remove(unsigned index) {
-  huge_piece_count--;
+  huge_piece_count_set(huge_piece_count - 1);
   for (unsigned i = index; i < huge_piece_count; i++)
     huge_pieces[i] = huge_pieces[i + 1];
 }
@@ -510,7 +515,8 @@ static void huge_pieces_add(segment_t *segment) {
         oldest = i;
     huge_piece_release(oldest);
   }
-  huge_pieces[huge_piece_count++] = (huge_piece_t){
+  huge_piece_count_set(huge_piece_count + 1);
+  huge_pieces[huge_piece_count - 1] = (huge_piece_t){
       .base = (uint8_t *)segment,
       .size = size,
       .free_since_ms = clock_now_ms(),
@@ -545,6 +551,7 @@ page_t *segment_huge_alloc(size_t size, size_t alignment, bool zeroed) {
     pthread_mutex_unlock(&segment_lock);
     if (segment != NULL) {
       reused = true;
+      track_undefined(segment, sizeof(segment_t));
       memset(segment, 0, sizeof(segment_t)); /* old blocks' bytes */
     }
   }
