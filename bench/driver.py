@@ -11,13 +11,30 @@ Allocators, as table rows:
   zkmem       BUILD/libzkmem.so under LD_PRELOAD
   glibc       the system malloc, no preload
   jemalloc, mimalloc, tcmalloc   under LD_PRELOAD, when installed
+  mimalloc3, snmalloc            under LD_PRELOAD, when the repository's
+              parent directory holds shared/peers/libmimalloc.so.3.4 and
+              shared/peers/libsnmallocshim.so (builds of releases that
+              Debian does not package)
+  NAME        any other malloc replacement under LD_PRELOAD, from
+              --peer NAME=PATH (repeatable) or ZKMEM_BENCH_PEERS=NAME=PATH,...
   seed        the seed report's stack pool (fixed-size scenarios only)
+Peers missing from the machine are skipped, and said so on stderr; every
+peer found takes part in every table and in the "zkmem against the best
+peer" line.
+
+Scenarios tokio-pipeline and tokio-reqrep run a Tokio program
+(bench/tokio/) under every malloc row: Rust's default allocator is the C
+library's malloc, so the same binary measures Tokio's default allocator
+(glibc), zkmem and each peer. The driver builds it with cargo (offline, from
+Debian's packaged crates) and skips those scenarios when cargo or the crates
+are missing.
 
 Standard library only, so it runs wherever the build does.
 """
 
 import argparse
 import datetime
+import glob
 import json
 import math
 import os
@@ -36,13 +53,19 @@ import time
 
 
 class Scenario:
-    def __init__(self, name, title, ops, quick_ops, pool=False, seed=False):
+    def __init__(self, name, title, ops, quick_ops, pool=False, seed=False,
+                 tokio=None, workers=False, per_op=1e6):
         self.name = name
         self.title = title
         self.ops = ops
         self.quick_ops = quick_ops
         self.pool = pool
         self.seed = seed
+        self.tokio = tokio  # workload of the Tokio binary, or None
+        self.workers = workers  # takes --workers (threads per side)
+        # Rates shown in millions of ops/s, or in ops/s where a single op
+        # costs milliseconds (bigblocks).
+        self.per_op = per_op
 
 
 SCENARIOS = [
@@ -67,16 +90,47 @@ SCENARIOS = [
              400_000, 20_000),
     Scenario("live", "1,000,000 live 64 B objects, RSS over their payload",
              1_000_000, 20_000, pool=True),
+    # The four C scenarios below take 13-21 s a round with seven malloc rows
+    # on a 2-core x86-64 machine (scaled from --quick runs on a busy
+    # machine), over half of it bigblocks, whose every op costs
+    # milliseconds: two to three minutes over 9 rounds. The Tokio ones, 3-4 s.
+    Scenario("batches",
+             "batches of 4,096 blocks of 8 B-2 KiB made on producer threads, "
+             "freed on consumer threads", 4_000_000, 65_536, workers=True),
+    Scenario("bigblocks",
+             "20 live blocks of 5-25 MiB, replaced at random, zero-filled",
+             400, 200, per_op=1),
+    Scenario("server",
+             "larson-style: threads replace 10-1,000 B blocks in slots "
+             "shared by all", 4_000_000, 100_000, workers=True),
+    Scenario("churn",
+             "8 B-16 KiB blocks, temporary, short- and long-lived, "
+             "interleaved", 10_000_000, 100_000),
+    Scenario("tokio-pipeline",
+             "Tokio: 16 B-4 KiB messages through a chain of 5 tasks and "
+             "bounded channels (op = one message delivered)",
+             400_000, 20_000, tokio="pipeline", workers=True),
+    Scenario("tokio-reqrep",
+             "Tokio: a task per request, a String to a server task, a fresh "
+             "Vec back through a oneshot (op = one round trip)",
+             200_000, 20_000, tokio="reqrep", workers=True),
 ]
 SCENARIO_BY_NAME = {scenario.name: scenario for scenario in SCENARIOS}
 
-PEERS = ["jemalloc", "mimalloc", "tcmalloc"]
+PEERS = ["jemalloc", "mimalloc", "tcmalloc", "mimalloc3", "snmalloc"]
 ROW_ORDER = ["zkmem-pool", "zkmem", "glibc"] + PEERS + ["seed"]
+BUILTIN_ROWS = ["zkmem-pool", "zkmem", "glibc", "seed"]
 PEER_LIBRARIES = {
     "jemalloc": ["libjemalloc.so.2", "libjemalloc.so"],
     "mimalloc": ["libmimalloc.so.2", "libmimalloc.so"],
     "tcmalloc": ["libtcmalloc_minimal.so.4", "libtcmalloc.so.4",
                  "libtcmalloc_minimal.so", "libtcmalloc.so"],
+}
+# Builds of releases Debian does not package, kept beside the repository
+# (REPOSITORY/../shared/peers), never inside it.
+SHARED_PEERS = {
+    "mimalloc3": "libmimalloc.so.3.4",
+    "snmalloc": "libsnmallocshim.so",
 }
 LIBRARY_DIRECTORIES = [
     "/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64",
@@ -87,6 +141,7 @@ LIBRARY_DIRECTORIES = [
 # (runs of one allocator 40-50% apart): the median of 9 rounds moves less
 # with them than the median of 5.
 DEFAULT_RUNS = 9
+DEFAULT_WORKERS = 2  # threads per side: runnable, if not fast, on two cores
 DEFAULT_TIME_BUDGET_S = 540  # ten minutes, less a margin for the first round
 PURGE_WAIT_MS = 1500  # zkmem's default purge delay (1000 ms) + margin
 QUICK_PURGE_WAIT_MS = 200
@@ -102,15 +157,20 @@ def log(message):
 
 class Allocator:
     def __init__(self, name, binary, arguments=(), preload=None,
-                 scenarios=None, version=None):
+                 scenarios=None, version=None, malloc=True):
         self.name = name
         self.binary = binary
         self.arguments = list(arguments)
         self.preload = preload
-        self.scenarios = scenarios  # None: every scenario
+        self.scenarios = scenarios  # None: every bench_malloc scenario
         self.version = version
+        # A malloc row (glibc, or a library preloaded in its place) also
+        # runs any other program, the Tokio one included.
+        self.malloc = malloc
 
     def runs(self, scenario):
+        if scenario.tokio:
+            return self.malloc
         return self.scenarios is None or scenario.name in self.scenarios
 
     def environment(self):
@@ -204,7 +264,58 @@ def zkmem_version(source_dir):
     return f"{version} ({commit})" if commit else version
 
 
-def discover_allocators(build_dir, source_dir, wanted):
+def register_peer(name):
+    """Makes `name` a peer row: in the tables, the ratios and the chart."""
+    if name not in PEERS:
+        PEERS.append(name)
+        ROW_ORDER[:] = ["zkmem-pool", "zkmem", "glibc"] + PEERS + ["seed"]
+
+
+def parse_peer(text, origin):
+    """NAME=PATH -> (name, path); exits with a message when malformed."""
+    name, _, path = text.partition("=")
+    name, path = name.strip(), path.strip()
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", name) or not path:
+        raise SystemExit(f"error: {origin}: want NAME=PATH, got {text!r}")
+    if name in BUILTIN_ROWS:
+        raise SystemExit(f"error: {origin}: {name} is a built-in row")
+    return name, path
+
+
+def extra_peers(source_dir, requested):
+    """The peers beyond Debian's packages, in table order: the shared builds
+    beside the repository, then ZKMEM_BENCH_PEERS, then --peer. A later entry
+    of the same name replaces an earlier one. Returns ([(name, path,
+    version)], [(name, reason)])."""
+    found, skipped = {}, {}
+    shared = os.path.join(source_dir, "..", "shared", "peers")
+    for name, library in SHARED_PEERS.items():
+        path = os.path.join(shared, library)
+        if os.path.exists(path):
+            found[name] = (os.path.realpath(path),
+                           f"{library}, built from its release, not packaged")
+        else:
+            skipped[name] = "not found (../shared/peers/" + library + ")"
+    from_environment = os.environ.get("ZKMEM_BENCH_PEERS", "")
+    for item in from_environment.split(","):
+        if not item.strip():
+            continue
+        name, path = parse_peer(item, "ZKMEM_BENCH_PEERS")
+        if os.path.exists(path):
+            found.pop(name, None)
+            found[name] = (os.path.realpath(path), package_version(path))
+            skipped.pop(name, None)
+        else:
+            skipped[name] = f"not found ({path}, from ZKMEM_BENCH_PEERS)"
+    for name, path in requested:
+        found.pop(name, None)
+        found[name] = (os.path.realpath(path), package_version(path))
+        skipped.pop(name, None)
+    return ([(name, path, version) for name, (path, version) in found.items()],
+            list(skipped.items()))
+
+
+def discover_allocators(build_dir, source_dir, wanted, requested_peers=()):
     """Returns the allocators to run; says on stderr what was skipped."""
     bench_dir = os.path.join(build_dir, "bench")
     bench_malloc = os.path.join(bench_dir, "bench_malloc")
@@ -219,7 +330,8 @@ def discover_allocators(build_dir, source_dir, wanted):
 
     if os.access(bench_pool, os.X_OK):
         found.append(Allocator("zkmem-pool", bench_pool, ["--alloc", "pool"],
-                               scenarios=fixed_pool, version=version))
+                               scenarios=fixed_pool, version=version,
+                               malloc=False))
     else:
         skipped.append(("zkmem-pool", f"{bench_pool} not built"))
     library = os.path.join(build_dir, "libzkmem.so")
@@ -232,17 +344,28 @@ def discover_allocators(build_dir, source_dir, wanted):
     found.append(Allocator("glibc", bench_malloc,
                            version=os.confstr("CS_GNU_LIBC_VERSION")
                            if hasattr(os, "confstr") else None))
+    extra, extra_skipped = extra_peers(source_dir, requested_peers)
+    extra_names = {name for name, _, _ in extra}
     cache = ldconfig_libraries()
-    for name in PEERS:
+    for name in PEER_LIBRARIES:
+        if name in extra_names:
+            continue  # --peer or ZKMEM_BENCH_PEERS replaces the package
         path = find_peer(name, cache)
         if path:
             found.append(Allocator(name, bench_malloc, preload=path,
                                    version=package_version(path)))
         else:
             skipped.append((name, "not installed"))
+    for name, path, peer_version in extra:
+        register_peer(name)
+        found.append(Allocator(name, bench_malloc, preload=path,
+                               version=peer_version))
+    skipped += extra_skipped
     found.append(Allocator("seed", bench_malloc, ["--alloc", "seed"],
                            scenarios=fixed_seed,
-                           version="reference, in the workload"))
+                           version="reference, in the workload",
+                           malloc=False))
+    found.sort(key=lambda allocator: ROW_ORDER.index(allocator.name))
 
     if wanted:
         unknown = set(wanted) - set(ROW_ORDER)
@@ -264,6 +387,83 @@ def discover_allocators(build_dir, source_dir, wanted):
     if not any(a.name in PEERS for a in found):
         log("note: no peer allocator found; comparing with glibc only")
     return found
+
+
+# ---------------------------------------------------------------------------
+# The Tokio workload (bench/tokio): a Rust program, built with cargo.
+
+TOKIO_BINARY = "zkmem-tokio-bench"
+DEBIAN_CRATES = "/usr/share/cargo/registry"  # bench/tokio/.cargo/config.toml
+
+
+def cmake_cache_value(build_dir, key):
+    try:
+        with open(os.path.join(build_dir, "CMakeCache.txt")) as handle:
+            for line in handle:
+                if line.startswith(key + ":"):
+                    return line.split("=", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def find_cargo(build_dir):
+    """(cargo, the rustc beside it), or (None, None). The build tree's choice
+    comes first: if CMake and the driver built with different toolchains,
+    each would rebuild everything the other had built. Then Debian's own
+    before PATH's: a rustup toolchain earlier in PATH is not the compiler
+    Debian's packaged crates were checked with, nor the one CI uses."""
+    for cargo in (cmake_cache_value(build_dir, "ZKMEM_CARGO"),
+                  "/usr/bin/cargo", shutil.which("cargo")):
+        if cargo and os.path.isabs(cargo) and os.access(cargo, os.X_OK):
+            rustc = os.path.join(os.path.dirname(cargo), "rustc")
+            return cargo, rustc if os.access(rustc, os.X_OK) else None
+    return None, None
+
+
+def prepare_tokio(build_dir, source_dir):
+    """Builds the Tokio workload (a no-op when it is up to date) and returns
+    its path, or None after saying on stderr why it cannot be built here.
+    Raises RunFailure when cargo is there but the build fails."""
+    names = "tokio-pipeline, tokio-reqrep"
+    cargo, rustc = find_cargo(build_dir)
+    if cargo is None:
+        log(f"skipped {names}: cargo not found (Debian: apt-get install "
+            f"rustc cargo librust-tokio-dev)")
+        return None
+    if not glob.glob(os.path.join(DEBIAN_CRATES, "tokio-1.*")):
+        log(f"skipped {names}: no tokio crate in {DEBIAN_CRATES} (Debian: "
+            f"apt-get install librust-tokio-dev)")
+        return None
+    crate = os.path.join(source_dir, "bench", "tokio")
+    target = os.path.join(build_dir, "bench", "tokio")
+    binary = os.path.join(target, "release", TOKIO_BINARY)
+    environment = dict(os.environ)
+    environment.pop("LD_PRELOAD", None)
+    environment["CARGO_TARGET_DIR"] = target
+    if rustc:
+        environment["RUSTC"] = rustc
+    log(f"building the Tokio workload: {cargo} build --release, offline, "
+        f"from {DEBIAN_CRATES}")
+    # Cargo reads .cargo/config.toml (the offline crate source) from the
+    # directory it runs in, not from the manifest's.
+    try:
+        completed = subprocess.run([cargo, "build", "--release"], cwd=crate,
+                                   env=environment, stdout=sys.stderr,
+                                   timeout=1800)
+    except (OSError, subprocess.SubprocessError) as error:
+        raise RunFailure(f"cargo build of {crate} failed: {error}")
+    if completed.returncode != 0 or not os.access(binary, os.X_OK):
+        raise RunFailure(f"cargo build of {crate} failed (exit status "
+                         f"{completed.returncode}); see the messages above")
+    log(f"found   {'tokio':<10} {binary}  [{tokio_version()}]")
+    return binary
+
+
+def tokio_version():
+    versions = sorted(os.path.basename(path) for path in
+                      glob.glob(os.path.join(DEBIAN_CRATES, "tokio-1.*")))
+    return versions[-1] if versions else "tokio"
 
 
 # ---------------------------------------------------------------------------
@@ -312,13 +512,20 @@ def scenario_ops(scenario, args):
     return max(2, int(ops * args.ops_scale))
 
 
-def run_once(allocator, scenario, ops, threads, purge_wait_ms, timeout):
-    command = [allocator.binary, "--scenario", scenario.name, "--ops",
-               str(ops), "--json"] + allocator.arguments
-    if scenario.name == "scaling" and threads:
-        command += ["--threads", threads]
+def run_once(allocator, scenario, ops, args):
+    timeout = args.timeout
+    if scenario.tokio:
+        command = [args.tokio_binary, scenario.tokio, "--ops", str(ops),
+                   "--threads", str(args.workers)]
+    else:
+        command = [allocator.binary, "--scenario", scenario.name, "--ops",
+                   str(ops), "--json"] + allocator.arguments
+    if scenario.name == "scaling" and args.threads:
+        command += ["--threads", args.threads]
     if scenario.name == "memory":
-        command += ["--purge-wait-ms", str(purge_wait_ms)]
+        command += ["--purge-wait-ms", str(args.purge_wait_ms)]
+    if scenario.workers and not scenario.tokio:
+        command += ["--workers", str(args.workers)]
     started = time.monotonic()
     try:
         completed = subprocess.run(command, env=allocator.environment(),
@@ -368,12 +575,10 @@ def run_all(allocators, scenarios, args):
         for index, (scenario, allocator) in enumerate(pairs):
             ops = scenario_ops(scenario, args)
             label = (f"[{round_index * len(pairs) + index + 1}/"
-                     f"{runs * len(pairs)}] {scenario.name:<8} "
+                     f"{runs * len(pairs)}] {scenario.name:<14} "
                      f"{allocator.name:<10} run {round_index + 1} of {runs}")
             try:
-                result, wall = run_once(allocator, scenario, ops,
-                                        args.threads, args.purge_wait_ms,
-                                        args.timeout)
+                result, wall = run_once(allocator, scenario, ops, args)
             except RunFailure as failure:
                 log(f"{label}  FAILED\n    {failure}")
                 failures.append({"scenario": scenario.name,
@@ -381,8 +586,10 @@ def run_all(allocators, scenarios, args):
                                  "run": round_index + 1,
                                  "error": str(failure)})
                 continue
-            log(f"{label}  {result['ops_per_s'] / 1e6:9.2f} M ops/s  "
-                f"({wall:.2f} s)")
+            unit = "M ops/s" if scenario.per_op == 1e6 else "ops/s"
+            log(f"{label}  "
+                f"{format_rate(result['ops_per_s'], scenario.per_op):>9} "
+                f"{unit}  ({wall:.2f} s)")
             records.append({"scenario": scenario.name,
                             "allocator": allocator.name,
                             "run": round_index + 1, "wall_s": round(wall, 3),
@@ -429,7 +636,9 @@ def summarise(records):
             summary = {"runs": len(results)}
             for field in ["ops", "ops_per_s", "ns_per_op", "peak_rss_kib",
                           "reuse_rate", "live_peak_kib", "live_rss_kib",
-                          "live_rss_ratio"] + MEMORY_FIELDS:
+                          "live_rss_ratio", "minor_faults",
+                          "faults_per_replacement", "rss_peak_kib",
+                          "live_kib"] + MEMORY_FIELDS:
                 if any(field in result for result in results):
                     summary[field] = median_or_none(
                         [result.get(field) for result in results])
@@ -462,7 +671,25 @@ FIXED_SIZE_NOTES = {
 }
 
 
-def format_rate(ops_per_s):
+# What a reader needs to read the table right.
+SCENARIO_NOTES = {
+    "bigblocks": "(op: a free or a malloc; each new block is zero-filled by "
+                 "the program, in the timed loop; faults: minor page faults "
+                 "during the timed loop)",
+    "server": "(peak RSS with every block live; RSS live at end: with the "
+              "threads still running; bytes live: what the blocks asked for)",
+    "tokio-pipeline": "(the whole program is timed, the runtime's work and "
+                      "the writes into the messages included: the ratios are "
+                      "what the allocator changes for a Tokio program)",
+    "tokio-reqrep": "(the whole program is timed, the runtime's work "
+                    "included: the ratios are what the allocator changes for "
+                    "a Tokio program)",
+}
+
+
+def format_rate(ops_per_s, per_op=1e6):
+    if per_op != 1e6:
+        return f"{ops_per_s / per_op:,.0f}"
     millions = ops_per_s / 1e6
     if millions >= 100:
         return f"{millions:.0f}"
@@ -475,6 +702,16 @@ def format_kib(kib):
     if kib is None:
         return "n/a"
     return f"{kib / 1024:.1f} MiB"
+
+
+def format_ns(nanoseconds):
+    if nanoseconds >= 10_000:
+        return f"{nanoseconds:,.0f}"
+    return f"{nanoseconds:.2f}"
+
+
+def format_count(value):
+    return "-" if value is None else f"{value:,.0f}"
 
 
 def format_spread(summary):
@@ -552,9 +789,11 @@ def report(medians, machine, settings, out, records=()):
           f"own process, interleaved; medians shown"
           + (" (QUICK SMOKE RUN: figures are meaningless)"
              if settings["quick"] else ""), file=out)
-    print("ratios: ops/s over glibc's and over the best of "
-          "jemalloc/mimalloc/tcmalloc present (higher is better); spread: "
-          "(max - min) / median of the runs", file=out)
+    present = [name for name in PEERS
+               if any(name in rows for rows in medians.values())]
+    print("ratios: ops/s over glibc's and over the best of the peers "
+          f"present ({', '.join(present) or 'none'}; higher is better); "
+          "spread: (max - min) / median of the runs", file=out)
     load = machine.get("load_average")
     if load:
         busy = load[0] > 0.5 * (machine.get("usable_cores") or 1)
@@ -579,21 +818,35 @@ def report(medians, machine, settings, out, records=()):
         if scenario.name == "memory":
             print_memory(by_allocator, out)
             continue
-        headers = ["allocator", "M ops/s", "spread", "ns/op", "vs glibc",
+        headers = ["allocator",
+                   "M ops/s" if scenario.per_op == 1e6 else "ops/s",
+                   "spread", "ns/op",
+                   # Tokio's own default is glibc's malloc: this column is
+                   # what switching allocator would change for a Tokio
+                   # program.
+                   "vs Tokio's default allocator (glibc)" if scenario.tokio
+                   else "vs glibc",
                    "vs best peer", "peak RSS"]
         if scenario.name == "reuse":
             headers.append("reuse rate")
         if scenario.name == "live":
             headers += ["RSS of objects", "RSS / payload"]
+        if scenario.name == "bigblocks":
+            headers += ["minor faults", "faults / replacement"]
+        if scenario.name == "server":
+            headers += ["RSS live at end", "bytes live"]
         rows = []
         for name in ordered(by_allocator):
             summary = by_allocator[name]
-            row = [name, format_rate(summary["ops_per_s"]),
+            # The server's own reading, taken with every block live, where
+            # it has one: VmHWM can lag the RSS it just reported.
+            peak_rss = summary.get("rss_peak_kib", summary.get("peak_rss_kib"))
+            row = [name, format_rate(summary["ops_per_s"], scenario.per_op),
                    format_spread(summary),
-                   f"{summary['ns_per_op']:.2f}",
+                   format_ns(summary["ns_per_op"]),
                    format_ratio(summary["ops_per_s"], glibc),
                    format_ratio(summary["ops_per_s"], peer),
-                   format_kib(summary.get("peak_rss_kib"))]
+                   format_kib(peak_rss)]
             if scenario.name == "reuse":
                 rate = summary.get("reuse_rate")
                 row.append("-" if rate is None else f"{rate:.1%}")
@@ -601,6 +854,12 @@ def report(medians, machine, settings, out, records=()):
                 ratio = summary.get("live_rss_ratio")
                 row += [format_kib(summary.get("live_rss_kib")),
                         "-" if ratio is None else f"{ratio:.3f}x"]
+            if scenario.name == "bigblocks":
+                row += [format_count(summary.get("minor_faults")),
+                        format_count(summary.get("faults_per_replacement"))]
+            if scenario.name == "server":
+                row += [format_kib(summary.get("rss_live_kib")),
+                        format_kib(summary.get("live_kib"))]
             rows.append(row)
         print_table(headers, rows, out)
         paired = paired_with_best_peer(records, scenario.name, by_allocator)
@@ -611,6 +870,9 @@ def report(medians, machine, settings, out, records=()):
         note = FIXED_SIZE_NOTES.get(scenario.name)
         if note and any(name in by_allocator for name in ("zkmem-pool",
                                                           "seed")):
+            print(note, file=out)
+        note = SCENARIO_NOTES.get(scenario.name)
+        if note:
             print(note, file=out)
 
 
@@ -669,8 +931,20 @@ def print_memory(by_allocator, out):
 COLOURS = {
     "zkmem-pool": "#08519c", "zkmem": "#4292c6", "glibc": "#737373",
     "jemalloc": "#e6550d", "mimalloc": "#31a354", "tcmalloc": "#9e58b5",
-    "seed": "#d6ae2b",
+    "mimalloc3": "#a1d99b", "snmalloc": "#e7298a", "seed": "#d6ae2b",
 }
+# Peers from --peer or ZKMEM_BENCH_PEERS, in the order they appear.
+EXTRA_COLOURS = ["#8c564b", "#17becf", "#bcbd22", "#7f7f7f", "#f781bf"]
+
+
+def colour(name):
+    if name in COLOURS:
+        return COLOURS[name]
+    extras = [peer for peer in PEERS if peer not in COLOURS]
+    index = extras.index(name) if name in extras else 0
+    return EXTRA_COLOURS[index % len(EXTRA_COLOURS)]
+
+
 # Memory bars keep one colour per reading, not per allocator: the panel is
 # grouped by allocator and read left to right as the program's life.
 MEMORY_SERIES = [("peak_rss_kib", "peak", "#08306b"),
@@ -700,7 +974,9 @@ def throughput_groups(medians):
     groups = []
     for scenario in SCENARIOS:
         by_allocator = medians.get(scenario.name)
-        if not by_allocator or scenario.name == "memory":
+        # Bigblocks runs at a few thousand ops/s: on the chart's log scale it
+        # would squash every other group; its table tells its story.
+        if not by_allocator or scenario.name in ("memory", "bigblocks"):
             continue
         values = {name: by_allocator[name]["ops_per_s"]
                   for name in ordered(by_allocator)
@@ -709,6 +985,10 @@ def throughput_groups(medians):
             "fixed": "64 B pairs", "stress": "8-256 B x1000",
             "reuse": "one 128 B", "large": "1-5 KB x100",
             "mixed": "8 B-64 KB, 10k live", "handoff": "2 threads",
+            "batches": "4,096 per batch", "server": "larson-style",
+            "churn": "8 B-16 KiB, lifetimes",
+            "tokio-pipeline": "Tokio, op = message",
+            "tokio-reqrep": "Tokio, op = request",
         }.get(scenario.name, "")
         if scenario.name == "scaling":
             threads = max((p["threads"] for s in by_allocator.values()
@@ -797,7 +1077,7 @@ def write_svg(path, medians, machine, settings):
                 parts.append(
                     f'<rect x="{x + 1:.1f}" y="{y:.1f}" '
                     f'width="{bar_width - 2:.1f}" height="{bottom - y:.1f}" '
-                    f'fill="{COLOURS.get(name, "#999")}">'
+                    f'fill="{colour(name)}">'
                     f'<title>{escape_xml(name)} {escape_xml(label)}: '
                     f'{group[name] / 1e6:.2f} M ops/s</title></rect>')
                 parts.append(svg_text(x + bar_width / 2 + 3, y - 3,
@@ -817,7 +1097,7 @@ def write_svg(path, medians, machine, settings):
         x = left
         for name in present:
             parts.append(f'<rect x="{x}" y="{legend_y - 10}" width="14" '
-                         f'height="14" fill="{COLOURS.get(name, "#999")}"/>')
+                         f'height="14" fill="{colour(name)}"/>')
             parts.append(svg_text(x + 19, legend_y + 1, name, 12))
             x += 30 + 8 * len(name)
         parts.append(svg_text(left, legend_y + 28,
@@ -936,6 +1216,9 @@ def parse_list(values):
 def replay(path):
     with open(path) as handle:
         data = json.load(handle)
+    for allocator in data.get("allocators", []):
+        if allocator.get("peer") or allocator["name"] not in BUILTIN_ROWS:
+            register_peer(allocator["name"])
     medians = summarise(data["runs"])
     report(medians, data["machine"], data["settings"], sys.stdout,
            data["runs"])
@@ -962,7 +1245,17 @@ def main():
                              + ", ".join(s.name for s in SCENARIOS))
     parser.add_argument("--allocators",
                         help="comma list of rows to run: "
-                             + ", ".join(ROW_ORDER))
+                             + ", ".join(ROW_ORDER)
+                             + ", and any NAME given with --peer")
+    parser.add_argument("--peer", action="append", default=[],
+                        metavar="NAME=PATH",
+                        help="one more peer row: the malloc replacement at "
+                             "PATH under LD_PRELOAD (repeatable; "
+                             "ZKMEM_BENCH_PEERS=NAME=PATH,... adds more)")
+    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
+                        help="threads per side for batches (producers and "
+                             "consumers), threads for server, Tokio worker "
+                             f"threads (default {DEFAULT_WORKERS})")
     parser.add_argument("--threads",
                         help="thread counts for scaling, e.g. 1,2,4 "
                              "(default: powers of two up to nproc, and nproc)")
@@ -992,6 +1285,12 @@ def main():
     args.runs = args.runs or DEFAULT_RUNS
     if args.runs < 1:
         parser.error("--runs must be at least 1")
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    requested_peers = [parse_peer(text, "--peer") for text in args.peer]
+    for name, path in requested_peers:
+        if not os.path.exists(path):
+            parser.error(f"--peer {name}: {path} not found")
     if args.timeout is None:
         args.timeout = 60 if args.quick else 300
     args.purge_wait_ms = QUICK_PURGE_WAIT_MS if args.quick else PURGE_WAIT_MS
@@ -1011,15 +1310,31 @@ def main():
     build_dir = os.path.abspath(args.build)
     allocators = discover_allocators(build_dir, source_dir,
                                      parse_list([args.allocators])
-                                     if args.allocators else None)
+                                     if args.allocators else None,
+                                     requested_peers)
+    build_failures = []
+    args.tokio_binary = None
+    if any(s.tokio for s in scenarios) and any(a.malloc for a in allocators):
+        try:
+            args.tokio_binary = prepare_tokio(build_dir, source_dir)
+        except RunFailure as failure:
+            log(f"FAILED: {failure}")
+            build_failures.append({"scenario": "tokio-*", "allocator": "-",
+                                   "run": 0, "error": str(failure)})
+        if args.tokio_binary is None:
+            scenarios = [s for s in scenarios if not s.tokio]
     machine = machine_info(allocators)
+    if args.tokio_binary:
+        machine["versions"]["tokio"] = tokio_version()
     date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
     records, failures, runs = run_all(allocators, scenarios, args)
+    failures = build_failures + failures
     medians = summarise(records)
     settings = {
         "date": date, "runs": runs, "quick": args.quick,
         "threads": args.threads, "purge_wait_ms": args.purge_wait_ms,
+        "workers": args.workers,
         "ops": {s.name: scenario_ops(s, args) for s in scenarios},
     }
 
@@ -1033,7 +1348,8 @@ def main():
         json.dump({
             "machine": machine, "settings": settings,
             "allocators": [{"name": a.name, "binary": a.binary,
-                            "preload": a.preload, "version": a.version}
+                            "preload": a.preload, "version": a.version,
+                            "peer": a.name in PEERS}
                            for a in allocators],
             "runs": records, "failures": failures, "medians": medians,
         }, handle, indent=1)

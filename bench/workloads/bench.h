@@ -28,6 +28,7 @@ struct bench_options {
   uint64_t seed;         /* PRNG seed, identical for every allocator */
   unsigned threads[16];  /* thread counts for the scaling scenario */
   unsigned thread_count; /* entries used in threads[] */
+  unsigned workers;      /* threads per side: batches, server (default 2) */
   unsigned purge_wait_ms;
   bool json;
 };

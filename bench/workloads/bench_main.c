@@ -133,13 +133,15 @@ static void usage(FILE *out) {
           "  --alloc KIND        malloc (default), seed (fixed-size reference)"
           "\n                      or pool (bench_pool only)\n"
           "  --threads LIST      thread counts for scaling, e.g. 1,2,4\n"
+          "  --workers N         batches: producers and consumers each; "
+          "server:\n                      threads (default 2)\n"
           "  --seed N            PRNG seed (default 1)\n"
           "  --purge-wait-ms N   memory: sleep before the second reading "
           "(1500)\n"
           "  --json              one JSON line instead of text\n"
           "scenarios:\n");
   for (size_t index = 0; index < scenario_count; index++)
-    fprintf(out, "  %-8s %s (default %" PRIu64 " ops)\n",
+    fprintf(out, "  %-10s %s (default %" PRIu64 " ops)\n",
             scenario_table[index].name, scenario_table[index].summary,
             scenario_table[index].default_ops);
 }
@@ -196,6 +198,7 @@ int main(int argc, char **argv) {
   struct bench_options options = {
       .backend = DEFAULT_BACKEND,
       .seed = 1,
+      .workers = 2,
       .purge_wait_ms = 1500,
   };
   uint64_t ops = 0;
@@ -220,6 +223,11 @@ int main(int argc, char **argv) {
       options.backend = parse_backend(value);
     } else if (strcmp(argument, "--threads") == 0) {
       parse_thread_counts(&options, value);
+    } else if (strcmp(argument, "--workers") == 0) {
+      uint64_t workers = parse_count(value, argument);
+      if (workers == 0 || workers > 256)
+        bench_fail("--workers: %" PRIu64 " is out of range 1..256", workers);
+      options.workers = (unsigned)workers;
     } else if (strcmp(argument, "--seed") == 0) {
       options.seed = parse_count(value, argument);
     } else if (strcmp(argument, "--purge-wait-ms") == 0) {

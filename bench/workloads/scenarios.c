@@ -1,4 +1,4 @@
-/* The eight benchmark scenarios. One op is one allocation or one free.
+/* The benchmark scenarios. One op is one allocation or one free.
  *
  * Each timed loop is an always_inline function taking the backend kind; the
  * scenario function instantiates it once per supported backend with a
@@ -15,6 +15,7 @@
 #include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <time.h>
 
 #define unlikely(condition) __builtin_expect(!!(condition), 0)
@@ -36,17 +37,24 @@ static uint32_t *size_table_uniform(struct prng *prng, uint32_t low,
   return table;
 }
 
-/* Log-uniform by octave: an octave 2^k (k = 3..15) is picked uniformly, then
- * a size uniformly inside it, giving 8 B .. 64 KiB - 1 with as many 8-15 B
- * blocks as 32-64 KiB ones, the shape of real programs' size histograms. */
-static uint32_t *size_table_log_uniform(struct prng *prng) {
+/* Log-uniform by octave: an octave 2^k (first <= k <= last) is picked
+ * uniformly, then a size uniformly inside it, giving 2^first .. 2^(last+1) - 1
+ * bytes with as many blocks in the smallest octave as in the largest, the
+ * shape of real programs' size histograms. */
+static uint32_t *size_table_octaves(struct prng *prng, unsigned first,
+                                    unsigned last) {
   uint32_t *table = scaffold_alloc(TABLE_LENGTH * sizeof(uint32_t));
   for (uint32_t index = 0; index < TABLE_LENGTH; index++) {
-    unsigned octave = (unsigned)prng_range(prng, 3, 15);
+    unsigned octave = (unsigned)prng_range(prng, first, last);
     uint32_t base = 1u << octave;
     table[index] = base + (uint32_t)prng_range(prng, 0, base - 1);
   }
   return table;
+}
+
+/* 8 B .. 64 KiB - 1. */
+static uint32_t *size_table_log_uniform(struct prng *prng) {
+  return size_table_octaves(prng, 3, 15);
 }
 
 static void free_table(uint32_t *table) {
@@ -777,6 +785,564 @@ static int scenario_live(const struct bench_options *options,
   return 0;
 }
 
+/* ---- 10. batches: blocks made on producer threads, freed on consumers --- */
+
+/* The async-runtime pattern: a worker builds a batch of objects, hands the
+ * whole batch to another worker through a locked queue, and that worker
+ * drops them all, so every block is freed by another thread than the one
+ * that allocated it, thousands at a time. */
+
+#define BATCH_BLOCKS       4096
+#define BATCH_DEPTH        4  /* full batches the queue holds */
+#define BATCH_FIRST_OCTAVE 3  /* 8 B */
+#define BATCH_LAST_OCTAVE  10 /* .. 2 KiB - 1 */
+#define BATCH_TAG_SHIFT    13 /* block index bits, BATCH_BLOCKS <= 2^13 */
+
+struct batch {
+  uint64_t tag; /* block i's first word is tag + i */
+  void *blocks[BATCH_BLOCKS];
+};
+
+/* A bounded queue behind one mutex and two condition variables, as a runtime
+ * without lock-free queues would have: a producer sleeps when consumers fall
+ * behind, a consumer sleeps when there is nothing to free. */
+struct batch_queue {
+  pthread_mutex_t lock;
+  pthread_cond_t not_empty;
+  pthread_cond_t not_full;
+  struct batch **ring;
+  unsigned capacity;
+  unsigned head;
+  unsigned count;
+  uint64_t pops_left; /* pops still to come; 0 sends the poppers home */
+};
+
+static void batch_queue_init(struct batch_queue *queue, unsigned capacity,
+                             uint64_t pops) {
+  pthread_mutex_init(&queue->lock, NULL);
+  pthread_cond_init(&queue->not_empty, NULL);
+  pthread_cond_init(&queue->not_full, NULL);
+  queue->ring = scaffold_alloc(capacity * sizeof(struct batch *));
+  queue->capacity = capacity;
+  queue->head = 0;
+  queue->count = 0;
+  queue->pops_left = pops;
+}
+
+static void batch_queue_destroy(struct batch_queue *queue) {
+  pthread_mutex_destroy(&queue->lock);
+  pthread_cond_destroy(&queue->not_empty);
+  pthread_cond_destroy(&queue->not_full);
+  scaffold_free(queue->ring, queue->capacity * sizeof(struct batch *));
+}
+
+static void batch_queue_push(struct batch_queue *queue, struct batch *batch) {
+  pthread_mutex_lock(&queue->lock);
+  while (queue->count == queue->capacity)
+    pthread_cond_wait(&queue->not_full, &queue->lock);
+  queue->ring[(queue->head + queue->count) % queue->capacity] = batch;
+  queue->count++;
+  pthread_cond_signal(&queue->not_empty);
+  pthread_mutex_unlock(&queue->lock);
+}
+
+/* Returns NULL once every batch the queue will ever carry has been taken. */
+static struct batch *batch_queue_pop(struct batch_queue *queue) {
+  struct batch *batch = NULL;
+  pthread_mutex_lock(&queue->lock);
+  while (queue->count == 0 && queue->pops_left > 0)
+    pthread_cond_wait(&queue->not_empty, &queue->lock);
+  if (queue->pops_left > 0) {
+    batch = queue->ring[queue->head];
+    queue->head = (queue->head + 1) % queue->capacity;
+    queue->count--;
+    queue->pops_left--;
+    pthread_cond_signal(&queue->not_full);
+    if (queue->pops_left == 0) /* the other poppers must see the end too */
+      pthread_cond_broadcast(&queue->not_empty);
+  }
+  pthread_mutex_unlock(&queue->lock);
+  return batch;
+}
+
+struct batches_shared {
+  struct batch_queue full;  /* producers -> consumers */
+  struct batch_queue empty; /* consumers -> producers: pointer arrays back */
+  const uint32_t *sizes;
+  pthread_barrier_t start_line;
+  _Atomic uint64_t corrupt;
+};
+
+struct batches_worker {
+  pthread_t thread;
+  struct batches_shared *shared;
+  unsigned index;
+  uint64_t batches; /* producers: how many to make */
+  /* Each thread reads the clock itself, as in scaling. */
+  double started;
+  double finished;
+};
+
+static void *batches_producer(void *argument) {
+  struct batches_worker *worker = argument;
+  struct batches_shared *shared = worker->shared;
+  /* Each producer starts at its own place in the shared size table. */
+  uint32_t cursor = worker->index * (TABLE_LENGTH / 16 + 7);
+  pthread_barrier_wait(&shared->start_line);
+  worker->started = now_seconds();
+  for (uint64_t number = 0; number < worker->batches; number++) {
+    struct batch *batch = batch_queue_pop(&shared->empty);
+    batch->tag =
+        ((uint64_t)(worker->index + 1) << 48) | (number << BATCH_TAG_SHIFT);
+    for (unsigned index = 0; index < BATCH_BLOCKS; index++) {
+      uint32_t size = shared->sizes[cursor++ & TABLE_MASK];
+      void *block = malloc(size);
+      check_block(block, size);
+      touch_first(block, batch->tag + index);
+      escape(block);
+      batch->blocks[index] = block;
+    }
+    batch_queue_push(&shared->full, batch);
+  }
+  worker->finished = now_seconds();
+  return NULL;
+}
+
+static void *batches_consumer(void *argument) {
+  struct batches_worker *worker = argument;
+  struct batches_shared *shared = worker->shared;
+  uint64_t corrupt = 0;
+  pthread_barrier_wait(&shared->start_line);
+  worker->started = now_seconds();
+  struct batch *batch;
+  while ((batch = batch_queue_pop(&shared->full)) != NULL) {
+    for (unsigned index = 0; index < BATCH_BLOCKS; index++) {
+      void *block = batch->blocks[index];
+      corrupt += *(volatile uint64_t *)block != batch->tag + index;
+      free(block);
+    }
+    batch_queue_push(&shared->empty, batch);
+  }
+  worker->finished = now_seconds();
+  atomic_fetch_add(&shared->corrupt, corrupt);
+  return NULL;
+}
+
+/* Moves `batches` batches from `workers` producers to as many consumers;
+ * returns the wall time from the first thread's start to the last block
+ * freed. */
+static double batches_run(const uint32_t *sizes, unsigned workers,
+                          uint64_t batches) {
+  /* Enough pointer arrays that a producer never waits for one unless the
+   * full queue is full: the queue's depth is the only back-pressure. */
+  unsigned arrays = BATCH_DEPTH + 2 * workers;
+  struct batch *storage = scaffold_alloc(arrays * sizeof(struct batch));
+  struct batches_shared shared = {.sizes = sizes};
+  batch_queue_init(&shared.full, BATCH_DEPTH, batches);
+  batch_queue_init(&shared.empty, arrays, batches);
+  for (unsigned index = 0; index < arrays; index++)
+    batch_queue_push(&shared.empty, &storage[index]);
+  pthread_barrier_init(&shared.start_line, NULL, 2 * workers);
+
+  struct batches_worker *threads =
+      scaffold_alloc(2 * workers * sizeof(struct batches_worker));
+  for (unsigned index = 0; index < 2 * workers; index++) {
+    struct batches_worker *worker = &threads[index];
+    bool producer = index < workers;
+    worker->shared = &shared;
+    worker->index = producer ? index : index - workers;
+    worker->batches =
+        producer ? batches / workers + (worker->index < batches % workers) : 0;
+    if (pthread_create(&worker->thread, NULL,
+                       producer ? batches_producer : batches_consumer,
+                       worker) != 0)
+      bench_fail("pthread_create failed");
+  }
+  double first_start = 0, last_finish = 0;
+  for (unsigned index = 0; index < 2 * workers; index++) {
+    pthread_join(threads[index].thread, NULL);
+    if (index == 0 || threads[index].started < first_start)
+      first_start = threads[index].started;
+    if (threads[index].finished > last_finish)
+      last_finish = threads[index].finished;
+  }
+  if (atomic_load(&shared.corrupt) != 0)
+    bench_fail("batches: %" PRIu64 " blocks arrived corrupted",
+               atomic_load(&shared.corrupt));
+  pthread_barrier_destroy(&shared.start_line);
+  batch_queue_destroy(&shared.full);
+  batch_queue_destroy(&shared.empty);
+  scaffold_free(threads, 2 * workers * sizeof(struct batches_worker));
+  scaffold_free(storage, arrays * sizeof(struct batch));
+  return last_finish - first_start;
+}
+
+static int scenario_batches(const struct bench_options *options,
+                            struct bench_result *result) {
+  struct prng prng;
+  prng_seed(&prng, options->seed);
+  uint32_t *sizes =
+      size_table_octaves(&prng, BATCH_FIRST_OCTAVE, BATCH_LAST_OCTAVE);
+  unsigned workers = options->workers;
+  uint64_t batches = options->ops / (2 * BATCH_BLOCKS);
+  if (batches < workers)
+    batches = workers; /* every producer makes at least one */
+  batches_run(sizes, workers, warmup_count(batches));
+  result->seconds = batches_run(sizes, workers, batches);
+  result->ops = batches * BATCH_BLOCKS * 2;
+  result_add_u64(result, "producers", workers);
+  result_add_u64(result, "consumers", workers);
+  result_add_u64(result, "batch", BATCH_BLOCKS);
+  result_add_u64(result, "queue_depth", BATCH_DEPTH);
+  free_table(sizes);
+  return 0;
+}
+
+/* ---- 11. bigblocks: 5-25 MiB blocks, replaced and zero-filled ---------- */
+
+/* Blocks far above every allocator's small-object range, so each one comes
+ * from the system or from a cache of large spans; the program zero-fills
+ * what it gets, as real programs do, which makes page faults and the reuse
+ * (or not) of already-resident memory the whole cost. */
+
+#define BIG_SLOTS    20
+#define BIG_MIN_SIZE (5u << 20)
+#define BIG_MAX_SIZE (25u << 20)
+
+struct big_state {
+  const uint32_t *sizes;
+  const uint32_t *slots;
+  void *blocks[BIG_SLOTS];
+  uint32_t cursor;
+};
+
+static void big_place(struct big_state *state, unsigned slot, uint32_t size,
+                      uint64_t mark) {
+  void *block = malloc(size);
+  check_block(block, size);
+  escape(block);
+  memset(block, 0, size);
+  touch_first(block, mark);
+  escape(block);
+  state->blocks[slot] = block;
+}
+
+static void big_loop(struct big_state *state, uint64_t replacements) {
+  for (uint64_t step = 0; step < replacements; step++, state->cursor++) {
+    uint32_t slot = state->slots[state->cursor & TABLE_MASK];
+    free(state->blocks[slot]);
+    big_place(state, slot, state->sizes[state->cursor & TABLE_MASK], step);
+  }
+}
+
+static uint64_t minor_faults(void) {
+  struct rusage usage;
+  getrusage(RUSAGE_SELF, &usage);
+  return (uint64_t)usage.ru_minflt;
+}
+
+static int scenario_bigblocks(const struct bench_options *options,
+                              struct bench_result *result) {
+  struct prng prng;
+  prng_seed(&prng, options->seed);
+  uint32_t *slots = scaffold_alloc(TABLE_LENGTH * sizeof(uint32_t));
+  for (uint32_t index = 0; index < TABLE_LENGTH; index++)
+    slots[index] = (uint32_t)prng_range(&prng, 0, BIG_SLOTS - 1);
+  struct big_state state = {
+      .sizes = size_table_uniform(&prng, BIG_MIN_SIZE, BIG_MAX_SIZE),
+      .slots = slots,
+  };
+  for (unsigned slot = 0; slot < BIG_SLOTS; slot++)
+    big_place(&state, slot, state.sizes[state.cursor++ & TABLE_MASK], slot);
+  uint64_t replacements = options->ops / 2;
+  replacements = replacements > 0 ? replacements : 1;
+  big_loop(&state, warmup_count(replacements));
+  uint64_t faults_before = minor_faults();
+  double start = now_seconds();
+  big_loop(&state, replacements);
+  result->seconds = now_seconds() - start;
+  uint64_t faults = minor_faults() - faults_before;
+  result->ops = replacements * 2;
+  for (unsigned slot = 0; slot < BIG_SLOTS; slot++)
+    free(state.blocks[slot]);
+  result_add_u64(result, "live_blocks", BIG_SLOTS);
+  result_add_u64(result, "minor_faults", faults);
+  result_add_double(result, "faults_per_replacement",
+                    (double)faults / (double)replacements);
+  free_table((uint32_t *)state.sizes);
+  free_table(slots);
+  return 0;
+}
+
+/* ---- 12. server: larson-style, blocks freed by any thread -------------- */
+
+/* After larson (Larson and Krishnan's server benchmark): every thread
+ * replaces blocks in slots shared by all threads, so most frees are of
+ * another thread's blocks, and memory an allocator keeps per thread may
+ * never come back to the thread that wants it. */
+
+#define SERVER_SLOTS_PER_THREAD 10000
+#define SERVER_MIN_SIZE         10
+#define SERVER_MAX_SIZE         1000
+
+struct server_shared {
+  _Atomic(void *) *slots;
+  uint32_t slot_count;
+  const uint32_t *sizes;
+  const uint32_t *picks; /* slot indices over every thread's slots */
+  uint64_t steps;        /* per thread */
+  pthread_barrier_t filled;
+  pthread_barrier_t start_line;
+  pthread_barrier_t finish_line; /* the main thread reads RSS in between */
+  pthread_barrier_t release;
+  _Atomic uint64_t corrupt;
+};
+
+struct server_worker {
+  pthread_t thread;
+  struct server_shared *shared;
+  unsigned index;
+  double started;
+  double finished;
+};
+
+/* Every block's first word is its size: the check on free, and the sum of
+ * the live bytes at the end. */
+static void *server_block(uint32_t size) {
+  void *block = malloc(size);
+  check_block(block, size);
+  touch_first(block, size);
+  escape(block);
+  return block;
+}
+
+static uint64_t server_loop(struct server_shared *shared, uint32_t *cursor,
+                            uint64_t steps) {
+  uint64_t corrupt = 0;
+  uint32_t position = *cursor;
+  for (uint64_t step = 0; step < steps; step++, position++) {
+    uint32_t slot = shared->picks[position & TABLE_MASK];
+    void *block = server_block(shared->sizes[position & TABLE_MASK]);
+    /* acq_rel: the old block's first word was written by whichever thread
+     * put it there. */
+    void *old = atomic_exchange_explicit(&shared->slots[slot], block,
+                                         memory_order_acq_rel);
+    uint64_t size = *(volatile uint64_t *)old;
+    corrupt += size < SERVER_MIN_SIZE || size > SERVER_MAX_SIZE;
+    free(old);
+  }
+  *cursor = position;
+  return corrupt;
+}
+
+static void *server_worker_main(void *argument) {
+  struct server_worker *worker = argument;
+  struct server_shared *shared = worker->shared;
+  uint32_t cursor = worker->index * (TABLE_LENGTH / 16 + 7);
+  /* Each thread allocates its own share of the slots. */
+  for (uint32_t slot = worker->index * SERVER_SLOTS_PER_THREAD;
+       slot < (worker->index + 1) * SERVER_SLOTS_PER_THREAD; slot++)
+    atomic_store_explicit(&shared->slots[slot],
+                          server_block(shared->sizes[cursor++ & TABLE_MASK]),
+                          memory_order_release);
+  pthread_barrier_wait(&shared->filled);
+  uint64_t corrupt = server_loop(shared, &cursor, warmup_count(shared->steps));
+  pthread_barrier_wait(&shared->start_line);
+  worker->started = now_seconds();
+  corrupt += server_loop(shared, &cursor, shared->steps);
+  worker->finished = now_seconds();
+  atomic_fetch_add(&shared->corrupt, corrupt);
+  /* Still running while the main thread reads RSS: a server's threads do not
+   * exit, and an exiting thread may hand its caches back. */
+  pthread_barrier_wait(&shared->finish_line);
+  pthread_barrier_wait(&shared->release);
+  return NULL;
+}
+
+static int scenario_server(const struct bench_options *options,
+                           struct bench_result *result) {
+  unsigned threads = options->workers;
+  struct prng prng;
+  prng_seed(&prng, options->seed);
+  struct server_shared shared = {
+      .slot_count = threads * SERVER_SLOTS_PER_THREAD,
+      .sizes = size_table_uniform(&prng, SERVER_MIN_SIZE, SERVER_MAX_SIZE),
+  };
+  shared.slots = scaffold_alloc(shared.slot_count * sizeof(void *));
+  uint32_t *picks = scaffold_alloc(TABLE_LENGTH * sizeof(uint32_t));
+  for (uint32_t index = 0; index < TABLE_LENGTH; index++)
+    picks[index] = (uint32_t)prng_range(&prng, 0, shared.slot_count - 1);
+  shared.picks = picks;
+  uint64_t steps = options->ops / (2 * (uint64_t)threads);
+  shared.steps = steps > 0 ? steps : 1;
+  pthread_barrier_init(&shared.filled, NULL, threads);
+  pthread_barrier_init(&shared.start_line, NULL, threads);
+  pthread_barrier_init(&shared.finish_line, NULL, threads + 1);
+  pthread_barrier_init(&shared.release, NULL, threads + 1);
+
+  struct server_worker *workers =
+      scaffold_alloc(threads * sizeof(struct server_worker));
+  for (unsigned index = 0; index < threads; index++) {
+    workers[index].shared = &shared;
+    workers[index].index = index;
+    if (pthread_create(&workers[index].thread, NULL, server_worker_main,
+                       &workers[index]) != 0)
+      bench_fail("pthread_create failed");
+  }
+  pthread_barrier_wait(&shared.finish_line);
+  uint64_t rss_live = rss_now_kib();
+  /* VmHWM can trail the RSS just read by a few pages: the kernel folds
+   * per-thread counters into it lazily. */
+  uint64_t rss_peak = rss_peak_kib();
+  rss_peak = rss_peak > rss_live ? rss_peak : rss_live;
+  uint64_t live_bytes = 0;
+  for (uint32_t slot = 0; slot < shared.slot_count; slot++)
+    live_bytes += *(uint64_t *)atomic_load(&shared.slots[slot]);
+  pthread_barrier_wait(&shared.release);
+
+  double first_start = 0, last_finish = 0;
+  for (unsigned index = 0; index < threads; index++) {
+    pthread_join(workers[index].thread, NULL);
+    if (index == 0 || workers[index].started < first_start)
+      first_start = workers[index].started;
+    if (workers[index].finished > last_finish)
+      last_finish = workers[index].finished;
+  }
+  if (atomic_load(&shared.corrupt) != 0)
+    bench_fail("server: %" PRIu64 " blocks found corrupted",
+               atomic_load(&shared.corrupt));
+  result->seconds = last_finish - first_start;
+  result->ops = shared.steps * threads * 2;
+  result_add_u64(result, "threads", threads);
+  result_add_u64(result, "live_objects", shared.slot_count);
+  result_add_u64(result, "live_kib", live_bytes / 1024);
+  result_add_u64(result, "rss_live_kib", rss_live);
+  result_add_u64(result, "rss_peak_kib", rss_peak);
+
+  for (uint32_t slot = 0; slot < shared.slot_count; slot++)
+    free(atomic_load(&shared.slots[slot]));
+  pthread_barrier_destroy(&shared.filled);
+  pthread_barrier_destroy(&shared.start_line);
+  pthread_barrier_destroy(&shared.finish_line);
+  pthread_barrier_destroy(&shared.release);
+  scaffold_free(workers, threads * sizeof(struct server_worker));
+  scaffold_free(shared.slots, shared.slot_count * sizeof(void *));
+  free_table(picks);
+  free_table((uint32_t *)shared.sizes);
+  return 0;
+}
+
+/* ---- 13. churn: varied sizes and lifetimes, one thread ----------------- */
+
+/* What a single-threaded program does between its big phases: temporaries
+ * freed at once, short-lived blocks freed a few steps later, and long-lived
+ * ones that stay about 10,000 steps in the busiest slot and practically the
+ * whole run in the quietest, all interleaved, so frees of young and old
+ * blocks of every size alternate. */
+
+#define CHURN_SHORT_SLOTS 8
+#define CHURN_LONG_SLOTS  4096
+#define CHURN_LAST_OCTAVE 13 /* 8 B .. 16 KiB - 1 */
+/* Of every 100 steps: 25 temporaries, 55 short-lived, 20 long-lived. */
+#define CHURN_TEMPORARY_PERCENT 25
+#define CHURN_SHORT_PERCENT     55
+
+enum churn_kind { CHURN_TEMPORARY, CHURN_SHORT, CHURN_LONG };
+
+#define CHURN_KIND_SHIFT 30 /* a step: kind in the top bits, slot below */
+#define CHURN_SLOT_MASK  ((1u << CHURN_KIND_SHIFT) - 1)
+
+struct churn_state {
+  const uint32_t *sizes;
+  const uint32_t *steps;
+  void *short_blocks[CHURN_SHORT_SLOTS];
+  void **long_blocks; /* CHURN_LONG_SLOTS entries */
+  uint32_t cursor;
+};
+
+static void *churn_block(uint32_t size, uint64_t mark) {
+  void *block = malloc(size);
+  check_block(block, size);
+  touch_first(block, mark);
+  escape(block);
+  return block;
+}
+
+static void churn_loop(struct churn_state *state, uint64_t steps) {
+  uint32_t cursor = state->cursor;
+  for (uint64_t step = 0; step < steps; step++, cursor++) {
+    uint32_t action = state->steps[cursor & TABLE_MASK];
+    uint32_t slot = action & CHURN_SLOT_MASK;
+    void *block = churn_block(state->sizes[cursor & TABLE_MASK], step);
+    switch ((enum churn_kind)(action >> CHURN_KIND_SHIFT)) {
+    case CHURN_TEMPORARY:
+      free(block);
+      break;
+    case CHURN_SHORT:
+      free(state->short_blocks[slot]);
+      state->short_blocks[slot] = block;
+      break;
+    case CHURN_LONG:
+      free(state->long_blocks[slot]);
+      state->long_blocks[slot] = block;
+      break;
+    }
+  }
+  state->cursor = cursor;
+}
+
+static int scenario_churn(const struct bench_options *options,
+                          struct bench_result *result) {
+  struct prng prng;
+  prng_seed(&prng, options->seed);
+  uint32_t *steps = scaffold_alloc(TABLE_LENGTH * sizeof(uint32_t));
+  for (uint32_t index = 0; index < TABLE_LENGTH; index++) {
+    unsigned percent = (unsigned)prng_range(&prng, 0, 99);
+    if (percent < CHURN_TEMPORARY_PERCENT) {
+      steps[index] = (uint32_t)CHURN_TEMPORARY << CHURN_KIND_SHIFT;
+    } else if (percent < CHURN_TEMPORARY_PERCENT + CHURN_SHORT_PERCENT) {
+      steps[index] = (uint32_t)CHURN_SHORT << CHURN_KIND_SHIFT |
+                     (uint32_t)prng_range(&prng, 0, CHURN_SHORT_SLOTS - 1);
+    } else {
+      /* The lower of two uniform draws: low slots are replaced often, the
+       * highest almost never, so lifetimes spread over every scale. */
+      uint32_t first = (uint32_t)prng_range(&prng, 0, CHURN_LONG_SLOTS - 1);
+      uint32_t second = (uint32_t)prng_range(&prng, 0, CHURN_LONG_SLOTS - 1);
+      steps[index] = (uint32_t)CHURN_LONG << CHURN_KIND_SHIFT |
+                     (first < second ? first : second);
+    }
+  }
+  struct churn_state state = {
+      .sizes = size_table_octaves(&prng, 3, CHURN_LAST_OCTAVE),
+      .steps = steps,
+      .long_blocks = scaffold_alloc(CHURN_LONG_SLOTS * sizeof(void *)),
+  };
+  /* Full before the clock starts, so every step is one malloc + one free. */
+  for (unsigned slot = 0; slot < CHURN_LONG_SLOTS; slot++)
+    state.long_blocks[slot] =
+        churn_block(state.sizes[state.cursor++ & TABLE_MASK], slot);
+  for (unsigned slot = 0; slot < CHURN_SHORT_SLOTS; slot++)
+    state.short_blocks[slot] =
+        churn_block(state.sizes[state.cursor++ & TABLE_MASK], slot);
+  uint64_t count = options->ops / 2;
+  count = count > 0 ? count : 1;
+  churn_loop(&state, warmup_count(count));
+  double start = now_seconds();
+  churn_loop(&state, count);
+  result->seconds = now_seconds() - start;
+  result->ops = count * 2;
+  for (unsigned slot = 0; slot < CHURN_LONG_SLOTS; slot++)
+    free(state.long_blocks[slot]);
+  for (unsigned slot = 0; slot < CHURN_SHORT_SLOTS; slot++)
+    free(state.short_blocks[slot]);
+  result_add_u64(result, "short_slots", CHURN_SHORT_SLOTS);
+  result_add_u64(result, "long_slots", CHURN_LONG_SLOTS);
+  scaffold_free(state.long_blocks, CHURN_LONG_SLOTS * sizeof(void *));
+  free_table((uint32_t *)state.sizes);
+  free_table(steps);
+  return 0;
+}
+
 /* ---- table ------------------------------------------------------------- */
 
 #define ALL_BACKENDS                                                           \
@@ -803,6 +1369,18 @@ const struct scenario_entry scenario_table[] = {
      400000, scenario_memory, MALLOC_ONLY},
     {"live", "1,000,000 live 64 B objects: RSS over payload", 1000000,
      scenario_live, MALLOC_AND_POOL},
+    {"batches",
+     "batches of 4,096 blocks of 8 B-2 KiB, made by --workers producers, "
+     "freed by as many consumers",
+     4000000, scenario_batches, MALLOC_ONLY},
+    {"bigblocks", "20 live blocks of 5-25 MiB, replaced and zero-filled", 400,
+     scenario_bigblocks, MALLOC_ONLY},
+    {"server",
+     "larson-style: --workers threads replace 10-1,000 B blocks in slots "
+     "shared by all",
+     4000000, scenario_server, MALLOC_ONLY},
+    {"churn", "8 B-16 KiB blocks, temporary, short- and long-lived, mixed",
+     10000000, scenario_churn, MALLOC_ONLY},
 };
 
 const size_t scenario_count = sizeof scenario_table / sizeof scenario_table[0];
