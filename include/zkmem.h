@@ -184,8 +184,9 @@ typedef struct zk_stats {
   size_t rss; /* resident set size of the process */
   size_t peak_rss;
   double fragmentation; /* bytes_committed / bytes_live */
-  /* Of segments_mapped and bytes_mapped: the mappings of huge blocks (one
-   * each), so the rest is what small and large blocks are carved from. */
+  /* Of segments_mapped and bytes_mapped: the mappings of live huge blocks
+   * (one each). Freed huge mappings kept for reuse count in bytes_mapped
+   * only, with the segments small and large blocks are carved from. */
   size_t huge_segments_mapped;
   size_t bytes_mapped_huge;
 } zk_stats_t;

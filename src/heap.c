@@ -50,6 +50,7 @@ static atomic_uint abandoned_count[CLASS_COUNT]; /* peeked without the lock */
 static pthread_mutex_t heaps_lock = PTHREAD_MUTEX_INITIALIZER;
 static heap_t *heaps_live;
 static heap_t *heaps_free;
+static heap_t *heaps_orphaned;           /* fork children: never reused */
 static heap_stats_t heaps_retired_stats; /* heaps_lock */
 static pthread_key_t heap_exit_key;
 static atomic_int process_state; /* 0 new, 1 initializing, 2 ready */
@@ -203,8 +204,10 @@ static void heap_bins_decay_maybe(heap_t *heap) {
 
 /* The free that took a bin above its limit: keep half. */
 ZK_NOINLINE void heap_bin_flush(heap_t *heap, bin_t *bin) {
+  int saved_errno = errno; /* a free's */
   heap_bin_trim(heap, bin, bin->limit / 2, 0);
   heap_bins_decay_maybe(heap);
+  errno = saved_errno;
 }
 
 static void heap_flush_bins(heap_t *heap) {
@@ -223,7 +226,8 @@ ZK_COLD void *heap_bin_corrupted(heap_t *heap, bin_t *bin, block_t *block) {
 /* ---- process and heap life cycle ---- */
 
 static void heap_thread_exit(void *value);
-static void heap_abandon(heap_t *heap);
+static void heap_orphan(heap_t *heap);
+static void heap_retire(heap_t *heap, heap_t **list);
 static bool heap_exit_key_created;
 
 /* fork: every allocator lock is held across it, in the lock order of
@@ -242,9 +246,9 @@ static void fork_parent(void) {
   pool_unlock_all();
 }
 
-/* The child has one thread: the other threads' heaps are abandoned, so
- * their pages and cached memory serve the child instead of waiting for
- * threads that do not exist in it. */
+/* The child has one thread: the other threads' heaps are orphaned, so
+ * their pages serve the child instead of waiting for threads that do not
+ * exist in it (heap_orphan). */
 static void fork_child(void) {
   fork_parent();
   heap_t *self = heap_current;
@@ -256,7 +260,7 @@ static void fork_child(void) {
     pthread_mutex_unlock(&heaps_lock);
     if (orphan == NULL)
       break;
-    heap_abandon(orphan);
+    heap_orphan(orphan);
   }
 }
 
@@ -322,6 +326,10 @@ heap_t *heap_get_initialized(void) {
   if (likely(heap != &heap_empty))
     return heap;
   process_init();
+  /* process_init's pthread_atfork may allocate, which gave this thread a
+   * heap already. */
+  if (heap_current != &heap_empty)
+    return heap_current;
   heap = heap_create();
   if (heap == NULL)
     return NULL;
@@ -368,6 +376,26 @@ static void abandon_page(heap_t *heap, page_t *page) {
   pthread_mutex_unlock(&abandoned_lock);
 }
 
+/* Counters of a heap that leaves heaps_live for `list`. */
+static void heap_retire(heap_t *heap, heap_t **list) {
+  pthread_mutex_lock(&heaps_lock);
+  for (unsigned c = 0; c < CLASS_COUNT; c++) {
+    uint64_t bin_frees_total = heap->bins[c].frees; /* bins are empty */
+    heaps_retired_stats.class_allocs_retired[c] +=
+        heap->stats.class_allocs_retired[c] + bin_frees_total;
+    heaps_retired_stats.class_frees_retired[c] +=
+        heap->stats.class_frees_retired[c] + bin_frees_total;
+  }
+  heap_t **link = &heaps_live;
+  while (*link != NULL && *link != heap)
+    link = &(*link)->next_heap;
+  if (*link == heap)
+    *link = heap->next_heap;
+  heap->next_heap = *list;
+  *list = heap;
+  pthread_mutex_unlock(&heaps_lock);
+}
+
 static void heap_abandon(heap_t *heap) {
   pool_heap_exit(heap);
   large_cache_flush(heap);
@@ -384,22 +412,43 @@ static void heap_abandon(heap_t *heap) {
     queue_remove(&heap->full, page);
     abandon_page(heap, page);
   }
-  pthread_mutex_lock(&heaps_lock);
+  heap_retire(heap, &heaps_free);
+}
+
+/* A heap left by a thread that does not exist in a fork child. The child
+ * sees that thread as if stopped at some instruction: its stores up to
+ * there are visible, none after (fork write-protects the parent's pages
+ * one by one, and a store to a protected page waits until the fork is
+ * done). So the heap's structures are whole but for the one operation the
+ * thread was in, which only the bins and the large cache cannot tolerate:
+ * a bin may be mid-push (its count behind its list), a cached span claimed
+ * but still listed. Bins are dropped (their blocks stay counted as used:
+ * leaked in the child), cached spans are released where their claim
+ * succeeds, and pages are abandoned as at thread exit, each queue walked
+ * for at most as many pages as slices are mapped. Its pool magazines stay
+ * attached to their pools, so the heap itself is never reused. */
+static void heap_orphan(heap_t *heap) {
   for (unsigned c = 0; c < CLASS_COUNT; c++) {
-    uint64_t bin_frees_total = heap->bins[c].frees; /* bins are empty */
-    heaps_retired_stats.class_allocs_retired[c] +=
-        heap->stats.class_allocs_retired[c] + bin_frees_total;
-    heaps_retired_stats.class_frees_retired[c] +=
-        heap->stats.class_frees_retired[c] + bin_frees_total;
+    heap->bins[c].head = NULL;
+    bin_set_count(&heap->bins[c], 0);
   }
-  heap_t **link = &heaps_live;
-  while (*link != NULL && *link != heap)
-    link = &(*link)->next_heap;
-  if (*link == heap)
-    *link = heap->next_heap;
-  heap->next_heap = heaps_free;
-  heaps_free = heap;
-  pthread_mutex_unlock(&heaps_lock);
+  large_cache_orphan(heap);
+  pthread_mutex_lock(&segment_lock);
+  size_t budget = segment_slices_mapped();
+  pthread_mutex_unlock(&segment_lock);
+  page_queue_t *queues[CLASS_COUNT + 1];
+  for (unsigned c = 0; c < CLASS_COUNT; c++)
+    queues[c] = &heap->queues[c];
+  queues[CLASS_COUNT] = &heap->full;
+  for (unsigned q = 0; q <= CLASS_COUNT; q++) {
+    page_t *page;
+    while ((page = queues[q]->first) != NULL && budget-- > 0) {
+      queue_remove(queues[q], page);
+      if (page->kind == PAGE_SMALL && page_owner(page) == heap)
+        abandon_page(heap, page);
+    }
+  }
+  heap_retire(heap, &heaps_orphaned);
 }
 
 static void heap_thread_exit(void *value) {
@@ -458,8 +507,7 @@ void heap_reclaim_abandoned(void) {
 
 /* ---- allocation slow path ---- */
 
-static void heap_move_to_full(heap_t *heap, page_t *page) {
-  queue_remove(&heap->queues[page->class_index], page);
+static void heap_queue_full(heap_t *heap, page_t *page) {
   queue_push_back(&heap->full, page);
   /* Dekker with heap_free_remote, both sides sequentially consistent: a
    * remote free that missed in_full == 1 left its block where this load
@@ -467,6 +515,11 @@ static void heap_move_to_full(heap_t *heap, page_t *page) {
   __atomic_store_n(&page->in_full, 1, __ATOMIC_SEQ_CST);
   if (atomic_load_explicit(&page->thread_free, memory_order_seq_cst) != NULL)
     atomic_store_explicit(&heap->remote_frees_to_full, 1, memory_order_relaxed);
+}
+
+static void heap_move_to_full(heap_t *heap, page_t *page) {
+  queue_remove(&heap->queues[page->class_index], page);
+  heap_queue_full(heap, page);
 }
 
 /* The hint is cleared before the scan, both sequentially consistent, as in
@@ -506,9 +559,11 @@ static page_t *heap_find_page(heap_t *heap, unsigned class_index) {
   page_t *page = queue->first;
   while (page != NULL) {
     page_t *next = page->next;
-    if (page->secure) /* secure pages serve malloc from `free` */
-      page_collect(page);
-    if (page->free != NULL || page_has_remote(page) || page_extend(page)) {
+    /* Secure pages serve malloc from `free` alone: a remote free that
+     * lands after the collect must not make an empty one look usable. */
+    bool usable = page->secure ? (page_collect(page), page->free != NULL)
+                               : page->free != NULL || page_has_remote(page);
+    if (usable || page_extend(page)) {
       if (page != queue->first) {
         queue_remove(queue, page);
         queue_push_front(queue, page);
@@ -531,9 +586,9 @@ static page_t *heap_find_page(heap_t *heap, unsigned class_index) {
     }
   }
   if (page->free == NULL && !page_extend(page)) {
-    /* A reclaimed page that is still full. */
-    __atomic_store_n(&page->in_full, 1, __ATOMIC_RELAXED);
-    queue_push_back(&heap->full, page);
+    /* A reclaimed page that is still full: a remote free racing with this
+     * move must find in_full set, or be found here (heap_queue_full). */
+    heap_queue_full(heap, page);
     return heap_find_page(heap, class_index);
   }
   queue_push_front(queue, page);
@@ -767,9 +822,19 @@ static void heap_free_remote(page_t *page, block_t *block) {
 /* Everything zk_free's fast path does not handle: NULL, foreign pointers,
  * remote frees, large, huge and pool blocks, and frees that need the slow
  * local path. */
+static void heap_free_checked(void *p);
+
+/* A free leaves errno as it was (POSIX 2024), whatever the slow path met:
+ * a refused purge, no memory for metadata. */
 void heap_free_generic(void *p) {
   if (p == NULL)
     return;
+  int saved_errno = errno;
+  heap_free_checked(p);
+  errno = saved_errno;
+}
+
+static void heap_free_checked(void *p) {
   page_t *page = segment_lookup(p);
   if (page == NULL) {
     error_report("free of a pointer zkmem does not own", p, 0);

@@ -486,6 +486,7 @@ void *large_alloc(heap_t *heap, size_t size, size_t alignment);
 void *large_alloc_huge_zeroed(size_t size);
 void large_free(heap_t *heap, page_t *page);
 void large_cache_flush(heap_t *heap);
+void large_cache_orphan(heap_t *heap);
 bool large_block_is_zero(const void *p);
 void *large_try_resize(void *p, size_t size);
 void large_collect_stats(zk_stats_t *out);

@@ -185,6 +185,17 @@ void large_free(heap_t *heap, page_t *page) {
   __atomic_store_n(&page->kind, PAGE_LARGE_CACHED, __ATOMIC_RELEASE);
 }
 
+/* A fork child's heap of a thread that is gone (heap.c, heap_orphan): an
+ * entry whose claim fails was mid-claim, and leaks rather than waits. */
+void large_cache_orphan(heap_t *heap) {
+  unsigned count = heap->large_cache_count;
+  for (unsigned i = 0; i < count && i < LARGE_CACHE_ENTRIES; i++)
+    if (large_cache_claim(heap->large_cache[i]))
+      segment_span_free_since(heap->large_cache[i],
+                              heap->large_cache[i]->free_since_ms);
+  heap->large_cache_count = 0;
+}
+
 void large_cache_flush(heap_t *heap) {
   while (heap->large_cache_count > 0)
     large_cache_release(heap->large_cache[--heap->large_cache_count]);

@@ -675,10 +675,19 @@ static ZK_COLD void pool_free_outside(uintptr_t offset, void *object) {
     pool_free_invalid((zk_pool_t *)((uintptr_t)pool_table + offset), object);
 }
 
+static void pool_free_checked(zk_pool_t *pool, void *object);
+
+/* A free leaves errno as it was, whatever the slow path met (no memory for
+ * a magazine or a depot round: the object goes to the slab). */
 static ZK_NOINLINE void pool_free_slow(size_t slot, void *object) {
-  zk_pool_t *pool = &pool_table[slot];
   if (object == NULL)
     return;
+  int saved_errno = errno;
+  pool_free_checked(&pool_table[slot], object);
+  errno = saved_errno;
+}
+
+static void pool_free_checked(zk_pool_t *pool, void *object) {
   if (unlikely(!pool_is_live(pool))) {
     pool_free_invalid(pool, object);
     return;

@@ -254,6 +254,7 @@ page_t *segment_span_alloc(size_t slices, page_kind_t kind, segment_t **home) {
     errno = ENOMEM;
     return NULL;
   }
+  int saved_errno = errno; /* a fresh segment refused, a span found */
   pthread_mutex_lock(&segment_lock);
   if (segment_secret == 0)
     segment_secret = (uintptr_t)random_seed() | 1;
@@ -316,6 +317,7 @@ page_t *segment_span_alloc(size_t slices, page_kind_t kind, segment_t **home) {
   span->start = slice_address(span);
   span_mark(span, slices);
   pthread_mutex_unlock(&segment_lock);
+  errno = saved_errno;
   return span;
 }
 
@@ -447,7 +449,6 @@ static uint8_t *huge_piece_take(unsigned index, size_t size) {
 static void huge_piece_release(unsigned index) {
   size_t size = huge_pieces[index].size;
   bytes_mapped -= size;
-  bytes_huge_blocks_mapped -= size;
   os_release(huge_piece_take(index, size), size);
 }
 
@@ -462,8 +463,10 @@ static segment_t *huge_pieces_assemble(size_t total) {
         (best == HUGE_CACHE_PIECES ||
          huge_pieces[i].size < huge_pieces[best].size))
       best = i;
-  if (best != HUGE_CACHE_PIECES)
+  if (best != HUGE_CACHE_PIECES) {
+    bytes_huge_blocks_mapped += total;
     return (segment_t *)huge_piece_take(best, total);
+  }
   if (huge_piece_count == 0)
     return NULL;
   int got_huge;
@@ -484,7 +487,6 @@ static segment_t *huge_pieces_assemble(size_t total) {
       break;
     huge_piece_take(largest, move); /* its pages now back the target */
     bytes_mapped -= move;
-    bytes_huge_blocks_mapped -= move;
     filled += move;
   }
   return (segment_t *)target;
@@ -496,6 +498,7 @@ static void huge_pieces_add(segment_t *segment) {
   size_t size = segment->mapped_size;
   segments_mapped--;
   huge_blocks_mapped--;
+  bytes_huge_blocks_mapped -= size; /* a piece is free mapped memory */
   if (segment->huge_pages)
     bytes_huge_backed -= size;
   /* Not a block any more: a second free of it finds no owner. */
@@ -503,7 +506,6 @@ static void huge_pieces_add(segment_t *segment) {
   track_header_gone(segment, SLICE_SIZE);
   if (size > HUGE_CACHE_BYTES / 2) {
     bytes_mapped -= size;
-    bytes_huge_blocks_mapped -= size;
     os_release(segment, size);
     return;
   }
@@ -525,6 +527,9 @@ static void huge_pieces_add(segment_t *segment) {
 }
 
 page_t *segment_huge_alloc(size_t size, size_t alignment, bool zeroed) {
+  if (size == 0) /* a block beyond its header must have a byte in its map */
+    size = 1;
+  int saved_errno = errno; /* a failed reuse falls back to a fresh map */
   size_t offset = alignment > SLICE_SIZE ? alignment : SLICE_SIZE;
   bool after_header = offset >= SEGMENT_SIZE;
   /* Secure mode: the block ends where the mapping's last, inaccessible OS
@@ -606,6 +611,7 @@ page_t *segment_huge_alloc(size_t size, size_t alignment, bool zeroed) {
   for (size_t i = index + 1; !after_header && i < SLICES_PER_SEGMENT; i++)
     segment->pages[i].slice_offset = (uint32_t)(i - index);
   owned_map_set(huge_map_address(segment), huge_map_state(segment));
+  errno = saved_errno;
   return page;
 }
 

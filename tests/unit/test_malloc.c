@@ -147,6 +147,22 @@ static void test_aligned(void) {
     CHECK(zeroed != NULL && zeroed[0] == 0 && zeroed[(1 << 20) - 1] == 0);
     zk_free(zeroed);
   }
+  /* Size 0 beyond a segment's alignment: still a block of its own, which
+   * realloc grows and free gives back. */
+  for (int i = 0; i < 4; i++) {
+    char *empty = zk_aligned_alloc((size_t)4 << 20, 0);
+    CHECK(empty != NULL && ((uintptr_t)empty & ((4u << 20) - 1)) == 0);
+    CHECK(zk_usable_size(empty) >= 1);
+    empty[0] = 7;
+    void *others[4];
+    for (int j = 0; j < 4; j++) /* segments mapped after it */
+      CHECK((others[j] = zk_malloc((size_t)3 << 20)) != NULL);
+    empty = zk_realloc(empty, 100);
+    CHECK(empty != NULL && empty[0] == 7);
+    zk_free(empty);
+    for (int j = 0; j < 4; j++)
+      zk_free(others[j]);
+  }
   /* Beyond the address space: ENOMEM, nothing reserved. */
   errno = 0;
   CHECK(zk_aligned_alloc((size_t)1 << 62, 100) == NULL);

@@ -5,8 +5,10 @@
 #include "zkmem.h"
 
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 static void overflow_into_free_list(void) {
@@ -97,6 +99,59 @@ static void double_free_remote_after_local(void) {
   zk_free(p);
   free_from_thread(p);
   zk_free(keep);
+}
+
+/* One thread allocates 1 KiB blocks, another frees them as they come
+ * through a ring: remote frees land on the page between its collect and
+ * the malloc that takes from it. A secure page must then be usable from
+ * its own list, not look usable because of a remote free just arrived. */
+#define SECURE_RING 61
+static void *_Atomic secure_ring[SECURE_RING];
+static atomic_ulong secure_head, secure_tail;
+static atomic_int secure_stop;
+
+static void *free_from_ring(void *arg) {
+  (void)arg;
+  while (!atomic_load(&secure_stop)) {
+    unsigned long tail = atomic_load(&secure_tail);
+    if (tail == atomic_load(&secure_head))
+      continue;
+    void *p = atomic_load(&secure_ring[tail % SECURE_RING]);
+    atomic_store(&secure_tail, tail + 1);
+    zk_free(p);
+  }
+  return NULL;
+}
+
+static void secure_handoff(void) {
+  zk_option_set(ZK_OPTION_SECURE, 1);
+  alarm(30);
+  zk_free(zk_malloc(16)); /* this thread's heap exists before the other's */
+  pthread_t thread;
+  CHECK(pthread_create(&thread, NULL, free_from_ring, NULL) == 0);
+  /* A race: before the fix a run crashed after 0.7 to 17 s. */
+  time_t end = time(NULL) + 6;
+  for (unsigned long n = 0; (n & 0xfff) != 0 || time(NULL) < end;) {
+    unsigned long head = atomic_load(&secure_head);
+    if (head - atomic_load(&secure_tail) >= SECURE_RING - 1)
+      continue;
+    void *p = zk_malloc(1024);
+    CHECK(p != NULL);
+    atomic_store(&secure_ring[head % SECURE_RING], p);
+    atomic_store(&secure_head, head + 1);
+    n++;
+  }
+  atomic_store(&secure_stop, 1);
+  CHECK(pthread_join(thread, NULL) == 0);
+}
+
+static void test_secure_handoff(void) {
+  char message[512];
+  int status = test_run_child(secure_handoff, message, sizeof(message));
+  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+    fprintf(stderr, "secure hand-off: status %#x: %s\n", status, message);
+    exit(1);
+  }
 }
 
 static void write_after_free(void) {
@@ -226,6 +281,7 @@ int main(void) {
                     "zkmem: error: double free: ");
   test_expect_abort(double_free_remote_after_local,
                     "zkmem: error: double free: ");
+  test_secure_handoff();
   test_shuffled_order();
   test_guard_page();
   test_guarded_blocks_work();
