@@ -152,6 +152,61 @@ int zk_pool_stats(const zk_pool_t *pool, zk_pool_stats_t *out);
                  object);                                                      \
   }
 
+/* ---- task heaps ------------------------------------------------------ */
+
+/* Memory per task or request, usable from any thread at once. Blocks are
+ * freed with zk_free/free (or zk_realloc) from any thread and stay counted
+ * in their own heap wherever they are freed. While a thread has entered a
+ * heap, its plain malloc, calloc, realloc, aligned_alloc and C++ new (and
+ * so every library it calls) allocate from that heap: a runtime enters a
+ * task's heap around each poll of the task, and the accounting follows the
+ * task across workers. A NULL heap is the default heap. */
+typedef struct zk_heap zk_heap_t;
+
+typedef struct zk_heap_options {
+  const char *name;   /* for statistics; copied */
+  size_t limit_bytes; /* 0: no limit; allocations beyond it fail (ENOMEM) */
+  zk_heap_t *parent;  /* accounting and limits nest: a request in a tenant */
+  /* Called, with no zkmem lock held, when an allocation would pass a limit
+   * of this heap or a parent; true: retry once. */
+  bool (*on_limit)(zk_heap_t *heap, size_t size, void *arg);
+  void *on_limit_arg;
+} zk_heap_options_t;
+
+typedef struct zk_heap_stats {
+  /* Usable bytes of live blocks: exact once the threads that used the heap
+   * are quiet. */
+  size_t live_bytes;
+  /* High-water mark of the bytes charged to the heap: live blocks and the
+   * free ones waiting in its threads' caches; at least live's peak. */
+  size_t peak_bytes;
+  size_t limit_bytes;
+  uint64_t allocations, frees, limit_refusals;
+  const char *name;
+} zk_heap_stats_t;
+
+/* NULL options: defaults. NULL (errno ENOMEM) when out of memory. */
+zk_heap_t *zk_heap_create(const zk_heap_options_t *options);
+void *zk_heap_malloc(zk_heap_t *heap, size_t size);
+void *zk_heap_calloc(zk_heap_t *heap, size_t count, size_t size);
+/* A block that moves comes from `heap`; one that fits stays where it is. */
+void *zk_heap_realloc(zk_heap_t *heap, void *ptr, size_t size);
+void *zk_heap_aligned_alloc(zk_heap_t *heap, size_t alignment, size_t size);
+/* Makes `heap` this thread's current heap; returns the one entered before
+ * (NULL: the default heap). zk_heap_enter(NULL) leaves. */
+zk_heap_t *zk_heap_enter(zk_heap_t *heap);
+/* Frees every block still live in the heap at once, in time proportional
+ * to its pages, and returns the memory. Frees of its blocks by any thread
+ * must have happened before; destroying a heap entered on some thread, a
+ * heap with child heaps, or a heap twice is reported. */
+void zk_heap_destroy(zk_heap_t *heap);
+/* 0, or -1 (EINVAL) for a NULL or destroyed heap or a NULL out. */
+int zk_heap_stats(const zk_heap_t *heap, zk_heap_stats_t *out);
+/* The calling thread gives its cached free blocks back to their pages (of
+ * the default heap and of every task heap it used): a worker about to
+ * idle, so that limits and statistics see only live blocks. */
+void zk_thread_idle(void);
+
 /* ---- memory returned to the OS, statistics, options ------------------ */
 
 /* Returns free memory: force = true purges everything free now, false only

@@ -19,8 +19,11 @@ ZK_EXPORT void *zk_calloc(size_t count, size_t size) {
     errno = ENOMEM;
     return NULL;
   }
-  void *p = total > LARGE_MAX ? large_alloc_huge_zeroed(total)
-                              : alloc_fast_malloc(total);
+  /* Huge: fresh pages, zero without a memset; a task heap's block is
+   * charged to it, so it comes from the heap's own path. */
+  void *p = total > LARGE_MAX && heap_current->task == NULL
+                ? large_alloc_huge_zeroed(total)
+                : alloc_fast_malloc(total);
   bool zero = p != NULL && large_block_is_zero(p);
   track_malloc(p, total, zero);
   if (p != NULL && !zero)

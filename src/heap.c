@@ -111,7 +111,7 @@ static void bin_limits_init(void) {
   }
 }
 
-static void heap_page_return_block(heap_t *heap, page_t *page, block_t *block,
+static bool heap_page_return_block(heap_t *heap, page_t *page, block_t *block,
                                    uint64_t free_since_ms);
 
 /* A free-list link that fails its check: every list reports it alike. */
@@ -156,6 +156,7 @@ static void heap_bin_trim(heap_t *heap, bin_t *bin, uint32_t keep,
     bin_set_next(heap, last, NULL);
   }
   bin_set_count(bin, keep);
+  uint32_t back = 0;
   while (rest != NULL) {
     block_t *block = rest;
     rest = bin_next(heap, block);
@@ -163,9 +164,32 @@ static void heap_bin_trim(heap_t *heap, bin_t *bin, uint32_t keep,
       report_corrupted_list(block, 0);
       break; /* ZKMEM_ON_ERROR=warn: leak the rest */
     }
-    heap_page_return_block(heap, segment_page_of(segment_of(block), block),
-                           block, free_since_ms);
+    back += heap_page_return_block(
+        heap, segment_page_of(segment_of(block), block), block, free_since_ms);
   }
+  zk_heap_t *task = heap->task;
+  if (unlikely(task != NULL) && back != 0) {
+    unsigned class_index = (unsigned)(bin - heap->bins);
+    heap->bin_returned[class_index] += back;
+    task_uncharge(task, (size_t)back * class_block_size[class_index]);
+  }
+}
+
+/* A task sub-heap charges its task for blocks moved into a bin: all of
+ * them, or one, or none when a limit stands in the way. */
+static uint32_t heap_charge_blocks(heap_t *heap, unsigned class_index,
+                                   uint32_t count) {
+  zk_heap_t *task = heap->task;
+  if (likely(task == NULL) || count == 0)
+    return count;
+  size_t size = class_block_size[class_index];
+  if (!task_charge(task, (size_t)count * size)) {
+    if (count == 1 || !task_charge(task, size))
+      return 0;
+    count = 1;
+  }
+  heap->bin_taken[class_index] += count;
+  return count;
 }
 
 /* Decay: a bin that has not run empty since the last pass holds blocks the
@@ -210,7 +234,7 @@ ZK_NOINLINE void heap_bin_flush(heap_t *heap, bin_t *bin) {
   errno = saved_errno;
 }
 
-static void heap_flush_bins(heap_t *heap) {
+void heap_flush_bins(heap_t *heap) {
   for (unsigned c = 0; c < CLASS_COUNT; c++)
     heap_bin_trim(heap, &heap->bins[c], 0, 0);
 }
@@ -233,6 +257,7 @@ static bool heap_exit_key_created;
 /* fork: every allocator lock is held across it, in the lock order of
  * internal.h, so the child starts with consistent structures. */
 static void fork_prepare(void) {
+  task_lock_all();
   pool_lock_all();
   heap_lock_all();
   segment_lock_all();
@@ -244,6 +269,7 @@ static void fork_parent(void) {
   segment_unlock_all();
   heap_unlock_all();
   pool_unlock_all();
+  task_unlock_all();
 }
 
 /* The child has one thread: the other threads' heaps are orphaned, so
@@ -251,11 +277,12 @@ static void fork_parent(void) {
  * exist in it (heap_orphan). */
 static void fork_child(void) {
   fork_parent();
-  heap_t *self = heap_current;
+  heap_t *self = heap_current->home != NULL ? heap_current->home : heap_current;
   for (;;) {
     pthread_mutex_lock(&heaps_lock);
     heap_t *orphan = heaps_live;
-    while (orphan != NULL && orphan == self)
+    /* This thread's own heap and its task sub-heaps stay. */
+    while (orphan != NULL && (orphan == self || orphan->home == self))
       orphan = orphan->next_heap;
     pthread_mutex_unlock(&heaps_lock);
     if (orphan == NULL)
@@ -288,7 +315,7 @@ void process_init(void) {
     ; /* another thread is reading options: a few microseconds */
 }
 
-static heap_t *heap_create(void) {
+heap_t *heap_create(void) {
   pthread_mutex_lock(&heaps_lock);
   heap_t *heap = heaps_free;
   if (heap != NULL)
@@ -451,11 +478,48 @@ static void heap_orphan(heap_t *heap) {
   heap_retire(heap, &heaps_orphaned);
 }
 
+heap_t *heap_home(void) {
+  heap_t *heap = heap_get_initialized();
+  return heap != NULL && heap->home != NULL ? heap->home : heap;
+}
+
+void heap_recycle(heap_t *heap) {
+  heap_retire(heap, &heaps_free);
+}
+
+/* A task sub-heap no thread uses (its task is being destroyed): every page
+ * and cached span goes back, whatever blocks are still out. */
+void heap_release_all(heap_t *heap) {
+  pool_heap_exit(heap);
+  large_cache_flush(heap);
+  for (unsigned c = 0; c < CLASS_COUNT; c++) {
+    heap->bins[c].head = NULL;
+    bin_set_count(&heap->bins[c], 0);
+  }
+  page_queue_t *queues[CLASS_COUNT + 1];
+  for (unsigned c = 0; c < CLASS_COUNT; c++)
+    queues[c] = &heap->queues[c];
+  queues[CLASS_COUNT] = &heap->full;
+  for (unsigned q = 0; q <= CLASS_COUNT; q++) {
+    page_t *page;
+    while ((page = queues[q]->first) != NULL) {
+      queue_remove(queues[q], page);
+      atomic_store_explicit(&page->thread_free, NULL, memory_order_relaxed);
+      page->in_full = 0;
+      stats_retire_page(&heap->stats, page);
+      page_free_bits_release(page);
+      segment_span_free(page);
+    }
+  }
+}
+
 static void heap_thread_exit(void *value) {
   heap_t *heap = value;
   if (heap == NULL || heap == &heap_empty)
     return;
+  heap_t *current = heap_current;
   heap_current = &heap_empty;
+  task_thread_exit(heap, current);
   heap_abandon(heap);
   purge_maybe();
 }
@@ -610,6 +674,7 @@ static uint32_t heap_bin_take(heap_t *heap, bin_t *bin, page_t *page,
                               uint32_t want) {
   uint32_t available = page->capacity - page->used; /* all in `free` */
   uint32_t take = available < want ? available : want;
+  take = heap_charge_blocks(heap, page->class_index, take);
   if (take == 0)
     return 0;
   /* A page's list stays in its page: a link that leaves the segment was
@@ -674,6 +739,17 @@ static uint32_t heap_bin_take_remote(heap_t *heap, bin_t *bin, page_t *page) {
   block_t *remote = page_take_remote(page, &tail, &count);
   if (remote == NULL)
     return 0;
+  if (unlikely(heap->task != NULL) &&
+      !task_charge(heap->task,
+                   (size_t)count * class_block_size[page->class_index])) {
+    block_set_next(page, tail, page->free); /* over a limit: to the page */
+    page->free = remote;
+    page->used -= count;
+    page->frees += count;
+    return 0;
+  }
+  if (unlikely(heap->task != NULL))
+    heap->bin_taken[page->class_index] += count;
   block_set_next(page, tail, bin->head);
   bin->head = remote;
   page->frees += count;
@@ -689,7 +765,7 @@ static uint32_t heap_bin_take_page(heap_t *heap, bin_t *bin, page_t *page,
   return got;
 }
 
-static void heap_bin_refill(heap_t *heap, bin_t *bin, page_t *page) {
+static uint32_t heap_bin_refill(heap_t *heap, bin_t *bin, page_t *page) {
   uint32_t want = bin->limit / 2;
   uint32_t got = heap_bin_take_page(heap, bin, page, want);
   unsigned pages = 1;
@@ -700,6 +776,7 @@ static void heap_bin_refill(heap_t *heap, bin_t *bin, page_t *page) {
       continue;
     got += heap_bin_take_page(heap, bin, more, want - got);
   }
+  return got;
 }
 
 /* ZKMEM_ON_ERROR=warn: the page's list is dropped, the block comes from
@@ -710,7 +787,12 @@ static ZK_COLD void *heap_free_list_corrupted(page_t *page, block_t *block) {
 }
 
 /* Secure pages: one block at a time, checked. */
-static void *heap_malloc_secure(page_t *page) {
+static void *heap_malloc_secure(heap_t *heap, page_t *page) {
+  if (unlikely(heap->task != NULL)) {
+    if (!task_charge(heap->task, page->block_size))
+      return task_limit_reached(heap, page->block_size, 0);
+    heap->secure_allocs++;
+  }
   block_t *block = page->free;
   block_t *next = block_next(page, block);
   if (link_is_forged(block, next))
@@ -754,8 +836,10 @@ void *heap_malloc_generic(heap_t *heap, size_t size, size_t alignment) {
       return NULL;
     }
     if (unlikely(page->secure))
-      return heap_malloc_secure(page);
-    heap_bin_refill(heap, bin, page);
+      return heap_malloc_secure(heap, page);
+    uint32_t got = heap_bin_refill(heap, bin, page);
+    if (unlikely(got == 0 && heap->task != NULL))
+      return task_limit_reached(heap, size, alignment);
     if (unlikely(bin->head == NULL)) /* the page's list was corrupted */
       return heap_malloc_generic(heap, size, alignment);
     bin->refilled = 1;
@@ -768,11 +852,11 @@ void *heap_malloc_generic(heap_t *heap, size_t size, size_t alignment) {
 /* A block back on its page (bin flush, secure free): requeue a page that
  * was in `full`, release one that emptied. A page counts the frees that
  * reach it directly (secure, remote), a bin those pushed onto it. */
-static void heap_page_return_block(heap_t *heap, page_t *page, block_t *block,
+static bool heap_page_return_block(heap_t *heap, page_t *page, block_t *block,
                                    uint64_t free_since_ms) {
   if (unlikely(page->used == 0)) { /* freed twice through a bin */
     error_report("double free", block, page->block_size);
-    return;
+    return false;
   }
   block_set_next(page, block, page->free);
   page->free = block;
@@ -780,7 +864,7 @@ static void heap_page_return_block(heap_t *heap, page_t *page, block_t *block,
   if (page->in_full)
     heap_unfull(heap, page);
   if (page->used != 0)
-    return;
+    return true;
   page_queue_t *queue = &heap->queues[page->class_index];
   /* Keep a class's only page, and one empty single-slice spare behind
    * the first page: the next refill of that class would want it back at
@@ -790,9 +874,10 @@ static void heap_page_return_block(heap_t *heap, page_t *page, block_t *block,
   if (page->next == NULL &&
       (queue->first == page ||
        (queue->first->next == page && page->slice_count == 1)))
-    return;
+    return true;
   queue_remove(queue, page);
   heap_page_release(heap, page, free_since_ms);
+  return true;
 }
 
 /* Dekker with heap_move_to_full and heap_rescan_full, every access
@@ -809,9 +894,16 @@ static void heap_free_remote(page_t *page, block_t *block) {
     }
     page_secure_fill(page, block);
   }
+  /* The owner of a task's page is a sub-heap of that task for as long as
+   * the page has blocks out (zk_heap_destroy releases pages first). */
+  heap_t *owner = page_owner(page);
+  if (owner != NULL) {
+    zk_heap_t *task = owner->task;
+    if (unlikely(task != NULL))
+      task_remote_free(task, page->block_size);
+  }
   page_free_remote(page, block); /* a sequentially consistent CAS */
   if (__atomic_load_n(&page->in_full, __ATOMIC_SEQ_CST)) {
-    heap_t *owner = page_owner(page);
     if (owner != NULL && !atomic_load_explicit(&owner->remote_frees_to_full,
                                                memory_order_seq_cst))
       atomic_store_explicit(&owner->remote_frees_to_full, 1,
@@ -867,7 +959,11 @@ static void heap_free_checked(void *p) {
     }
     page_secure_fill(page, block);
     page->frees++;
-    heap_page_return_block(heap, page, block, 0);
+    if (heap_page_return_block(heap, page, block, 0) &&
+        unlikely(heap->task != NULL)) {
+      heap->secure_frees++;
+      task_uncharge(heap->task, page->block_size);
+    }
     return;
   }
   case PAGE_LARGE:

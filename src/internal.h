@@ -25,8 +25,9 @@
  * Layers: alloc.c and pool.c (API) -> heap.c -> page.c -> segment.c -> os.c.
  * A layer calls only the layers below it.
  *
- * Lock order (outer first): pool registry, pool->lock, abandoned_lock,
- * heaps_lock, segment_lock, meta lock. Fast paths take no lock. */
+ * Lock order (outer first): task heaps' lock, pool registry, pool->lock,
+ * abandoned_lock, heaps_lock, segment_lock, meta lock. Fast paths take no
+ * lock. */
 #ifndef ZKMEM_INTERNAL_H
 #define ZKMEM_INTERNAL_H
 
@@ -172,7 +173,10 @@ struct page {
      * is free (page_free_bit_*), so every double free is caught at once. */
     _Atomic(uint64_t) *free_bits;
   };
-  zk_pool_t *pool;   /* pool pages */
+  union {
+    zk_pool_t *pool; /* pool pages */
+    zk_heap_t *task; /* large and huge blocks of a task heap */
+  };
   size_t large_size; /* large/huge: usable bytes */
 };
 /* A power of two, so that finding a slice's descriptor is a shift. */
@@ -256,6 +260,19 @@ struct heap {
   unsigned large_cache_count;
   heap_stats_t stats;
   heap_t *next_heap; /* heaps_lock: all live heaps / free heaps */
+  /* Task heaps (taskheap.c): a sub-heap is a thread's heap for one task
+   * heap; its pages are its own, as a thread's heap's are. */
+  zk_heap_t *_Atomic task; /* NULL: a thread's own heap */
+  heap_t *home;            /* sub-heap: its thread's own heap (NULL: exited) */
+  heap_t *task_next;       /* sub-heap: the task's list (task lock) */
+  heap_t *subheaps;        /* own heap: its thread's sub-heaps (owner only) */
+  heap_t *subheap_next;    /* sub-heap: in its home's list */
+  /* Sub-heap statistics, kept on slow paths: blocks into and out of each
+   * bin from its pages (a bin's pops are taken + frees - returned - held),
+   * and secure pages' blocks handed out and freed by this thread. */
+  uint64_t bin_taken[CLASS_COUNT];
+  uint64_t bin_returned[CLASS_COUNT];
+  uint64_t secure_allocs, secure_frees;
 };
 /* Heaps are page-aligned (os_meta_alloc aligns blocks of a page or more to
  * a page). The fast paths write a bin's head, frees and room: offsets 8 to
@@ -472,6 +489,14 @@ ZK_INLINE void *bin_pop(heap_t *heap, bin_t *bin) {
   return block;
 }
 heap_t *heap_get_initialized(void);
+heap_t *heap_create(void);
+/* A heap that leaves the live list for good (its pages gone): reused. */
+void heap_recycle(heap_t *heap);
+void heap_flush_bins(heap_t *heap);
+/* Every page and cached span of a sub-heap back to the segment layer. */
+void heap_release_all(heap_t *heap);
+/* The thread's own heap, whichever heap is current. */
+heap_t *heap_home(void);
 void heap_collect(heap_t *heap, bool force);
 void heap_bins_decay(heap_t *heap, uint64_t now);
 void heap_reclaim_abandoned(void);
@@ -496,6 +521,23 @@ void pool_heap_exit(heap_t *heap);
 void pool_free_from_malloc(page_t *page, void *object);
 void pool_lock_all(void);
 void pool_unlock_all(void);
+
+/* ---- taskheap.c ---- */
+/* Charges are bytes of blocks live or waiting in a sub-heap's bin, on the
+ * task heap and every parent. false (nothing charged): over a limit. */
+bool task_charge(zk_heap_t *task, size_t bytes);
+void task_uncharge(zk_heap_t *task, size_t bytes);
+/* A block of the task freed by a thread that does not own its page. */
+void task_remote_free(zk_heap_t *task, size_t bytes);
+/* Large and huge blocks: charged and listed for zk_heap_destroy. */
+bool task_large_add(zk_heap_t *task, page_t *page);
+void task_large_remove(page_t *page);
+/* A sub-heap's allocation refused by a limit: flush, ask on_limit, retry. */
+void *task_limit_reached(heap_t *heap, size_t size, size_t alignment);
+/* Thread exit: the thread's sub-heaps are orphaned or recycled. */
+void task_thread_exit(heap_t *home, heap_t *current);
+void task_lock_all(void);
+void task_unlock_all(void);
 
 /* ---- purge.c ---- */
 uint64_t clock_now_ms(void);

@@ -114,7 +114,7 @@ static void *large_alloc_guarded(heap_t *heap, size_t size) {
   return span->start;
 }
 
-void *large_alloc(heap_t *heap, size_t size, size_t alignment) {
+static void *large_alloc_any(heap_t *heap, size_t size, size_t alignment) {
   if (unlikely(size > PTRDIFF_MAX)) {
     errno = ENOMEM;
     return NULL;
@@ -149,7 +149,23 @@ static size_t large_cache_slices(const heap_t *heap) {
   return total;
 }
 
+/* A block of a task sub-heap is charged to its task and listed there; one
+ * over a limit goes back, and the task's limit handling decides. */
+void *large_alloc(heap_t *heap, size_t size, size_t alignment) {
+  void *p = large_alloc_any(heap, size, alignment);
+  zk_heap_t *task = heap->task;
+  if (likely(task == NULL) || p == NULL)
+    return p;
+  page_t *page = segment_lookup(p);
+  if (task_large_add(task, page))
+    return p;
+  large_free(&heap_empty, page);
+  return task_limit_reached(heap, size, alignment);
+}
+
 void large_free(heap_t *heap, page_t *page) {
+  if (unlikely(page->task != NULL))
+    task_large_remove(page);
   large_unaccount(page);
   if (page->kind == PAGE_HUGE) {
     atomic_fetch_sub_explicit(&huge_live, 1, memory_order_relaxed);
@@ -209,7 +225,9 @@ bool large_block_is_zero(const void *p) {
 
 void *large_try_resize(void *p, size_t size) {
   page_t *page = segment_lookup(p);
-  if (page->kind != PAGE_HUGE || size <= LARGE_MAX || p != page->start)
+  /* A task's block is copied: its task lists its descriptor. */
+  if (page->kind != PAGE_HUGE || size <= LARGE_MAX || p != page->start ||
+      page->task != NULL)
     return NULL;
   large_unaccount(page);
   page_t *resized = segment_huge_resize(page, size);

@@ -1,0 +1,499 @@
+/* Task heaps: memory per task or request, limits that fail one task, and
+ * free-all, usable from any thread.
+ *
+ * A task heap (zk_heap_t) owns one sub-heap per thread that allocates from
+ * it: an ordinary heap_t whose `task` names it. A thread that enters the
+ * task heap makes that sub-heap current, so its plain malloc and free run
+ * the usual fast paths on the sub-heap's bins and pages; zk_heap_malloc
+ * allocates from the calling thread's sub-heap without entering. A block
+ * freed anywhere else goes back as any remote free does, to its page.
+ *
+ * Accounting costs the fast paths nothing. A task heap is charged for the
+ * bytes of its blocks that are live or wait in a sub-heap's bin: a block is
+ * charged when a bin takes it from its page (a refill, a whole remote list)
+ * and when a large block is made, uncharged when a bin gives it back to its
+ * page, when another thread frees it, and when a large block is freed. Live
+ * bytes are the charge less what the sub-heaps' bins hold, exact once the
+ * threads are quiet. Limits are checked where a charge grows, so a refill
+ * near the limit takes one block, then none; a refused malloc first gives
+ * this thread's bins back, then asks on_limit, and fails with ENOMEM.
+ *
+ * zk_heap_destroy releases every page of every sub-heap and every large
+ * block, in time proportional to pages. A sub-heap whose thread still
+ * lives stays in that thread's list, marked dead, and is recycled by the
+ * thread the next time it looks for a sub-heap, or when it exits.
+ *
+ * Locks: a task heap's lock guards its sub-heap list and its large blocks;
+ * it is taken after the segment layer's locks are released, and never
+ * around user code (on_limit runs with no lock held). */
+#include "internal.h"
+#include "os.h"
+#include "sizeclass.h"
+
+#include <errno.h>
+#include <string.h>
+
+#define TASK_HEAP_MAGIC UINT64_C(0x7a6b686561702121) /* "zkheap!!" */
+
+struct zk_heap {
+  uint64_t magic; /* TASK_HEAP_MAGIC while alive */
+  char name[48];
+  size_t limit;
+  zk_heap_t *parent;
+  bool (*on_limit)(zk_heap_t *heap, size_t size, void *arg);
+  void *on_limit_arg;
+  /* Hot: every charge of this heap or a child's. */
+  _Atomic uint64_t charged __attribute__((aligned(64)));
+  _Atomic uint64_t peak;
+  _Atomic uint64_t remote_frees;
+  _Atomic uint64_t limit_refusals;
+  _Atomic int entered;  /* threads inside zk_heap_enter */
+  _Atomic int children; /* task heaps with this one as parent */
+  heap_t *subheaps;     /* tasks_lock */
+  page_t *large;        /* large and huge blocks, by next/prev (tasks_lock) */
+  uint64_t large_allocations, large_frees; /* tasks_lock */
+};
+
+/* Guards every task heap's lists and the life of sub-heaps (orphaned at
+ * thread exit, released at destroy): one lock, so that a thread exiting
+ * while another destroys the task heap agree on who recycles a sub-heap,
+ * and so that fork can hold it. Taken before the pool, heap and segment
+ * locks; never around user code. */
+static pthread_mutex_t tasks_lock = PTHREAD_MUTEX_INITIALIZER;
+
+void task_lock_all(void) {
+  pthread_mutex_lock(&tasks_lock);
+}
+
+void task_unlock_all(void) {
+  pthread_mutex_unlock(&tasks_lock);
+}
+
+static bool task_is_live(const zk_heap_t *heap) {
+  return heap != NULL &&
+         __atomic_load_n(&heap->magic, __ATOMIC_ACQUIRE) == TASK_HEAP_MAGIC;
+}
+
+/* A pointer that is not a live task heap: reported, or NULL + EINVAL. */
+static ZK_COLD void task_invalid(const zk_heap_t *heap, const char *call) {
+  char what[96];
+  snprintf(what, sizeof(what), "%s of a destroyed task heap or not one", call);
+  error_report(what, heap, 0);
+  errno = EINVAL;
+}
+
+/* ---- charges ---- */
+
+static void task_peak_raise(zk_heap_t *heap, uint64_t charged) {
+  uint64_t peak = atomic_load_explicit(&heap->peak, memory_order_relaxed);
+  while (charged > peak && !atomic_compare_exchange_weak_explicit(
+                               &heap->peak, &peak, charged,
+                               memory_order_relaxed, memory_order_relaxed))
+    ;
+}
+
+bool task_charge(zk_heap_t *task, size_t bytes) {
+  for (zk_heap_t *heap = task; heap != NULL; heap = heap->parent) {
+    uint64_t charged =
+        atomic_fetch_add_explicit(&heap->charged, bytes, memory_order_relaxed) +
+        bytes;
+    if (heap->limit != 0 && charged > heap->limit) {
+      /* Undo this level and the ones below it. */
+      for (zk_heap_t *undo = task;; undo = undo->parent) {
+        atomic_fetch_sub_explicit(&undo->charged, bytes, memory_order_relaxed);
+        if (undo == heap)
+          break;
+      }
+      return false;
+    }
+    task_peak_raise(heap, charged);
+  }
+  return true;
+}
+
+void task_uncharge(zk_heap_t *task, size_t bytes) {
+  for (zk_heap_t *heap = task; heap != NULL; heap = heap->parent)
+    atomic_fetch_sub_explicit(&heap->charged, bytes, memory_order_relaxed);
+}
+
+void task_remote_free(zk_heap_t *task, size_t bytes) {
+  atomic_fetch_add_explicit(&task->remote_frees, 1, memory_order_relaxed);
+  task_uncharge(task, bytes);
+}
+
+/* ---- large and huge blocks ---- */
+
+bool task_large_add(zk_heap_t *task, page_t *page) {
+  if (!task_charge(task, page->large_size))
+    return false;
+  page->task = task;
+  pthread_mutex_lock(&tasks_lock);
+  page->prev = NULL;
+  page->next = task->large;
+  if (task->large != NULL)
+    task->large->prev = page;
+  task->large = page;
+  task->large_allocations++;
+  pthread_mutex_unlock(&tasks_lock);
+  return true;
+}
+
+void task_large_remove(page_t *page) {
+  zk_heap_t *task = page->task;
+  pthread_mutex_lock(&tasks_lock);
+  if (page->prev != NULL)
+    page->prev->next = page->next;
+  else
+    task->large = page->next;
+  if (page->next != NULL)
+    page->next->prev = page->prev;
+  page->next = page->prev = NULL;
+  task->large_frees++;
+  pthread_mutex_unlock(&tasks_lock);
+  page->task = NULL;
+  task_uncharge(task, page->large_size);
+}
+
+/* ---- sub-heaps ---- */
+
+/* The calling thread's sub-heap for `task`, made on first use. Dead
+ * sub-heaps (of destroyed task heaps) met on the way are recycled. */
+static heap_t *task_subheap(zk_heap_t *task) {
+  heap_t *home = heap_home();
+  if (home == NULL)
+    return NULL;
+  heap_t **link = &home->subheaps;
+  while (*link != NULL) {
+    heap_t *sub = *link;
+    zk_heap_t *owner = atomic_load_explicit(&sub->task, memory_order_acquire);
+    if (owner == task)
+      return sub;
+    if (owner == NULL) { /* its task heap was destroyed: released */
+      *link = sub->subheap_next;
+      heap_recycle(sub);
+      continue;
+    }
+    link = &sub->subheap_next;
+  }
+  heap_t *sub = heap_create();
+  if (sub == NULL)
+    return NULL;
+  sub->home = home;
+  atomic_store_explicit(&sub->task, task, memory_order_release);
+  sub->subheap_next = home->subheaps;
+  home->subheaps = sub;
+  pthread_mutex_lock(&tasks_lock);
+  sub->task_next = task->subheaps;
+  task->subheaps = sub;
+  pthread_mutex_unlock(&tasks_lock);
+  return sub;
+}
+
+void task_thread_exit(heap_t *home, heap_t *current) {
+  zk_heap_t *entered = current != NULL ? current->task : NULL;
+  if (entered != NULL)
+    atomic_fetch_sub_explicit(&entered->entered, 1, memory_order_relaxed);
+  heap_t *sub = home->subheaps;
+  home->subheaps = NULL;
+  pthread_mutex_lock(&tasks_lock);
+  while (sub != NULL) {
+    heap_t *next = sub->subheap_next;
+    if (atomic_load_explicit(&sub->task, memory_order_relaxed) == NULL) {
+      heap_recycle(sub); /* its task heap was destroyed */
+    } else {
+      /* Orphaned: its pages stay with it (other threads free into them,
+       * uncharging as they go) until the task heap is destroyed. */
+      pool_heap_exit(sub);
+      large_cache_flush(sub);
+      heap_flush_bins(sub);
+      sub->home = NULL;
+    }
+    sub = next;
+  }
+  pthread_mutex_unlock(&tasks_lock);
+}
+
+/* ---- allocation ---- */
+
+/* A malloc of a sub-heap refused by a limit: this thread's bins of the
+ * sub-heap go back to their pages (their blocks are charged), then
+ * on_limit may make room; one retry after each. */
+static __thread int task_retrying;
+
+void *task_limit_reached(heap_t *heap, size_t size, size_t alignment) {
+  zk_heap_t *task = heap->task;
+  if (task_retrying == 0) {
+    task_retrying = 1;
+    heap_flush_bins(heap);
+    void *p = heap_malloc_generic(heap, size, alignment);
+    if (p == NULL && task->on_limit != NULL &&
+        task->on_limit(task, size, task->on_limit_arg))
+      p = heap_malloc_generic(heap, size, alignment);
+    task_retrying = 0;
+    if (p != NULL)
+      return p;
+  } else {
+    return NULL; /* the retry's own refusal: counted once, below */
+  }
+  atomic_fetch_add_explicit(&task->limit_refusals, 1, memory_order_relaxed);
+  errno = ENOMEM;
+  return NULL;
+}
+
+static void *task_alloc(heap_t *sub, size_t size, size_t alignment) {
+  if (alignment <= 16 && size <= SMALL_MAX) {
+    bin_t *bin = &sub->bins[class_by_8[(size + 7) >> 3]];
+    if (bin->head != NULL)
+      return bin_pop(sub, bin);
+  }
+  return heap_malloc_generic(sub, size, alignment);
+}
+
+ZK_EXPORT zk_heap_t *zk_heap_create(const zk_heap_options_t *options) {
+  zk_heap_options_t defaults = {0};
+  if (options == NULL)
+    options = &defaults;
+  if (options->parent != NULL && !task_is_live(options->parent)) {
+    task_invalid(options->parent, "zk_heap_create with a parent");
+    return NULL;
+  }
+  process_init();
+  zk_heap_t *heap = os_meta_alloc(sizeof(zk_heap_t));
+  if (heap == NULL) {
+    errno = ENOMEM;
+    return NULL;
+  }
+  strncpy(heap->name, options->name != NULL ? options->name : "heap",
+          sizeof(heap->name) - 1);
+  heap->limit = options->limit_bytes;
+  heap->parent = options->parent;
+  heap->on_limit = options->on_limit;
+  heap->on_limit_arg = options->on_limit_arg;
+  if (heap->parent != NULL)
+    atomic_fetch_add_explicit(&heap->parent->children, 1, memory_order_relaxed);
+  __atomic_store_n(&heap->magic, TASK_HEAP_MAGIC, __ATOMIC_RELEASE);
+  return heap;
+}
+
+ZK_EXPORT void *zk_heap_malloc(zk_heap_t *heap, size_t size) {
+  if (heap == NULL)
+    return zk_malloc(size);
+  if (unlikely(!task_is_live(heap))) {
+    task_invalid(heap, "zk_heap_malloc");
+    return NULL;
+  }
+  heap_t *sub = task_subheap(heap);
+  if (sub == NULL) {
+    errno = ENOMEM;
+    return NULL;
+  }
+  void *p = task_alloc(sub, size, 0);
+  track_malloc(p, size, 0);
+  return p;
+}
+
+ZK_EXPORT void *zk_heap_calloc(zk_heap_t *heap, size_t count, size_t size) {
+  size_t total;
+  if (unlikely(__builtin_mul_overflow(count, size, &total))) {
+    errno = ENOMEM;
+    return NULL;
+  }
+  if (heap == NULL)
+    return zk_calloc(count, size);
+  void *p = zk_heap_malloc(heap, total);
+  bool zero = p != NULL && large_block_is_zero(p);
+  if (p != NULL && !zero)
+    track_quietly(memset(p, 0, total));
+  return p;
+}
+
+ZK_EXPORT void *zk_heap_aligned_alloc(zk_heap_t *heap, size_t alignment,
+                                      size_t size) {
+  if (heap == NULL)
+    return zk_aligned_alloc(alignment, size);
+  if (unlikely(alignment == 0 || (alignment & (alignment - 1)) != 0)) {
+    errno = EINVAL;
+    return NULL;
+  }
+  if (unlikely(!task_is_live(heap))) {
+    task_invalid(heap, "zk_heap_aligned_alloc");
+    return NULL;
+  }
+  if (alignment <= 16)
+    return zk_heap_malloc(heap, size < alignment ? alignment : size);
+  if (unlikely(size > PTRDIFF_MAX)) {
+    errno = ENOMEM;
+    return NULL;
+  }
+  heap_t *sub = task_subheap(heap);
+  if (sub == NULL) {
+    errno = ENOMEM;
+    return NULL;
+  }
+  void *p = task_alloc(sub, size, alignment);
+  track_malloc(p, size, 0);
+  return p;
+}
+
+ZK_EXPORT void *zk_heap_realloc(zk_heap_t *heap, void *p, size_t size) {
+  if (heap == NULL)
+    return zk_realloc(p, size);
+  if (p == NULL)
+    return zk_heap_malloc(heap, size);
+  if (size == 0) {
+    zk_free(p);
+    return NULL;
+  }
+  size_t usable = zk_usable_size(p);
+  if (usable == 0) {
+    zk_free(p); /* reports the foreign pointer */
+    errno = EINVAL;
+    return NULL;
+  }
+  if (!ZK_TRACKING && size <= usable && size >= usable / 2)
+    return p; /* where it is, in whichever heap that is */
+  void *fresh = zk_heap_malloc(heap, size);
+  if (fresh == NULL)
+    return NULL;
+  track_quietly(memcpy(fresh, p, size < usable ? size : usable));
+  zk_free(p);
+  return fresh;
+}
+
+/* ---- entering, statistics, destroy ---- */
+
+ZK_EXPORT zk_heap_t *zk_heap_enter(zk_heap_t *heap) {
+  heap_t *current = heap_get_initialized();
+  if (current == NULL) {
+    errno = ENOMEM;
+    return NULL;
+  }
+  zk_heap_t *previous = current->task;
+  if (heap == previous)
+    return previous;
+  heap_t *next;
+  if (heap == NULL) {
+    next = current->home;
+  } else {
+    if (unlikely(!task_is_live(heap))) {
+      task_invalid(heap, "zk_heap_enter");
+      return previous;
+    }
+    next = task_subheap(heap);
+    if (next == NULL) { /* no memory for a sub-heap: stay */
+      errno = ENOMEM;
+      return previous;
+    }
+    atomic_fetch_add_explicit(&heap->entered, 1, memory_order_relaxed);
+  }
+  if (previous != NULL)
+    atomic_fetch_sub_explicit(&previous->entered, 1, memory_order_relaxed);
+  heap_current = next;
+  return previous;
+}
+
+/* Blocks a sub-heap handed out and took back: a bin's pops are what it
+ * took from pages, plus the frees pushed onto it, less what it gave back
+ * and what it holds. Read while the owner runs: exact when it is quiet. */
+static void subheap_counts(const heap_t *sub, uint64_t *allocations,
+                           uint64_t *frees, uint64_t *held_bytes) {
+  for (unsigned c = 0; c < CLASS_COUNT; c++) {
+    const bin_t *bin = &sub->bins[c];
+    uint64_t pushed = __atomic_load_n(&bin->frees, __ATOMIC_RELAXED);
+    uint64_t held = bin_count(bin);
+    *allocations +=
+        __atomic_load_n(&sub->bin_taken[c], __ATOMIC_RELAXED) + pushed -
+        __atomic_load_n(&sub->bin_returned[c], __ATOMIC_RELAXED) - held;
+    *frees += pushed;
+    *held_bytes += held * class_block_size[c];
+  }
+  *allocations += __atomic_load_n(&sub->secure_allocs, __ATOMIC_RELAXED);
+  *frees += __atomic_load_n(&sub->secure_frees, __ATOMIC_RELAXED);
+}
+
+ZK_EXPORT int zk_heap_stats(const zk_heap_t *heap, zk_heap_stats_t *out) {
+  if (heap == NULL || out == NULL || !task_is_live(heap)) {
+    errno = EINVAL;
+    return -1;
+  }
+  zk_heap_t *task = (zk_heap_t *)heap;
+  memset(out, 0, sizeof(*out));
+  uint64_t allocations = 0, frees = 0, held = 0;
+  pthread_mutex_lock(&tasks_lock);
+  for (heap_t *sub = task->subheaps; sub != NULL; sub = sub->task_next)
+    subheap_counts(sub, &allocations, &frees, &held);
+  allocations += task->large_allocations;
+  frees += task->large_frees;
+  pthread_mutex_unlock(&tasks_lock);
+  frees += atomic_load_explicit(&task->remote_frees, memory_order_relaxed);
+  uint64_t charged = atomic_load_explicit(&task->charged, memory_order_relaxed);
+  out->name = task->name;
+  out->live_bytes = charged > held ? charged - held : 0;
+  out->peak_bytes = atomic_load_explicit(&task->peak, memory_order_relaxed);
+  out->limit_bytes = task->limit;
+  out->allocations = allocations;
+  out->frees = frees;
+  out->limit_refusals =
+      atomic_load_explicit(&task->limit_refusals, memory_order_relaxed);
+  return 0;
+}
+
+ZK_EXPORT void zk_heap_destroy(zk_heap_t *heap) {
+  if (heap == NULL)
+    return;
+  if (unlikely(!task_is_live(heap))) {
+    task_invalid(heap, "zk_heap_destroy");
+    return;
+  }
+  if (atomic_load_explicit(&heap->entered, memory_order_relaxed) != 0) {
+    error_report("zk_heap_destroy of a task heap entered on a thread", heap, 0);
+    return;
+  }
+  if (atomic_load_explicit(&heap->children, memory_order_relaxed) != 0) {
+    error_report("zk_heap_destroy of a task heap with child heaps", heap, 0);
+    return;
+  }
+  __atomic_store_n(&heap->magic, 0, __ATOMIC_RELEASE);
+  pthread_mutex_lock(&tasks_lock);
+  heap_t *sub = heap->subheaps;
+  heap->subheaps = NULL;
+  page_t *large = heap->large;
+  heap->large = NULL;
+  while (sub != NULL) {
+    heap_t *next = sub->task_next;
+    heap_release_all(sub);
+    /* A sub-heap in a living thread's list is recycled by that thread;
+     * an orphan now. */
+    bool orphan = sub->home == NULL;
+    atomic_store_explicit(&sub->task, NULL, memory_order_release);
+    if (orphan)
+      heap_recycle(sub);
+    sub = next;
+  }
+  pthread_mutex_unlock(&tasks_lock);
+  while (large != NULL) {
+    page_t *next = large->next;
+    large->next = large->prev = NULL;
+    large->task = NULL;
+    large_free(&heap_empty, large);
+    large = next;
+  }
+  if (heap->parent != NULL) {
+    task_uncharge(heap->parent,
+                  atomic_load_explicit(&heap->charged, memory_order_relaxed));
+    atomic_fetch_sub_explicit(&heap->parent->children, 1, memory_order_relaxed);
+  }
+  os_meta_free(heap, sizeof(zk_heap_t));
+}
+
+ZK_EXPORT void zk_thread_idle(void) {
+  heap_t *current = heap_current;
+  if (current == &heap_empty)
+    return;
+  heap_t *home = current->home != NULL ? current->home : current;
+  for (heap_t *sub = home->subheaps; sub != NULL; sub = sub->subheap_next)
+    if (atomic_load_explicit(&sub->task, memory_order_relaxed) != NULL)
+      heap_flush_bins(sub);
+  heap_collect(home, false);
+  purge_maybe();
+}

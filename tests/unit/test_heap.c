@@ -1,0 +1,368 @@
+/* Task heaps: accounting that follows blocks across threads, entering a
+ * heap, limits that fail one heap and nest, destroy, and misuse. Checks of
+ * live bytes run once the threads that used the heap are quiet, as the
+ * statistics promise. */
+#include "test_util.h"
+#include "zkmem.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+static zk_heap_stats_t stats_of(const zk_heap_t *heap) {
+  zk_heap_stats_t stats;
+  CHECK_EQ(zk_heap_stats(heap, &stats), 0);
+  return stats;
+}
+
+#define BLOCKS 3000
+
+/* Sizes across small, large (64 KiB - 2 MiB) and huge blocks. */
+static size_t size_for(unsigned i) {
+  if (i % 500 == 7)
+    return (size_t)3 << 20;
+  if (i % 100 == 3)
+    return (size_t)(70 + i % 400) << 10;
+  return 1 + (i * 2654435761u) % 3000;
+}
+
+static void test_accounting(void) {
+  zk_heap_t *heap = zk_heap_create(&(zk_heap_options_t){.name = "request"});
+  CHECK(heap != NULL);
+  static void *blocks[BLOCKS];
+  size_t usable = 0;
+  for (unsigned i = 0; i < BLOCKS; i++) {
+    void *p = i % 3 == 0   ? zk_heap_malloc(heap, size_for(i))
+              : i % 3 == 1 ? zk_heap_calloc(heap, 1, size_for(i))
+                           : zk_heap_aligned_alloc(heap, 64, size_for(i));
+    CHECK(p != NULL);
+    if (i % 3 == 2)
+      CHECK(((uintptr_t)p & 63) == 0);
+    memset(p, 0x5a, size_for(i));
+    usable += zk_usable_size(p);
+    blocks[i] = p;
+  }
+  zk_heap_stats_t stats = stats_of(heap);
+  CHECK_EQ(stats.live_bytes, usable);
+  CHECK(stats.peak_bytes >= usable);
+  CHECK_EQ(stats.allocations - stats.frees, BLOCKS);
+  CHECK(strcmp(stats.name, "request") == 0);
+  /* realloc keeps the contents; a block that moves comes from the heap. */
+  for (unsigned i = 0; i < BLOCKS; i += 10) {
+    usable -= zk_usable_size(blocks[i]);
+    blocks[i] = zk_heap_realloc(heap, blocks[i], size_for(i) * 2 + 100);
+    CHECK(blocks[i] != NULL && ((unsigned char *)blocks[i])[0] == 0x5a);
+    usable += zk_usable_size(blocks[i]);
+  }
+  CHECK_EQ(stats_of(heap).live_bytes, usable);
+  for (unsigned i = 0; i < BLOCKS; i++)
+    zk_free(blocks[i]);
+  zk_thread_idle();
+  stats = stats_of(heap);
+  CHECK_EQ(stats.live_bytes, 0);
+  CHECK_EQ(stats.allocations, stats.frees);
+  zk_heap_destroy(heap);
+  printf("accounting: %u blocks, %zu usable bytes, back to 0\n", BLOCKS,
+         usable);
+}
+
+/* Blocks allocated in a heap on one thread and freed on others: they count
+ * in their heap until freed, wherever that happens. */
+static zk_heap_t *shared_heap;
+static void *handed[BLOCKS];
+
+static void *allocate_in_shared(void *arg) {
+  unsigned from = (unsigned)(uintptr_t)arg;
+  for (unsigned i = from; i < BLOCKS; i += 2) {
+    handed[i] = zk_heap_malloc(shared_heap, size_for(i));
+    CHECK(handed[i] != NULL);
+  }
+  return NULL;
+}
+
+static void *free_handed(void *arg) {
+  unsigned from = (unsigned)(uintptr_t)arg;
+  for (unsigned i = from; i < BLOCKS; i += 2)
+    zk_free(handed[i]);
+  return NULL;
+}
+
+static void run_two(void *(*body)(void *)) {
+  pthread_t threads[2];
+  for (uintptr_t t = 0; t < 2; t++)
+    CHECK(pthread_create(&threads[t], NULL, body, (void *)t) == 0);
+  for (int t = 0; t < 2; t++)
+    CHECK(pthread_join(threads[t], NULL) == 0);
+}
+
+static void test_cross_thread(void) {
+  shared_heap = zk_heap_create(NULL);
+  CHECK(shared_heap != NULL);
+  run_two(allocate_in_shared); /* two threads, two sub-heaps, both exited */
+  size_t usable = 0;
+  for (unsigned i = 0; i < BLOCKS; i++)
+    usable += zk_usable_size(handed[i]);
+  CHECK_EQ(stats_of(shared_heap).live_bytes, usable);
+  /* A quarter freed here, the rest by two other threads. */
+  for (unsigned i = 0; i < BLOCKS; i += 4) {
+    zk_free(handed[i]);
+    handed[i] = NULL;
+  }
+  run_two(free_handed);
+  zk_heap_stats_t stats = stats_of(shared_heap);
+  CHECK_EQ(stats.live_bytes, 0);
+  CHECK_EQ(stats.allocations, BLOCKS);
+  CHECK_EQ(stats.frees, BLOCKS);
+  zk_heap_destroy(shared_heap);
+  printf("cross-thread: %u blocks of exited threads freed elsewhere\n", BLOCKS);
+}
+
+/* A task entered on one worker, then on another (work stealing): its plain
+ * mallocs count in its heap on both, and its blocks freed on either. */
+static zk_heap_t *task_heap;
+static void *task_blocks[BLOCKS];
+static atomic_int stage;
+
+static void *worker(void *arg) {
+  int me = (int)(uintptr_t)arg;
+  while (atomic_load(&stage) != me)
+    ;
+  zk_heap_t *before = zk_heap_enter(task_heap);
+  CHECK(before == NULL);
+  for (unsigned i = (unsigned)me; i < BLOCKS; i += 2) {
+    /* zk_malloc: the exported malloc of the preloaded library (this test
+     * links the library without it) runs the same path. */
+    task_blocks[i] = zk_malloc(size_for(i));
+    CHECK(task_blocks[i] != NULL);
+  }
+  if (me == 1) /* the second worker frees the first one's blocks */
+    for (unsigned i = 0; i < BLOCKS; i += 2)
+      zk_free(task_blocks[i]);
+  CHECK(zk_heap_enter(NULL) == task_heap);
+  void *outside = zk_malloc(100); /* not the task's */
+  zk_free(outside);
+  atomic_store(&stage, me + 1);
+  return NULL;
+}
+
+static void test_enter_across_workers(void) {
+  task_heap = zk_heap_create(NULL);
+  CHECK(task_heap != NULL);
+  atomic_store(&stage, 0);
+  run_two(worker);
+  size_t usable = 0;
+  for (unsigned i = 1; i < BLOCKS; i += 2)
+    usable += zk_usable_size(task_blocks[i]);
+  CHECK_EQ(stats_of(task_heap).live_bytes, usable);
+  for (unsigned i = 1; i < BLOCKS; i += 2)
+    zk_free(task_blocks[i]);
+  zk_heap_stats_t stats = stats_of(task_heap);
+  CHECK_EQ(stats.live_bytes, 0);
+  CHECK_EQ(stats.allocations, BLOCKS);
+  zk_heap_destroy(task_heap);
+  printf("a task on two workers: its mallocs counted on both\n");
+}
+
+/* A limit fails the heap's allocations, not the process; freeing makes
+ * room again; parents cap their children. */
+static int limit_calls;
+
+static bool make_room(zk_heap_t *heap, size_t size, void *arg) {
+  (void)size;
+  void **keep = arg;
+  limit_calls++;
+  zk_heap_stats_t stats;
+  CHECK_EQ(zk_heap_stats(heap, &stats), 0); /* no lock held */
+  if (*keep == NULL)
+    return false;
+  zk_free(*keep);
+  *keep = NULL;
+  return true;
+}
+
+static void test_limits(void) {
+  void *room = NULL;
+  const size_t limit = 1 << 20;
+  zk_heap_t *heap = zk_heap_create(&(zk_heap_options_t){
+      .limit_bytes = limit, .on_limit = make_room, .on_limit_arg = &room});
+  CHECK(heap != NULL);
+  static void *blocks[100000];
+  unsigned count = 0, under_limit;
+  size_t usable = 0;
+  for (;;) {
+    void *p = zk_heap_malloc(heap, 1000);
+    if (p == NULL)
+      break;
+    usable += zk_usable_size(p);
+    blocks[count++] = p;
+  }
+  CHECK_EQ(errno, ENOMEM);
+  under_limit = count;
+  zk_heap_stats_t stats = stats_of(heap);
+  CHECK(stats.live_bytes <= limit && stats.live_bytes == usable);
+  CHECK(usable > limit - 64 * 1024); /* the limit, not much less */
+  CHECK_EQ(stats.limit_refusals, 1);
+  CHECK_EQ(limit_calls, 1);
+  /* Large blocks too; the rest of the process is unaffected. */
+  CHECK(zk_heap_malloc(heap, 300 << 10) == NULL);
+  void *elsewhere = zk_malloc((size_t)8 << 20);
+  CHECK(elsewhere != NULL);
+  zk_free(elsewhere);
+  /* on_limit makes room: the allocation is retried once and succeeds. */
+  room = blocks[--count];
+  usable -= zk_usable_size(room);
+  void *retried = zk_heap_malloc(heap, 1000);
+  CHECK(retried != NULL && room == NULL);
+  blocks[count++] = retried;
+  for (unsigned i = 0; i < count; i++)
+    zk_free(blocks[i]);
+  CHECK(zk_heap_malloc(heap, 300 << 10) != NULL); /* room again */
+  zk_heap_destroy(heap);
+
+  /* Nesting: a request inside a tenant. */
+  zk_heap_t *tenant =
+      zk_heap_create(&(zk_heap_options_t){.limit_bytes = limit});
+  zk_heap_t *request = zk_heap_create(&(zk_heap_options_t){.parent = tenant});
+  CHECK(tenant && request);
+  void *own = zk_heap_malloc(tenant, 200 << 10);
+  CHECK(own != NULL);
+  count = 0;
+  while ((blocks[count] = zk_heap_malloc(request, 4000)) != NULL)
+    count++;
+  zk_heap_stats_t tenant_stats = stats_of(tenant),
+                  request_stats = stats_of(request);
+  CHECK(tenant_stats.live_bytes <= limit);
+  CHECK_EQ(tenant_stats.live_bytes,
+           request_stats.live_bytes + zk_usable_size(own));
+  CHECK_EQ(request_stats.limit_refusals, 1);
+  /* The parent cannot go before its child. */
+  zk_heap_destroy(request); /* frees its blocks */
+  zk_thread_idle();
+  CHECK_EQ(stats_of(tenant).live_bytes, zk_usable_size(own));
+  zk_free(own);
+  zk_heap_destroy(tenant);
+  printf("limits: %u blocks of 1000 B under 1 MiB, then refused; %u of "
+         "4000 B in a request under a 1 MiB tenant\n",
+         under_limit, count);
+}
+
+/* Destroy frees every block at once, also blocks of threads that exited
+ * and large and huge blocks, and returns the memory. */
+static zk_heap_t *doomed;
+
+static void *fill_doomed(void *arg) {
+  (void)arg;
+  for (unsigned i = 0; i < 20000; i++)
+    CHECK(zk_heap_malloc(doomed, size_for(i)) != NULL);
+  return NULL;
+}
+
+static void test_destroy(void) {
+  zk_collect(true);
+  zk_stats_t before;
+  zk_stats_get(&before);
+  doomed = zk_heap_create(NULL);
+  CHECK(doomed != NULL);
+  run_two(fill_doomed);
+  CHECK(zk_heap_enter(doomed) == NULL);
+  for (unsigned i = 0; i < 20000; i++)
+    CHECK(zk_malloc(size_for(i)) != NULL);
+  CHECK(zk_heap_enter(NULL) == doomed);
+  zk_stats_t filled;
+  zk_stats_get(&filled);
+  zk_heap_destroy(doomed);
+  zk_collect(true);
+  zk_stats_t after;
+  zk_stats_get(&after);
+  printf("destroy: 60,000 blocks of 3 threads; mapped %zu MiB before, %zu "
+         "MiB filled, %zu MiB after\n",
+         before.bytes_mapped >> 20, filled.bytes_mapped >> 20,
+         after.bytes_mapped >> 20);
+  CHECK(filled.bytes_mapped > before.bytes_mapped + (32 << 20));
+  CHECK(after.bytes_mapped <= before.bytes_mapped + (8 << 20));
+  CHECK_EQ(after.large_live, before.large_live);
+  CHECK_EQ(after.huge_live, before.huge_live);
+  /* The memory serves the default heap again. */
+  void *p = zk_malloc(1000);
+  CHECK(p != NULL);
+  zk_free(p);
+}
+
+/* ---- misuse ---- */
+
+static void destroy_entered(void) {
+  zk_heap_t *heap = zk_heap_create(NULL);
+  zk_heap_enter(heap);
+  zk_heap_destroy(heap);
+}
+
+static void destroy_twice(void) {
+  zk_heap_t *heap = zk_heap_create(NULL);
+  zk_heap_destroy(heap);
+  zk_heap_destroy(heap);
+}
+
+static void destroy_parent_first(void) {
+  zk_heap_t *parent = zk_heap_create(NULL);
+  zk_heap_t *child = zk_heap_create(&(zk_heap_options_t){.parent = parent});
+  (void)child;
+  zk_heap_destroy(parent);
+}
+
+static void malloc_destroyed(void) {
+  zk_heap_t *heap = zk_heap_create(NULL);
+  zk_heap_destroy(heap);
+  zk_heap_malloc(heap, 10);
+}
+
+static void test_misuse(void) {
+  test_expect_abort(destroy_entered,
+                    "zkmem: error: zk_heap_destroy of a task heap entered on "
+                    "a thread");
+  test_expect_abort(destroy_twice, "zkmem: error: zk_heap_destroy of a "
+                                   "destroyed task heap or not one");
+  test_expect_abort(destroy_parent_first,
+                    "zkmem: error: zk_heap_destroy of a task heap with child "
+                    "heaps");
+  test_expect_abort(malloc_destroyed, "zkmem: error: zk_heap_malloc of a "
+                                      "destroyed task heap or not one");
+  /* NULL: the default heap, or EINVAL. */
+  void *p = zk_heap_malloc(NULL, 10);
+  CHECK(p != NULL);
+  p = zk_heap_realloc(NULL, p, 100);
+  CHECK(p != NULL);
+  zk_free(p);
+  zk_heap_destroy(NULL);
+  zk_heap_stats_t stats;
+  errno = 0;
+  CHECK(zk_heap_stats(NULL, &stats) == -1 && errno == EINVAL);
+  zk_heap_t *heap = zk_heap_create(NULL);
+  CHECK(zk_heap_stats(heap, NULL) == -1);
+  CHECK(zk_heap_malloc(heap, (size_t)1 << 62) == NULL && errno == ENOMEM);
+  CHECK(zk_heap_aligned_alloc(heap, 3, 10) == NULL && errno == EINVAL);
+  CHECK(zk_heap_calloc(heap, SIZE_MAX, 2) == NULL && errno == ENOMEM);
+  CHECK(zk_heap_enter(NULL) == NULL); /* not entered: stays */
+  CHECK(zk_heap_enter(heap) == NULL);
+  CHECK(zk_heap_enter(heap) == heap); /* entered again: no change */
+  CHECK(zk_heap_enter(NULL) == heap);
+  zk_heap_destroy(heap);
+  printf("misuse: reported, and NULL is the default heap\n");
+}
+
+int main(int argc, char **argv) {
+  (void)argc;
+  test_reexec_without_zkmem_environment(argv[0]);
+  setvbuf(stdout, NULL, _IOLBF, 0);
+  test_accounting();
+  test_cross_thread();
+  test_enter_across_workers();
+  test_limits();
+  test_destroy();
+  test_misuse();
+  printf("test_heap: ok\n");
+  return 0;
+}
