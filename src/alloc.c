@@ -37,7 +37,7 @@ ZK_EXPORT size_t zk_usable_size(const void *p) {
   page_t *page = segment_lookup(p);
   if (page == NULL)
     return 0;
-  switch ((page_kind_t)page->kind) {
+  switch ((page_kind_t)__atomic_load_n(&page->kind, __ATOMIC_RELAXED)) {
   case PAGE_SMALL:
   case PAGE_POOL:
     return page->block_size -

@@ -281,9 +281,16 @@ static void fork_child(void) {
   for (;;) {
     pthread_mutex_lock(&heaps_lock);
     heap_t *orphan = heaps_live;
-    /* This thread's own heap and its task sub-heaps stay. */
-    while (orphan != NULL && (orphan == self || orphan->home == self))
+    /* This thread's own heap and its task sub-heaps stay; the other
+     * threads' sub-heaps keep their pages (their task heaps' blocks) as
+     * orphans do when a thread exits, until their task heap is destroyed.
+     * Their torn bins are never walked: destroy drops them. */
+    while (orphan != NULL &&
+           (orphan == self || orphan->home == self || orphan->task != NULL)) {
+      if (orphan->task != NULL && orphan->home != self)
+        orphan->home = NULL;
       orphan = orphan->next_heap;
+    }
     pthread_mutex_unlock(&heaps_lock);
     if (orphan == NULL)
       break;
@@ -637,7 +644,9 @@ static page_t *heap_find_page(heap_t *heap, unsigned class_index) {
     heap_move_to_full(heap, page);
     page = next;
   }
-  page = heap_reclaim_page(heap, class_index);
+  /* A task's sub-heap keeps to its own pages: an abandoned page's live
+   * blocks were never charged to its task. */
+  page = heap->task == NULL ? heap_reclaim_page(heap, class_index) : NULL;
   if (page == NULL) {
     purge_maybe();
     page = segment_span_alloc(class_page_slices[class_index], PAGE_SMALL,
@@ -894,16 +903,13 @@ static void heap_free_remote(page_t *page, block_t *block) {
     }
     page_secure_fill(page, block);
   }
-  /* The owner of a task's page is a sub-heap of that task for as long as
-   * the page has blocks out (zk_heap_destroy releases pages first). */
-  heap_t *owner = page_owner(page);
-  if (owner != NULL) {
-    zk_heap_t *task = owner->task;
-    if (unlikely(task != NULL))
-      task_remote_free(task, page->block_size);
-  }
+  /* Set when the page was set up, before any of its blocks was handed out:
+   * unlike the owner word, never stale for a block being freed. */
+  if (unlikely(page->task != NULL))
+    task_remote_free(page->task, page->block_size);
   page_free_remote(page, block); /* a sequentially consistent CAS */
   if (__atomic_load_n(&page->in_full, __ATOMIC_SEQ_CST)) {
+    heap_t *owner = page_owner(page);
     if (owner != NULL && !atomic_load_explicit(&owner->remote_frees_to_full,
                                                memory_order_seq_cst))
       atomic_store_explicit(&owner->remote_frees_to_full, 1,
@@ -932,7 +938,7 @@ static void heap_free_checked(void *p) {
     error_report("free of a pointer zkmem does not own", p, 0);
     return;
   }
-  switch ((page_kind_t)page->kind) {
+  switch ((page_kind_t)__atomic_load_n(&page->kind, __ATOMIC_RELAXED)) {
   case PAGE_SMALL: {
     size_t offset = (size_t)((uint8_t *)p - page->start);
     if (unlikely(offset % page->block_size != 0)) {

@@ -167,7 +167,8 @@ void large_free(heap_t *heap, page_t *page) {
   if (unlikely(page->task != NULL))
     task_large_remove(page);
   large_unaccount(page);
-  if (page->kind == PAGE_HUGE) {
+  /* Atomic: another thread's purge reads the kinds of spans with a CAS. */
+  if (__atomic_load_n(&page->kind, __ATOMIC_RELAXED) == PAGE_HUGE) {
     atomic_fetch_sub_explicit(&huge_live, 1, memory_order_relaxed);
     segment_huge_free(page);
     return;

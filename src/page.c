@@ -155,6 +155,7 @@ bool page_init_small(page_t *page, heap_t *heap, unsigned class_index) {
   page->free = NULL;
   page->frees = 0;
   page->key = heap->bin_key; /* so a bin takes the page's list whole */
+  page->task = atomic_load_explicit(&heap->task, memory_order_relaxed);
   atomic_store_explicit(&page->thread_free, NULL, memory_order_relaxed);
   page_set_owner(page, page_owner_word(page, heap), memory_order_relaxed);
   return true;
