@@ -27,7 +27,7 @@ fuzz: build
 	cmake --build $(BUILD) --target fuzz_long
 
 format:
-	clang-format -i include/*.h src/*.c src/*.h tests/*/*.c bench/workloads/*.c
+	clang-format -i include/*.h src/*.c src/*.h tests/*/*.c bench/workloads/*.c examples/*.c
 
 clean:
 	rm -rf $(BUILD)

@@ -439,8 +439,10 @@ ZK_EXPORT int zk_heap_stats(const zk_heap_t *heap, zk_heap_stats_t *out) {
 }
 
 ZK_EXPORT void zk_heap_destroy(zk_heap_t *heap) {
-  if (heap == NULL)
+  if (heap == NULL) {
+    error_report("zk_heap_destroy of the default heap", NULL, 0);
     return;
+  }
   if (unlikely(!task_is_live(heap))) {
     task_invalid(heap, "zk_heap_destroy");
     return;

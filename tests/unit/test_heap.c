@@ -319,6 +319,58 @@ static void malloc_destroyed(void) {
   zk_heap_malloc(heap, 10);
 }
 
+static void destroy_default(void) {
+  zk_heap_destroy(NULL);
+}
+
+/* Secure mode: a block freed after its heap was destroyed lands in a span
+ * that is free again (or reused), and is reported. */
+static void free_after_destroy(void) {
+  zk_option_set(ZK_OPTION_SECURE, 1);
+  zk_heap_t *heap = zk_heap_create(NULL);
+  void *small = zk_heap_malloc(heap, 100);
+  void *large = zk_heap_malloc(heap, 300 << 10);
+  CHECK(small && large);
+  zk_heap_destroy(heap);
+  zk_free(small);
+}
+
+static void free_large_after_destroy(void) {
+  zk_option_set(ZK_OPTION_SECURE, 1);
+  zk_heap_t *heap = zk_heap_create(NULL);
+  void *large = zk_heap_malloc(heap, 300 << 10);
+  CHECK(large != NULL);
+  zk_heap_destroy(heap);
+  zk_free(large);
+}
+
+/* Thousands of heaps, each used and destroyed: nothing accumulates. */
+static void test_many_heaps(void) {
+  zk_collect(true);
+  zk_stats_t before;
+  zk_stats_get(&before);
+  for (int round = 0; round < 5000; round++) {
+    zk_heap_t *heap = zk_heap_create(&(zk_heap_options_t){.name = "short"});
+    CHECK(heap != NULL);
+    CHECK(zk_heap_enter(heap) == NULL);
+    for (int i = 0; i < 20; i++)
+      CHECK(zk_malloc(16 + (size_t)(i * 97 + round) % 2000) != NULL);
+    CHECK(zk_heap_enter(NULL) == heap);
+    if (round % 100 == 0)
+      CHECK(zk_heap_malloc(heap, 200 << 10) != NULL);
+    zk_heap_destroy(heap);
+  }
+  zk_collect(true);
+  zk_stats_t after;
+  zk_stats_get(&after);
+  printf("5,000 heaps used and destroyed: mapped %zu -> %zu KiB, rss %zu -> "
+         "%zu KiB\n",
+         before.bytes_mapped >> 10, after.bytes_mapped >> 10, before.rss >> 10,
+         after.rss >> 10);
+  CHECK(after.bytes_mapped <= before.bytes_mapped + (4 << 20));
+  CHECK(after.rss <= before.rss + (4 << 20));
+}
+
 static void test_misuse(void) {
   test_expect_abort(destroy_entered,
                     "zkmem: error: zk_heap_destroy of a task heap entered on "
@@ -330,13 +382,18 @@ static void test_misuse(void) {
                     "heaps");
   test_expect_abort(malloc_destroyed, "zkmem: error: zk_heap_malloc of a "
                                       "destroyed task heap or not one");
+  test_expect_abort(destroy_default,
+                    "zkmem: error: zk_heap_destroy of the default heap");
+  test_expect_abort(free_after_destroy, "zkmem: error: double free or free "
+                                        "of an invalid pointer");
+  test_expect_abort(free_large_after_destroy,
+                    "zkmem: error: double free or free of an invalid pointer");
   /* NULL: the default heap, or EINVAL. */
   void *p = zk_heap_malloc(NULL, 10);
   CHECK(p != NULL);
   p = zk_heap_realloc(NULL, p, 100);
   CHECK(p != NULL);
   zk_free(p);
-  zk_heap_destroy(NULL);
   zk_heap_stats_t stats;
   errno = 0;
   CHECK(zk_heap_stats(NULL, &stats) == -1 && errno == EINVAL);
@@ -362,6 +419,7 @@ int main(int argc, char **argv) {
   test_enter_across_workers();
   test_limits();
   test_destroy();
+  test_many_heaps();
   test_misuse();
   printf("test_heap: ok\n");
   return 0;
