@@ -260,6 +260,10 @@ typedef enum zk_option {
   ZK_OPTION_ON_ERROR,       /* default 0 = abort; 1 = warn and leak */
   ZK_OPTION_SHOW_STATS,     /* default 0; 1 = print stats at exit */
   ZK_OPTION_VERBOSE,        /* default 0; 1 = print options and warnings */
+  /* default 0 (none); bytes, K/M/G/T suffixes in ZKMEM_LIMIT: the memory
+   * zkmem maps may not pass it; free memory is returned first, then
+   * allocations fail with NULL + ENOMEM */
+  ZK_OPTION_LIMIT,
   ZK_OPTION_COUNT
 } zk_option_t;
 

@@ -3,6 +3,7 @@
 #include "internal.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -14,6 +15,7 @@ typedef struct option_descriptor {
   /* Words accepted besides numbers, mapped to values. */
   const char *words[3];
   long word_values[3];
+  bool bytes; /* K, M, G, T suffixes (powers of 1024) */
 } option_descriptor_t;
 
 static const option_descriptor_t option_table[ZK_OPTION_COUNT] = {
@@ -27,6 +29,7 @@ static const option_descriptor_t option_table[ZK_OPTION_COUNT] = {
     [ZK_OPTION_ON_ERROR] = {"ON_ERROR", 0, 1, {"abort", "warn"}, {0, 1}},
     [ZK_OPTION_SHOW_STATS] = {"SHOW_STATS", 0, 1, {0}, {0}},
     [ZK_OPTION_VERBOSE] = {"VERBOSE", 0, 1, {0}, {0}},
+    [ZK_OPTION_LIMIT] = {"LIMIT", 0, LONG_MAX, {0}, {0}, true},
 };
 
 long option_values[ZK_OPTION_COUNT] = {
@@ -55,8 +58,23 @@ static bool option_parse(const option_descriptor_t *descriptor,
   char *end;
   errno = 0;
   long number = strtol(text, &end, 10);
-  if (errno != 0 || end == text || *end != '\0' || number < 0 ||
-      number > descriptor->max_value)
+  if (errno != 0 || end == text || number < 0)
+    return false;
+  if (descriptor->bytes && *end != '\0') {
+    const char *units = "KMGT";
+    const char *unit = strchr(units, end[0] & ~0x20); /* either case */
+    if (unit == NULL || *unit == '\0')
+      return false;
+    end++;
+    if ((*end & ~0x20) == 'I' && (end[1] & ~0x20) == 'B')
+      end += 2; /* KiB, MiB ... */
+    else if ((*end & ~0x20) == 'B')
+      end++; /* KB, MB ... (also powers of 1024) */
+    for (long scale = 0; scale <= unit - units; scale++)
+      if (__builtin_mul_overflow(number, 1024L, &number))
+        return false;
+  }
+  if (*end != '\0' || number > descriptor->max_value)
     return false;
   *value = number;
   return true;

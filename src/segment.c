@@ -44,6 +44,8 @@ static unsigned huge_piece_count;
 static size_t huge_cache_bytes;
 static size_t bytes_purged_total, bytes_free_committed;
 
+static bool segment_room_for(size_t bytes);
+
 static void owned_map_set(const void *segment, uint8_t state) {
   uintptr_t index =
       ((uintptr_t)segment >> SEGMENT_SHIFT) & (SEGMENT_MAP_ENTRIES - 1);
@@ -268,7 +270,7 @@ page_t *segment_span_alloc(size_t slices, page_kind_t kind, segment_t **home) {
     segment_t *fresh = segments;
     while (fresh != NULL && fresh->used_slices != 0)
       fresh = fresh->next; /* an empty one: left by an exited thread */
-    if (fresh == NULL)
+    if (fresh == NULL && segment_room_for(SEGMENT_SIZE))
       fresh = segment_map_new();
     if (fresh != NULL &&
         fresh->pages[SEGMENT_FIRST_SLICE].slice_count >= slices)
@@ -277,7 +279,8 @@ page_t *segment_span_alloc(size_t slices, page_kind_t kind, segment_t **home) {
   for (size_t bin = slices; span == NULL && bin < SLICES_PER_SEGMENT; bin++)
     span = span_bins[bin];
   if (span == NULL) {
-    segment_t *fresh = segment_map_new();
+    segment_t *fresh =
+        segment_room_for(SEGMENT_SIZE) ? segment_map_new() : NULL;
     if (fresh == NULL ||
         fresh->pages[SEGMENT_FIRST_SLICE].slice_count < slices) {
       pthread_mutex_unlock(&segment_lock);
@@ -381,6 +384,8 @@ static segment_t *huge_reserve_after_header(size_t size, size_t alignment,
  * the mapping intact, if neither works. segment_lock held. */
 static segment_t *huge_remap(segment_t *segment, size_t new_total) {
   size_t old_total = segment->mapped_size;
+  if (new_total > old_total && !segment_room_for(new_total - old_total))
+    return NULL; /* realloc then tries a fresh block, and fails */
   if (!os_resize_in_place(segment, old_total, new_total)) {
     /* The move unmaps the old range: its map entry goes first, so that a
      * segment another thread maps there in the meantime keeps its own. */
@@ -467,8 +472,9 @@ static segment_t *huge_pieces_assemble(size_t total) {
     bytes_huge_blocks_mapped += total;
     return (segment_t *)huge_piece_take(best, total);
   }
-  if (huge_piece_count == 0)
-    return NULL;
+  size_t limit = (size_t)option(ZK_OPTION_LIMIT);
+  if (huge_piece_count == 0 || (limit != 0 && bytes_mapped + total > limit))
+    return NULL; /* the fresh path makes room, or refuses */
   int got_huge;
   uint8_t *target = os_reserve_aligned(total, SEGMENT_SIZE, 0, &got_huge);
   if (target == NULL)
@@ -561,6 +567,15 @@ page_t *segment_huge_alloc(size_t size, size_t alignment, bool zeroed) {
     }
   }
   int huge_mode = guarded ? 0 : (int)option(ZK_OPTION_HUGE_PAGES);
+  if (segment == NULL && option(ZK_OPTION_LIMIT) != 0) {
+    pthread_mutex_lock(&segment_lock);
+    bool room = segment_room_for(total);
+    pthread_mutex_unlock(&segment_lock);
+    if (!room) {
+      errno = ENOMEM;
+      return NULL;
+    }
+  }
   if (segment == NULL)
     segment = after_header ? huge_reserve_after_header(size, alignment, &total)
                            : os_reserve_aligned(total, SEGMENT_SIZE, huge_mode,
@@ -698,10 +713,9 @@ static size_t span_purge_cached(page_t *span, uint64_t now_ms, uint64_t delay,
 /* Returns free spans older than the delay (all, if force) to the OS, and
  * unmaps segments that have been entirely free for four delays. Returns
  * bytes purged. Called with no lock held. */
-size_t segment_purge(uint64_t now_ms, bool force) {
+static size_t segment_purge_locked(uint64_t now_ms, bool force) {
   uint64_t delay = (uint64_t)option(ZK_OPTION_PURGE_DELAY_MS);
   bool decommit = option(ZK_OPTION_PURGE_DECOMMIT) != 0;
-  pthread_mutex_lock(&segment_lock);
   size_t purged = huge_cache_purge(now_ms, delay, force);
   segment_t *segment = segments;
   while (segment != NULL) {
@@ -742,8 +756,25 @@ size_t segment_purge(uint64_t now_ms, bool force) {
     segment = next;
   }
   bytes_purged_total += purged;
+  return purged;
+}
+
+size_t segment_purge(uint64_t now_ms, bool force) {
+  pthread_mutex_lock(&segment_lock);
+  size_t purged = segment_purge_locked(now_ms, force);
   pthread_mutex_unlock(&segment_lock);
   return purged;
+}
+
+/* ZKMEM_LIMIT: the bytes zkmem maps may not pass it. Free segments and
+ * kept huge mappings go back first; false when that is not enough.
+ * segment_lock held. */
+static bool segment_room_for(size_t bytes) {
+  size_t limit = (size_t)option(ZK_OPTION_LIMIT);
+  if (limit == 0 || bytes_mapped + bytes <= limit)
+    return true;
+  segment_purge_locked(clock_now_ms(), true);
+  return bytes_mapped + bytes <= limit;
 }
 
 size_t segment_slices_mapped(void) {

@@ -561,6 +561,45 @@ static void test_large_cache_decays(void) {
   zk_collect(true);
 }
 
+/* ZKMEM_LIMIT: mapped memory stays under the limit; free memory goes back
+ * before an allocation is refused, and allocation works again once blocks
+ * are freed. */
+static void test_process_limit(void) {
+  zk_collect(true);
+  zk_stats_t stats;
+  zk_stats_get(&stats);
+  size_t limit = stats.bytes_mapped + ((size_t)64 << 20);
+  CHECK(zk_option_set(ZK_OPTION_LIMIT, (long)limit) == 0);
+  static void *blocks[4096];
+  size_t count = 0;
+  for (; count < 4096; count++) {
+    size_t size =
+        count % 3 == 0 ? (size_t)3 << 20 : (size_t)(count % 5 + 1) << 16;
+    blocks[count] = zk_malloc(size);
+    if (blocks[count] == NULL)
+      break;
+    memset(blocks[count], 1, 4096);
+  }
+  CHECK_EQ(errno, ENOMEM);
+  zk_stats_get(&stats);
+  CHECK(stats.bytes_mapped <= limit);
+  CHECK(count > 10);
+  /* Freed memory is returned first, then serves the next allocation. */
+  for (size_t i = 0; i < count; i += 2)
+    zk_free(blocks[i]);
+  void *again = zk_malloc((size_t)3 << 20);
+  CHECK(again != NULL);
+  zk_free(again);
+  CHECK(zk_malloc((size_t)1 << 30) == NULL && errno == ENOMEM);
+  for (size_t i = 1; i < count; i += 2)
+    zk_free(blocks[i]);
+  printf("ZKMEM_LIMIT of 64 MiB over the start: %zu blocks, then ENOMEM, %zu "
+         "MiB mapped at most\n",
+         count, stats.bytes_mapped >> 20);
+  CHECK(zk_option_set(ZK_OPTION_LIMIT, 0) == 0);
+  zk_collect(true);
+}
+
 /* ---- realloc of huge blocks ---- */
 
 /* 64-bit words that depend on their index only: blocks that move keep
@@ -1142,15 +1181,15 @@ static void check_environment(const char *const *variables,
 
 static void test_environment(void) {
   /* Order: purge_delay_ms purge_decommit huge_pages secure on_error
-   * show_stats verbose. */
+   * show_stats verbose limit. */
   const char *const nothing[] = {NULL};
-  check_environment(nothing, "1000 1 0 0 0 0 0", NULL);
+  check_environment(nothing, "1000 1 0 0 0 0 0 0", NULL);
   const char *const bad_delay[] = {"ZKMEM_PURGE_DELAY_MS", "abc", NULL};
-  check_environment(bad_delay, "1000 1 0 0 0 0 0",
+  check_environment(bad_delay, "1000 1 0 0 0 0 0 0",
                     "warning: ZKMEM_PURGE_DELAY_MS=\"abc\" is not valid; "
                     "using 1000");
   const char *const reserved[] = {"ZKMEM_HUGE_PAGES", "reserved", NULL};
-  check_environment(reserved, "1000 1 2 0 0 0 0", NULL);
+  check_environment(reserved, "1000 1 2 0 0 0 0 0", NULL);
   const char *const words[] = {"ZKMEM_HUGE_PAGES",
                                "Transparent",
                                "ZKMEM_ON_ERROR",
@@ -1162,27 +1201,37 @@ static void test_environment(void) {
                                "ZKMEM_PURGE_DELAY_MS",
                                "250",
                                NULL};
-  check_environment(words, "250 0 1 1 1 0 0", NULL);
+  check_environment(words, "250 0 1 1 1 0 0 0", NULL);
   const char *const negative[] = {"ZKMEM_PURGE_DELAY_MS", "-5", NULL};
-  check_environment(negative, "1000 1 0 0 0 0 0",
+  check_environment(negative, "1000 1 0 0 0 0 0 0",
                     "ZKMEM_PURGE_DELAY_MS=\"-5\" is not valid");
   const char *const too_big[] = {"ZKMEM_PURGE_DELAY_MS", "99999999999999999999",
                                  NULL};
-  check_environment(too_big, "1000 1 0 0 0 0 0",
+  check_environment(too_big, "1000 1 0 0 0 0 0 0",
                     "ZKMEM_PURGE_DELAY_MS=\"99999999999999999999\" is not "
                     "valid");
   const char *const out_of_range[] = {"ZKMEM_HUGE_PAGES", "3", NULL};
-  check_environment(out_of_range, "1000 1 0 0 0 0 0",
+  check_environment(out_of_range, "1000 1 0 0 0 0 0 0",
                     "ZKMEM_HUGE_PAGES=\"3\" is not valid; using 0");
   const char *const trailing[] = {"ZKMEM_SECURE", "1x", NULL};
-  check_environment(trailing, "1000 1 0 0 0 0 0",
+  check_environment(trailing, "1000 1 0 0 0 0 0 0",
                     "ZKMEM_SECURE=\"1x\" is not valid");
+  const char *const limit[] = {"ZKMEM_LIMIT", "64M", NULL};
+  check_environment(limit, "1000 1 0 0 0 0 0 67108864", NULL);
+  const char *const limit_kib[] = {"ZKMEM_LIMIT", "3KiB", NULL};
+  check_environment(limit_kib, "1000 1 0 0 0 0 0 3072", NULL);
+  const char *const limit_bad[] = {"ZKMEM_LIMIT", "64X", NULL};
+  check_environment(limit_bad, "1000 1 0 0 0 0 0 0",
+                    "ZKMEM_LIMIT=\"64X\" is not valid");
+  const char *const limit_huge[] = {"ZKMEM_LIMIT", "99999999999T", NULL};
+  check_environment(limit_huge, "1000 1 0 0 0 0 0 0",
+                    "ZKMEM_LIMIT=\"99999999999T\" is not valid");
   const char *const empty[] = {"ZKMEM_PURGE_DELAY_MS", "", NULL};
-  check_environment(empty, "1000 1 0 0 0 0 0", NULL);
+  check_environment(empty, "1000 1 0 0 0 0 0 0", NULL);
   /* Verbose lists every option; show_stats prints the report at exit. */
   const char *const verbose[] = {"ZKMEM_VERBOSE", "1", "ZKMEM_SHOW_STATS", "on",
                                  NULL};
-  check_environment(verbose, "1000 1 0 0 0 1 1",
+  check_environment(verbose, "1000 1 0 0 0 1 1 0",
                     "zkmem: option ZKMEM_PURGE_DELAY_MS = 1000");
   static char output[1 << 16];
   run_with_environment(verbose, output, sizeof(output));
@@ -1223,6 +1272,7 @@ int main(int argc, char **argv) {
   RUN(test_large_cache_decays);
   RUN(test_realloc_huge);
   RUN(test_huge_reuse);
+  RUN(test_process_limit);
   RUN(test_aligned_large);
   RUN(test_huge_pages);
   RUN(test_stats);
