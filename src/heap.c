@@ -343,7 +343,12 @@ heap_t *heap_create(void) {
   }
   for (size_t i = 0; i < POOL_SLOTS; i++)
     heap->pool_magazines[i] = &pool_magazine_empty;
-  heap->random_state = random_seed() ^ (uint64_t)(uintptr_t)heap;
+  /* A thread's task sub-heaps draw their keys from its own heap's state:
+   * no system call per task heap. */
+  heap_t *current = heap_current;
+  uint64_t seed = current != &heap_empty ? random_next(&current->random_state)
+                                         : random_seed();
+  heap->random_state = seed ^ (uint64_t)(uintptr_t)heap;
   /* Top two bits 10: a zero or an all-ones top in a forged link word both
    * decode above user space. */
   heap->bin_key =
