@@ -13,6 +13,44 @@ ZK_EXPORT void zk_free(void *p) {
   alloc_free(p);
 }
 
+static void alloc_free_checked(void *p) {
+  page_t *page = segment_lookup(p);
+  if (page == NULL) {
+    error_report("free of a pointer zkmem does not own", p, 0);
+    return;
+  }
+  switch ((page_kind_t)__atomic_load_n(&page->kind, __ATOMIC_RELAXED)) {
+  case PAGE_SMALL:
+    heap_free_small(page, p);
+    return;
+  case PAGE_LARGE:
+  case PAGE_HUGE:
+    if (unlikely(p != page->start)) {
+      error_report("free of a pointer inside a block (not its start)", p,
+                   page->large_size);
+      return;
+    }
+    large_free(heap_current, page);
+    return;
+  case PAGE_POOL:
+    pool_free_from_malloc(page, p);
+    return;
+  default:
+    error_report("double free or free of an invalid pointer", p, 0);
+    return;
+  }
+}
+
+/* A free leaves errno as it was (POSIX 2024), whatever the slow path met:
+ * a refused purge, no memory for metadata. */
+ZK_NOINLINE void alloc_free_slow(void *p) {
+  if (p == NULL)
+    return;
+  int saved_errno = errno;
+  alloc_free_checked(p);
+  errno = saved_errno;
+}
+
 ZK_EXPORT void *zk_calloc(size_t count, size_t size) {
   size_t total;
   if (unlikely(__builtin_mul_overflow(count, size, &total))) {
@@ -59,7 +97,7 @@ ZK_EXPORT void *zk_realloc(void *p, size_t size) {
   }
   size_t usable = zk_usable_size(p);
   if (usable == 0) {
-    heap_free_generic(p); /* reports the foreign pointer */
+    alloc_free_slow(p); /* reports the foreign pointer */
     errno = EINVAL;
     return NULL;
   }

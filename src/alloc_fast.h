@@ -52,7 +52,7 @@ ZK_INLINE void alloc_fast_free(void *p) {
       }
     }
   }
-  heap_free_generic(p);
+  alloc_free_slow(p);
 }
 
 /* The entry points' malloc and free: the fast paths plus the memcheck

@@ -925,73 +925,37 @@ static void heap_free_remote(page_t *page, block_t *block) {
 /* Everything zk_free's fast path does not handle: NULL, foreign pointers,
  * remote frees, large, huge and pool blocks, and frees that need the slow
  * local path. */
-static void heap_free_checked(void *p);
-
-/* A free leaves errno as it was (POSIX 2024), whatever the slow path met:
- * a refused purge, no memory for metadata. */
-void heap_free_generic(void *p) {
-  if (p == NULL)
-    return;
-  int saved_errno = errno;
-  heap_free_checked(p);
-  errno = saved_errno;
-}
-
-static void heap_free_checked(void *p) {
-  page_t *page = segment_lookup(p);
-  if (page == NULL) {
-    error_report("free of a pointer zkmem does not own", p, 0);
+/* A small block's free outside the owner's fast path: checks, then a
+ * remote free, or the owner's secure or double-free path. */
+void heap_free_small(page_t *page, void *p) {
+  size_t offset = (size_t)((uint8_t *)p - page->start);
+  if (unlikely(offset % page->block_size != 0)) {
+    error_report("free of a pointer inside a block (not its start)", p,
+                 page->block_size);
     return;
   }
-  switch ((page_kind_t)__atomic_load_n(&page->kind, __ATOMIC_RELAXED)) {
-  case PAGE_SMALL: {
-    size_t offset = (size_t)((uint8_t *)p - page->start);
-    if (unlikely(offset % page->block_size != 0)) {
-      error_report("free of a pointer inside a block (not its start)", p,
-                   page->block_size);
-      return;
-    }
-    if (unlikely(!page_block_is_carved(page, offset / page->block_size))) {
-      error_report("free of a block zkmem never handed out", p,
-                   page->block_size);
-      return;
-    }
-    heap_t *heap = heap_current;
-    block_t *block = p;
-    if (page_owner(page) != heap) {
-      heap_free_remote(page, block);
-      return;
-    }
-    /* A page that is not secure is here only because the fast path found
-     * the block at the head of the bin. */
-    if (!page->secure || !page_free_bit_set(page, offset / page->block_size)) {
-      error_report("double free", p, page->block_size);
-      return;
-    }
-    page_secure_fill(page, block);
-    page->frees++;
-    if (heap_page_return_block(heap, page, block, 0) &&
-        unlikely(heap->task != NULL)) {
-      heap->secure_frees++;
-      task_uncharge(heap->task, page->block_size);
-    }
+  if (unlikely(!page_block_is_carved(page, offset / page->block_size))) {
+    error_report("free of a block zkmem never handed out", p, page->block_size);
     return;
   }
-  case PAGE_LARGE:
-  case PAGE_HUGE:
-    if (unlikely(p != page->start)) {
-      error_report("free of a pointer inside a block (not its start)", p,
-                   page->large_size);
-      return;
-    }
-    large_free(heap_current, page);
+  heap_t *heap = heap_current;
+  block_t *block = p;
+  if (page_owner(page) != heap) {
+    heap_free_remote(page, block);
     return;
-  case PAGE_POOL:
-    pool_free_from_malloc(page, p);
+  }
+  /* A page that is not secure is here only because the fast path found
+   * the block at the head of the bin. */
+  if (!page->secure || !page_free_bit_set(page, offset / page->block_size)) {
+    error_report("double free", p, page->block_size);
     return;
-  default:
-    error_report("double free or free of an invalid pointer", p, 0);
-    return;
+  }
+  page_secure_fill(page, block);
+  page->frees++;
+  if (heap_page_return_block(heap, page, block, 0) &&
+      unlikely(heap->task != NULL)) {
+    heap->secure_frees++;
+    task_uncharge(heap->task, page->block_size);
   }
 }
 

@@ -474,7 +474,7 @@ uint64_t random_seed(void);
 extern __thread heap_t *heap_current;
 extern heap_t heap_empty;
 void *heap_malloc_generic(heap_t *heap, size_t size, size_t alignment);
-void heap_free_generic(void *p);
+void heap_free_small(page_t *page, void *p);
 void heap_bin_flush(heap_t *heap, bin_t *bin);
 void *heap_bin_corrupted(heap_t *heap, bin_t *bin, block_t *block);
 /* A non-empty bin's head, popped: the end of malloc's fast path and of its
@@ -504,6 +504,12 @@ void heap_lock_all(void);
 void heap_unlock_all(void);
 void heap_collect_stats(zk_stats_t *out);
 void process_init(void);
+
+/* ---- alloc.c ---- */
+/* Every free the owner's fast path does not take, dispatched by the kind
+ * of the block's page: NULL, foreign pointers, remote and secure frees,
+ * large, huge and pool blocks. Leaves errno alone. */
+void alloc_free_slow(void *p);
 
 /* ---- large.c ---- */
 void *large_alloc(heap_t *heap, size_t size, size_t alignment);
