@@ -181,6 +181,8 @@ typedef struct zk_heap_stats {
    * free ones waiting in its threads' caches; at least live's peak. */
   size_t peak_bytes;
   size_t limit_bytes;
+  /* limit_refusals: allocations from this heap refused by a limit, and
+   * allocations from its children refused by this heap's limit. */
   uint64_t allocations, frees, limit_refusals;
   const char *name;
 } zk_heap_stats_t;

@@ -277,6 +277,9 @@ static void fork_parent(void) {
  * exist in it (heap_orphan). */
 static void fork_child(void) {
   fork_parent();
+  heap_t *current = heap_current;
+  task_fork_child(current->home != NULL ? current->home : current,
+                  current->task);
   heap_t *self = heap_current->home != NULL ? heap_current->home : heap_current;
   for (;;) {
     pthread_mutex_lock(&heaps_lock);
@@ -286,11 +289,8 @@ static void fork_child(void) {
      * orphans do when a thread exits, until their task heap is destroyed.
      * Their torn bins are never walked: destroy drops them. */
     while (orphan != NULL &&
-           (orphan == self || orphan->home == self || orphan->task != NULL)) {
-      if (orphan->task != NULL && orphan->home != self)
-        orphan->home = NULL;
+           (orphan == self || orphan->home == self || orphan->task != NULL))
       orphan = orphan->next_heap;
-    }
     pthread_mutex_unlock(&heaps_lock);
     if (orphan == NULL)
       break;
@@ -466,12 +466,16 @@ static void heap_abandon(heap_t *heap) {
  * succeeds, and pages are abandoned as at thread exit, each queue walked
  * for at most as many pages as slices are mapped. Its pool magazines stay
  * attached to their pools, so the heap itself is never reused. */
-static void heap_orphan(heap_t *heap) {
+void heap_drop_caches(heap_t *heap) {
   for (unsigned c = 0; c < CLASS_COUNT; c++) {
     heap->bins[c].head = NULL;
     bin_set_count(&heap->bins[c], 0);
   }
   large_cache_orphan(heap);
+}
+
+static void heap_orphan(heap_t *heap) {
+  heap_drop_caches(heap);
   pthread_mutex_lock(&segment_lock);
   size_t budget = segment_slices_mapped();
   pthread_mutex_unlock(&segment_lock);
@@ -488,6 +492,29 @@ static void heap_orphan(heap_t *heap) {
     }
   }
   heap_retire(heap, &heaps_orphaned);
+}
+
+/* An orphaned task sub-heap: nobody collects its pages' remote frees
+ * but this (from the purge, tasks_lock held); pages that empty go back. */
+void heap_collect_orphan(heap_t *heap) {
+  page_queue_t *queues[CLASS_COUNT + 1];
+  for (unsigned c = 0; c < CLASS_COUNT; c++)
+    queues[c] = &heap->queues[c];
+  queues[CLASS_COUNT] = &heap->full;
+  for (unsigned q = 0; q <= CLASS_COUNT; q++) {
+    page_t *page = queues[q]->first;
+    while (page != NULL) {
+      page_t *next = page->next;
+      page_collect(page);
+      if (page->used == 0) {
+        queue_remove(queues[q], page);
+        /* Read by the remote free that just emptied it, after its push. */
+        __atomic_store_n(&page->in_full, 0, __ATOMIC_RELAXED);
+        heap_page_release(heap, page, 0);
+      }
+      page = next;
+    }
+  }
 }
 
 heap_t *heap_home(void) {
@@ -512,9 +539,13 @@ void heap_release_all(heap_t *heap) {
   for (unsigned c = 0; c < CLASS_COUNT; c++)
     queues[c] = &heap->queues[c];
   queues[CLASS_COUNT] = &heap->full;
+  /* Bounded: a fork child's orphan may have a queue torn mid-update. */
+  pthread_mutex_lock(&segment_lock);
+  size_t budget = segment_slices_mapped();
+  pthread_mutex_unlock(&segment_lock);
   for (unsigned q = 0; q <= CLASS_COUNT; q++) {
     page_t *page;
-    while ((page = queues[q]->first) != NULL) {
+    while ((page = queues[q]->first) != NULL && budget-- > 0) {
       queue_remove(queues[q], page);
       atomic_store_explicit(&page->thread_free, NULL, memory_order_relaxed);
       page->in_full = 0;
@@ -655,7 +686,7 @@ static page_t *heap_find_page(heap_t *heap, unsigned class_index) {
   if (page == NULL) {
     purge_maybe();
     page = segment_span_alloc(class_page_slices[class_index], PAGE_SMALL,
-                              &heap->home_segment);
+                              heap_home_segment(heap));
     if (page == NULL)
       return NULL;
     if (!page_init_small(page, heap, class_index)) {
@@ -952,10 +983,12 @@ void heap_free_small(page_t *page, void *p) {
   }
   page_secure_fill(page, block);
   page->frees++;
+  /* Read first: a page that empties goes back to the span layer. */
+  uint32_t block_size = page->block_size;
   if (heap_page_return_block(heap, page, block, 0) &&
       unlikely(heap->task != NULL)) {
     heap->secure_frees++;
-    task_uncharge(heap->task, page->block_size);
+    task_uncharge(heap->task, block_size);
   }
 }
 

@@ -495,8 +495,18 @@ void heap_recycle(heap_t *heap);
 void heap_flush_bins(heap_t *heap);
 /* Every page and cached span of a sub-heap back to the segment layer. */
 void heap_release_all(heap_t *heap);
+/* A heap that may be torn (another thread's, in a fork child): bins and
+ * large cache dropped without walking or waiting. */
+void heap_drop_caches(heap_t *heap);
+void heap_collect_orphan(heap_t *heap);
 /* The thread's own heap, whichever heap is current. */
 heap_t *heap_home(void);
+/* Where a heap's spans come from first: a task sub-heap shares its
+ * thread's segment (a segment each would map 4 MiB per task heap and
+ * thread); an orphan keeps its own. */
+ZK_INLINE segment_t **heap_home_segment(heap_t *heap) {
+  return heap->home != NULL ? &heap->home->home_segment : &heap->home_segment;
+}
 void heap_collect(heap_t *heap, bool force);
 void heap_bins_decay(heap_t *heap, uint64_t now);
 void heap_reclaim_abandoned(void);
@@ -543,6 +553,10 @@ void *task_limit_reached(heap_t *heap, size_t size, size_t alignment);
 /* Thread exit: the thread's sub-heaps are orphaned or recycled. */
 void task_thread_exit(heap_t *home, heap_t *current);
 void task_lock_all(void);
+/* Remote frees into orphaned sub-heaps collected, empty pages returned
+ * (from the purge; skipped when the task heaps' lock is busy). */
+void task_collect_orphans(void);
+void task_fork_child(heap_t *self_home, zk_heap_t *self_entered);
 void task_unlock_all(void);
 
 /* ---- purge.c ---- */

@@ -93,7 +93,7 @@ static void *large_alloc_guarded(heap_t *heap, size_t size) {
   size_t rounded = (size + 15) & ~(size_t)15;
   size_t slices = (rounded + OS_PAGE_SIZE + SLICE_SIZE - 1) >> SLICE_SHIFT;
   page_t *span = segment_span_alloc(
-      slices, PAGE_LARGE, heap == &heap_empty ? NULL : &heap->home_segment);
+      slices, PAGE_LARGE, heap == &heap_empty ? NULL : heap_home_segment(heap));
   if (span == NULL) {
     errno = ENOMEM;
     return NULL;
@@ -128,7 +128,8 @@ static void *large_alloc_any(heap_t *heap, size_t size, size_t alignment) {
   if (span == NULL) {
     purge_maybe();
     span = segment_span_alloc(slices, PAGE_LARGE,
-                              heap == &heap_empty ? NULL : &heap->home_segment);
+                              heap == &heap_empty ? NULL
+                                                  : heap_home_segment(heap));
     if (span == NULL) {
       errno = ENOMEM;
       return NULL;

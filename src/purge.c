@@ -28,12 +28,14 @@ void purge_maybe(void) {
   if (!atomic_compare_exchange_strong(&last_purge_ms, &last, now))
     return;
   heap_reclaim_abandoned();
+  task_collect_orphans();
   segment_purge(now, false);
 }
 
 ZK_EXPORT void zk_collect(bool force) {
   heap_collect(heap_current, force);
   heap_reclaim_abandoned();
+  task_collect_orphans();
   uint64_t now = clock_now_ms();
   atomic_store_explicit(&last_purge_ms, now, memory_order_relaxed);
   segment_purge(now, force);

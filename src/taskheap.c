@@ -49,6 +49,7 @@ struct zk_heap {
   _Atomic uint64_t limit_refusals;
   _Atomic int entered;  /* threads inside zk_heap_enter */
   _Atomic int children; /* task heaps with this one as parent */
+  zk_heap_t *next_live; /* all live task heaps (tasks_lock) */
   heap_t *subheaps;     /* tasks_lock */
   page_t *large;        /* large and huge blocks, by next/prev (tasks_lock) */
   uint64_t large_allocations, large_frees; /* tasks_lock */
@@ -60,6 +61,46 @@ struct zk_heap {
  * and so that fork can hold it. Taken before the pool, heap and segment
  * locks; never around user code. */
 static pthread_mutex_t tasks_lock = PTHREAD_MUTEX_INITIALIZER;
+static zk_heap_t *tasks_live; /* tasks_lock */
+
+/* Destroyed heaps wait here before their memory is reused, so that a
+ * second destroy (or any call) through a stale handle is reported rather
+ * than acting on a newer heap at the same address, until this many more
+ * heaps have been destroyed. tasks_lock. */
+#define TASK_QUARANTINE 256
+static zk_heap_t *task_quarantine[TASK_QUARANTINE];
+static unsigned task_quarantine_next;
+
+/* The heap an over-limit charge stopped at (this heap or a parent). */
+static __thread zk_heap_t *task_refused_by;
+
+/* A fork child: only the forking thread can be in a task heap now, and
+ * the other threads' sub-heaps may be torn (heap.c, heap_orphan): their
+ * bins and large caches are dropped without waiting. */
+void task_fork_child(heap_t *self_home, zk_heap_t *self_entered) {
+  pthread_mutex_lock(&tasks_lock);
+  for (zk_heap_t *heap = tasks_live; heap != NULL; heap = heap->next_live) {
+    atomic_store_explicit(&heap->entered, heap == self_entered,
+                          memory_order_relaxed);
+    for (heap_t *sub = heap->subheaps; sub != NULL; sub = sub->task_next) {
+      if (sub->home == self_home)
+        continue;
+      sub->home = NULL;
+      heap_drop_caches(sub);
+    }
+  }
+  pthread_mutex_unlock(&tasks_lock);
+}
+
+void task_collect_orphans(void) {
+  if (pthread_mutex_trylock(&tasks_lock) != 0)
+    return; /* the thread holds it (releasing pages), or another does */
+  for (zk_heap_t *heap = tasks_live; heap != NULL; heap = heap->next_live)
+    for (heap_t *sub = heap->subheaps; sub != NULL; sub = sub->task_next)
+      if (sub->home == NULL)
+        heap_collect_orphan(sub);
+  pthread_mutex_unlock(&tasks_lock);
+}
 
 void task_lock_all(void) {
   pthread_mutex_lock(&tasks_lock);
@@ -98,6 +139,7 @@ bool task_charge(zk_heap_t *task, size_t bytes) {
         atomic_fetch_add_explicit(&heap->charged, bytes, memory_order_relaxed) +
         bytes;
     if (heap->limit != 0 && charged > heap->limit) {
+      task_refused_by = heap;
       /* Undo this level and the ones below it. */
       for (zk_heap_t *undo = task;; undo = undo->parent) {
         atomic_fetch_sub_explicit(&undo->charged, bytes, memory_order_relaxed);
@@ -201,11 +243,11 @@ void task_thread_exit(heap_t *home, heap_t *current) {
     if (atomic_load_explicit(&sub->task, memory_order_relaxed) == NULL) {
       heap_recycle(sub); /* its task heap was destroyed */
     } else {
-      /* Orphaned: its pages stay with it (other threads free into them,
-       * uncharging as they go) until the task heap is destroyed. */
+      /* Orphaned: its pages with live blocks stay with it (other threads
+       * free into them, uncharging as they go) until the task heap is
+       * destroyed; empty ones go back now. */
       pool_heap_exit(sub);
-      large_cache_flush(sub);
-      heap_flush_bins(sub);
+      heap_collect(sub, true);
       sub->home = NULL;
     }
     sub = next;
@@ -216,26 +258,52 @@ void task_thread_exit(heap_t *home, heap_t *current) {
 /* ---- allocation ---- */
 
 /* A malloc of a sub-heap refused by a limit: this thread's bins of the
- * sub-heap go back to their pages (their blocks are charged), then
- * on_limit may make room; one retry after each. */
+ * sub-heap go back to their pages (their blocks are charged) and the
+ * malloc is retried; then the refusing heap's on_limit (this heap or a
+ * parent) may make room, with no lock held, for one more retry. The guard
+ * covers the retries only: a callback's own allocations see limits as
+ * usual. */
 static __thread int task_retrying;
 
+static void *task_retry(heap_t *heap, size_t size, size_t alignment) {
+  task_retrying = 1;
+  void *p = heap_malloc_generic(heap, size, alignment);
+  task_retrying = 0;
+  return p;
+}
+
 void *task_limit_reached(heap_t *heap, size_t size, size_t alignment) {
+  if (task_retrying)
+    return NULL; /* the retry's own refusal: handled by the caller */
   zk_heap_t *task = heap->task;
-  if (task_retrying == 0) {
-    task_retrying = 1;
-    heap_flush_bins(heap);
-    void *p = heap_malloc_generic(heap, size, alignment);
-    if (p == NULL && task->on_limit != NULL &&
-        task->on_limit(task, size, task->on_limit_arg))
-      p = heap_malloc_generic(heap, size, alignment);
-    task_retrying = 0;
+  /* Every sub-heap of this thread gives its cached blocks back: a sibling
+   * heap's are charged to a parent whose limit may be the one in the way. */
+  zk_thread_idle();
+  void *p = task_retry(heap, size, alignment);
+  if (p != NULL)
+    return p;
+  zk_heap_t *refusing = task_refused_by != NULL ? task_refused_by : task;
+  task_refused_by = NULL;
+  if (refusing->on_limit != NULL &&
+      refusing->on_limit(refusing, size, refusing->on_limit_arg)) {
+    /* The callback may have destroyed the heap (its sub-heaps then have
+     * no task): nothing to allocate from, nothing to count. */
+    if (atomic_load_explicit(&heap->task, memory_order_acquire) != task) {
+      errno = ENOMEM;
+      return NULL;
+    }
+    p = task_retry(heap, size, alignment);
     if (p != NULL)
       return p;
-  } else {
-    return NULL; /* the retry's own refusal: counted once, below */
+  } else if (atomic_load_explicit(&heap->task, memory_order_acquire) != task) {
+    errno = ENOMEM;
+    return NULL;
   }
+  /* Counted where the allocation was refused and where the limit is. */
   atomic_fetch_add_explicit(&task->limit_refusals, 1, memory_order_relaxed);
+  if (refusing != task)
+    atomic_fetch_add_explicit(&refusing->limit_refusals, 1,
+                              memory_order_relaxed);
   errno = ENOMEM;
   return NULL;
 }
@@ -271,6 +339,10 @@ ZK_EXPORT zk_heap_t *zk_heap_create(const zk_heap_options_t *options) {
   heap->on_limit_arg = options->on_limit_arg;
   if (heap->parent != NULL)
     atomic_fetch_add_explicit(&heap->parent->children, 1, memory_order_relaxed);
+  pthread_mutex_lock(&tasks_lock);
+  heap->next_live = tasks_live;
+  tasks_live = heap;
+  pthread_mutex_unlock(&tasks_lock);
   __atomic_store_n(&heap->magic, TASK_HEAP_MAGIC, __ATOMIC_RELEASE);
   return heap;
 }
@@ -422,6 +494,19 @@ ZK_EXPORT int zk_heap_stats(const zk_heap_t *heap, zk_heap_stats_t *out) {
   pthread_mutex_lock(&tasks_lock);
   for (heap_t *sub = task->subheaps; sub != NULL; sub = sub->task_next)
     subheap_counts(sub, &allocations, &frees, &held);
+  /* A parent is charged for its children's blocks, the cached free ones
+   * included: those are not live either. */
+  for (zk_heap_t *other = tasks_live; other != NULL; other = other->next_live) {
+    bool descendant = false;
+    for (zk_heap_t *up = other->parent; up != NULL && !descendant;
+         up = up->parent)
+      descendant = up == task;
+    if (!descendant)
+      continue;
+    uint64_t ignored_allocations = 0, ignored_frees = 0;
+    for (heap_t *sub = other->subheaps; sub != NULL; sub = sub->task_next)
+      subheap_counts(sub, &ignored_allocations, &ignored_frees, &held);
+  }
   allocations += task->large_allocations;
   frees += task->large_frees;
   pthread_mutex_unlock(&tasks_lock);
@@ -457,6 +542,11 @@ ZK_EXPORT void zk_heap_destroy(zk_heap_t *heap) {
   }
   __atomic_store_n(&heap->magic, 0, __ATOMIC_RELEASE);
   pthread_mutex_lock(&tasks_lock);
+  zk_heap_t **link = &tasks_live;
+  while (*link != NULL && *link != heap)
+    link = &(*link)->next_live;
+  if (*link == heap)
+    *link = heap->next_live;
   heap_t *sub = heap->subheaps;
   heap->subheaps = NULL;
   page_t *large = heap->large;
@@ -485,7 +575,13 @@ ZK_EXPORT void zk_heap_destroy(zk_heap_t *heap) {
                   atomic_load_explicit(&heap->charged, memory_order_relaxed));
     atomic_fetch_sub_explicit(&heap->parent->children, 1, memory_order_relaxed);
   }
-  os_meta_free(heap, sizeof(zk_heap_t));
+  pthread_mutex_lock(&tasks_lock);
+  zk_heap_t *oldest = task_quarantine[task_quarantine_next];
+  task_quarantine[task_quarantine_next] = heap;
+  task_quarantine_next = (task_quarantine_next + 1) % TASK_QUARANTINE;
+  pthread_mutex_unlock(&tasks_lock);
+  if (oldest != NULL)
+    os_meta_free(oldest, sizeof(zk_heap_t));
 }
 
 ZK_EXPORT void zk_thread_idle(void) {
@@ -493,9 +589,13 @@ ZK_EXPORT void zk_thread_idle(void) {
   if (current == &heap_empty)
     return;
   heap_t *home = current->home != NULL ? current->home : current;
+  /* Under the lock: another thread may be destroying one of the task
+   * heaps, and releasing the same sub-heap. */
+  pthread_mutex_lock(&tasks_lock);
   for (heap_t *sub = home->subheaps; sub != NULL; sub = sub->subheap_next)
     if (atomic_load_explicit(&sub->task, memory_order_relaxed) != NULL)
       heap_flush_bins(sub);
+  pthread_mutex_unlock(&tasks_lock);
   heap_collect(home, false);
   purge_maybe();
 }

@@ -239,6 +239,7 @@ static void test_limits(void) {
   CHECK_EQ(tenant_stats.live_bytes,
            request_stats.live_bytes + zk_usable_size(own));
   CHECK_EQ(request_stats.limit_refusals, 1);
+  CHECK_EQ(tenant_stats.limit_refusals, 1); /* its limit refused it */
   /* The parent cannot go before its child. */
   zk_heap_destroy(request); /* frees its blocks */
   zk_thread_idle();
@@ -290,6 +291,199 @@ static void test_destroy(void) {
   void *p = zk_malloc(1000);
   CHECK(p != NULL);
   zk_free(p);
+}
+
+/* ---- found by review ---- */
+
+/* A parent's live bytes are its children's live blocks, not the free ones
+ * their threads cache; a sibling's cached blocks do not make a parent's
+ * limit refuse. */
+static void test_parent_and_siblings(void) {
+  zk_heap_t *parent =
+      zk_heap_create(&(zk_heap_options_t){.limit_bytes = 256 << 10});
+  zk_heap_t *child = zk_heap_create(&(zk_heap_options_t){.parent = parent});
+  zk_heap_t *sibling = zk_heap_create(&(zk_heap_options_t){.parent = parent});
+  void *p = zk_heap_malloc(child, 1024);
+  CHECK(p != NULL);
+  CHECK_EQ(stats_of(child).live_bytes, 1024);
+  CHECK_EQ(stats_of(parent).live_bytes, 1024);
+  void *big = zk_heap_malloc(sibling, 60 << 10); /* child's cache in the way */
+  CHECK(big != NULL);
+  zk_free(big);
+  zk_free(p);
+  zk_heap_destroy(child);
+  zk_heap_destroy(sibling);
+  zk_heap_destroy(parent);
+}
+
+/* on_limit may allocate (seeing other heaps' limits as usual) or destroy
+ * the heap it was called for. */
+static zk_heap_t *other_heap;
+static int other_calls;
+
+static bool count_other(zk_heap_t *heap, size_t size, void *arg) {
+  (void)heap, (void)size, (void)arg;
+  other_calls++;
+  return false;
+}
+
+static bool allocate_elsewhere(zk_heap_t *heap, size_t size, void *arg) {
+  (void)heap, (void)size, (void)arg;
+  errno = 0;
+  void *p = zk_heap_malloc(other_heap, 1 << 20); /* over its limit too */
+  CHECK(p == NULL && errno == ENOMEM);
+  return false;
+}
+
+static bool destroy_myself(zk_heap_t *heap, size_t size, void *arg) {
+  (void)size, (void)arg;
+  zk_heap_destroy(heap);
+  return true;
+}
+
+static void test_on_limit_callbacks(void) {
+  other_heap = zk_heap_create(
+      &(zk_heap_options_t){.limit_bytes = 64 << 10, .on_limit = count_other});
+  zk_heap_t *heap = zk_heap_create(&(zk_heap_options_t){
+      .limit_bytes = 64 << 10, .on_limit = allocate_elsewhere});
+  CHECK(zk_heap_malloc(heap, 1 << 20) == NULL && errno == ENOMEM);
+  CHECK_EQ(other_calls, 1);
+  CHECK_EQ(stats_of(other_heap).limit_refusals, 1);
+  CHECK_EQ(stats_of(heap).limit_refusals, 1);
+  zk_heap_destroy(heap);
+  zk_heap_destroy(other_heap);
+  zk_heap_t *doomed_by_callback = zk_heap_create(&(zk_heap_options_t){
+      .limit_bytes = 64 << 10, .on_limit = destroy_myself});
+  CHECK(zk_heap_malloc(doomed_by_callback, 32 << 10) != NULL);
+  errno = 0;
+  CHECK(zk_heap_malloc(doomed_by_callback, 1 << 20) == NULL && errno == ENOMEM);
+  zk_heap_t *next = zk_heap_create(NULL); /* may reuse its sub-heap */
+  void *q = zk_heap_malloc(next, 100);
+  CHECK(q != NULL);
+  zk_free(q);
+  CHECK_EQ(stats_of(next).live_bytes, 0);
+  zk_heap_destroy(next);
+}
+
+/* A worker that left a heap calls zk_thread_idle while another thread
+ * destroys that heap. */
+static zk_heap_t *racing;
+static atomic_int left, destroyed;
+
+static void *leave_then_idle(void *arg) {
+  (void)arg;
+  zk_heap_t *before = zk_heap_enter(racing);
+  for (int i = 0; i < 50; i++)
+    zk_free(zk_malloc(64 + (size_t)i * 16)); /* into its bins */
+  zk_heap_enter(before);
+  atomic_store(&left, 1);
+  while (!atomic_load(&destroyed))
+    zk_thread_idle();
+  return NULL;
+}
+
+static void idle_while_destroyed(void) {
+  alarm(20);
+  for (int round = 0; round < 200; round++) {
+    racing = zk_heap_create(NULL);
+    atomic_store(&left, 0);
+    atomic_store(&destroyed, 0);
+    pthread_t thread;
+    CHECK(pthread_create(&thread, NULL, leave_then_idle, NULL) == 0);
+    while (!atomic_load(&left))
+      ;
+    zk_heap_destroy(racing);
+    atomic_store(&destroyed, 1);
+    CHECK(pthread_join(thread, NULL) == 0);
+  }
+}
+
+/* fork while another thread is inside a heap and churns large blocks in
+ * it: the child can destroy the heap (not "entered"), and does not hang on
+ * the other thread's large cache. */
+static zk_heap_t *forked_heap;
+static atomic_int stop_worker;
+
+static void *work_in_heap(void *arg) {
+  (void)arg;
+  zk_heap_enter(forked_heap);
+  unsigned seed = 1;
+  while (!atomic_load(&stop_worker)) {
+    void *blocks[8];
+    for (int i = 0; i < 8; i++)
+      blocks[i] = zk_malloc((size_t)(65 + rand_r(&seed) % 200) * 1024);
+    for (int i = 0; i < 8; i++)
+      zk_free(blocks[i]);
+  }
+  zk_heap_enter(NULL);
+  return NULL;
+}
+
+static void test_fork_with_heap_entered(void) {
+  forked_heap = zk_heap_create(NULL);
+  atomic_store(&stop_worker, 0);
+  pthread_t thread;
+  CHECK(pthread_create(&thread, NULL, work_in_heap, NULL) == 0);
+  for (int i = 0; i < 200; i++) {
+    pid_t child = fork();
+    CHECK(child >= 0);
+    if (child == 0) {
+      alarm(10);
+      zk_heap_destroy(forked_heap);
+      _exit(0);
+    }
+    int status;
+    CHECK(waitpid(child, &status, 0) == child);
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+      fprintf(stderr, "fork %d: child status %#x\n", i, status);
+      exit(1);
+    }
+  }
+  atomic_store(&stop_worker, 1);
+  CHECK(pthread_join(thread, NULL) == 0);
+  zk_heap_destroy(forked_heap);
+}
+
+/* Many heaps with a block each share their thread's segments. */
+static void test_heaps_share_segments(void) {
+  zk_collect(true);
+  static zk_heap_t *heaps[1000];
+  for (int i = 0; i < 1000; i++) {
+    heaps[i] = zk_heap_create(NULL);
+    CHECK(zk_heap_malloc(heaps[i], 64) != NULL);
+  }
+  zk_stats_t stats;
+  zk_stats_get(&stats);
+  printf("1,000 heaps with a block each: %zu segments mapped\n",
+         stats.segments_mapped);
+  CHECK(stats.segments_mapped < 40);
+  for (int i = 0; i < 1000; i++)
+    zk_heap_destroy(heaps[i]);
+}
+
+static void stale_handle(void) {
+  zk_heap_t *first = zk_heap_create(NULL);
+  zk_heap_destroy(first);
+  zk_heap_t *second = zk_heap_create(NULL); /* may reuse first's memory */
+  CHECK(zk_heap_malloc(second, 10) != NULL);
+  zk_heap_destroy(first);
+}
+
+static void test_review_findings(void) {
+  test_parent_and_siblings();
+  test_on_limit_callbacks();
+  char message[512];
+  int status = test_run_child(idle_while_destroyed, message, sizeof(message));
+  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+    fprintf(stderr, "idle while destroyed: status %#x: %s\n", status, message);
+    exit(1);
+  }
+  test_fork_with_heap_entered();
+  test_heaps_share_segments();
+  test_expect_abort(stale_handle, "zkmem: error: zk_heap_destroy of a "
+                                  "destroyed task heap or not one");
+  printf("review findings: parents, callbacks, idle vs destroy, fork, "
+         "segments, stale handles\n");
 }
 
 /* ---- misuse ---- */
@@ -420,6 +614,7 @@ int main(int argc, char **argv) {
   test_limits();
   test_destroy();
   test_many_heaps();
+  test_review_findings();
   test_misuse();
   printf("test_heap: ok\n");
   return 0;
