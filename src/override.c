@@ -13,10 +13,14 @@
 #include <string.h>
 #include <unistd.h>
 
-ZK_EXPORT void *malloc(size_t size) {
+/* Each starts a cache line: their hot paths (about 120 bytes each) then
+ * take two lines wherever other code moves them (side by side, a build
+ * whose free started 16 bytes into a line ran the fixed and reuse
+ * scenarios 4% slower, with the same instructions). */
+ZK_EXPORT __attribute__((aligned(64))) void *malloc(size_t size) {
   return alloc_malloc(size);
 }
-ZK_EXPORT void free(void *p) {
+ZK_EXPORT __attribute__((aligned(64))) void free(void *p) {
   alloc_free(p);
 }
 ZK_EXPORT void *calloc(size_t count, size_t size) {
