@@ -88,9 +88,11 @@ ZK_EXPORT size_t zk_usable_size(const void *p) {
   }
 }
 
-ZK_EXPORT void *zk_realloc(void *p, size_t size) {
+/* realloc, a block that moves coming from `heap` (NULL: the current
+ * heap); zk_heap_realloc shares it. */
+void *alloc_realloc(zk_heap_t *heap, void *p, size_t size) {
   if (p == NULL)
-    return zk_malloc(size);
+    return heap != NULL ? zk_heap_malloc(heap, size) : zk_malloc(size);
   if (size == 0) {
     zk_free(p);
     return NULL;
@@ -111,13 +113,17 @@ ZK_EXPORT void *zk_realloc(void *p, size_t size) {
     if (resized != NULL)
       return resized;
   }
-  void *fresh = zk_malloc(size);
+  void *fresh = heap != NULL ? zk_heap_malloc(heap, size) : zk_malloc(size);
   if (fresh == NULL)
     return NULL; /* p is untouched, as C requires */
   /* Copies the usable size, past what the program asked for. */
   track_quietly(memcpy(fresh, p, size < usable ? size : usable));
   zk_free(p);
   return fresh;
+}
+
+ZK_EXPORT void *zk_realloc(void *p, size_t size) {
+  return alloc_realloc(NULL, p, size);
 }
 
 ZK_EXPORT void *zk_aligned_alloc(size_t alignment, size_t size) {

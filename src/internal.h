@@ -267,10 +267,10 @@ struct heap {
   heap_t *next_heap; /* heaps_lock: all live heaps / free heaps */
   /* Task heaps: a sub-heap is a thread's heap for one task heap (`task`);
    * its pages are its own, as a thread's heap's are. */
-  heap_t *home;            /* sub-heap: its thread's own heap (NULL: exited) */
-  heap_t *task_next;       /* sub-heap: the task's list (task lock) */
-  heap_t *subheaps;        /* own heap: its thread's sub-heaps (owner only) */
-  heap_t *subheap_next;    /* sub-heap: in its home's list */
+  heap_t *home;         /* sub-heap: its thread's own heap (NULL: exited) */
+  heap_t *task_next;    /* sub-heap: the task's list (task lock) */
+  heap_t *subheaps;     /* own heap: its thread's sub-heaps (owner only) */
+  heap_t *subheap_next; /* sub-heap: in its home's list */
   /* Sub-heap statistics, kept on slow paths: blocks into and out of each
    * bin from its pages (a bin's pops are taken + frees - returned - held),
    * and secure pages' blocks handed out and freed by this thread. */
@@ -524,6 +524,7 @@ void process_init(void);
  * of the block's page: NULL, foreign pointers, remote and secure frees,
  * large, huge and pool blocks. Leaves errno alone. */
 void alloc_free_slow(void *p);
+void *alloc_realloc(zk_heap_t *heap, void *p, size_t size);
 
 /* ---- large.c ---- */
 void *large_alloc(heap_t *heap, size_t size, size_t alignment);

@@ -408,28 +408,11 @@ ZK_EXPORT void *zk_heap_aligned_alloc(zk_heap_t *heap, size_t alignment,
 }
 
 ZK_EXPORT void *zk_heap_realloc(zk_heap_t *heap, void *p, size_t size) {
-  if (heap == NULL)
-    return zk_realloc(p, size);
-  if (p == NULL)
-    return zk_heap_malloc(heap, size);
-  if (size == 0) {
-    zk_free(p);
+  if (heap != NULL && unlikely(!task_is_live(heap))) {
+    task_invalid(heap, "zk_heap_realloc");
     return NULL;
   }
-  size_t usable = zk_usable_size(p);
-  if (usable == 0) {
-    zk_free(p); /* reports the foreign pointer */
-    errno = EINVAL;
-    return NULL;
-  }
-  if (!ZK_TRACKING && size <= usable && size >= usable / 2)
-    return p; /* where it is, in whichever heap that is */
-  void *fresh = zk_heap_malloc(heap, size);
-  if (fresh == NULL)
-    return NULL;
-  track_quietly(memcpy(fresh, p, size < usable ? size : usable));
-  zk_free(p);
-  return fresh;
+  return alloc_realloc(heap, p, size);
 }
 
 /* ---- entering, statistics, destroy ---- */
