@@ -106,6 +106,11 @@ SCENARIOS = [
     Scenario("churn",
              "8 B-16 KiB blocks, temporary, short- and long-lived, "
              "interleaved", 10_000_000, 100_000),
+    Scenario("tasks",
+             "short tasks polled 4 times by worker threads, moving between "
+             "them, each keeping blocks across polls; zkmem-heaps: a task "
+             "heap per task, destroyed at its end", 2_000_000, 40_000,
+             workers=True),
     Scenario("tokio-pipeline",
              "Tokio: 16 B-4 KiB messages through a chain of 5 tasks and "
              "bounded channels (op = one message delivered)",
@@ -118,7 +123,7 @@ SCENARIOS = [
 SCENARIO_BY_NAME = {scenario.name: scenario for scenario in SCENARIOS}
 
 PEERS = ["jemalloc", "mimalloc", "tcmalloc", "mimalloc3", "snmalloc"]
-ROW_ORDER = ["zkmem-pool", "zkmem", "glibc"] + PEERS + ["seed"]
+ROW_ORDER = ["zkmem-pool", "zkmem", "zkmem-heaps", "glibc"] + PEERS + ["seed"]
 BUILTIN_ROWS = ["zkmem-pool", "zkmem", "glibc", "seed"]
 PEER_LIBRARIES = {
     "jemalloc": ["libjemalloc.so.2", "libjemalloc.so"],
@@ -268,7 +273,8 @@ def register_peer(name):
     """Makes `name` a peer row: in the tables, the ratios and the chart."""
     if name not in PEERS:
         PEERS.append(name)
-        ROW_ORDER[:] = ["zkmem-pool", "zkmem", "glibc"] + PEERS + ["seed"]
+        ROW_ORDER[:] = ["zkmem-pool", "zkmem", "zkmem-heaps", "glibc"] + PEERS + [
+            "seed"]
 
 
 def parse_peer(text, origin):
@@ -339,6 +345,10 @@ def discover_allocators(build_dir, source_dir, wanted, requested_peers=()):
         found.append(Allocator("zkmem", bench_malloc,
                                preload=os.path.realpath(library),
                                version=version))
+        # The tasks scenario again, each task in a task heap of its own.
+        found.append(Allocator("zkmem-heaps", bench_malloc, ["--task-heaps"],
+                               preload=os.path.realpath(library),
+                               scenarios=["tasks"], version=version))
     else:
         skipped.append(("zkmem", f"{library} not built"))
     found.append(Allocator("glibc", bench_malloc,

@@ -29,6 +29,7 @@ struct bench_options {
   unsigned threads[16];  /* thread counts for the scaling scenario */
   unsigned thread_count; /* entries used in threads[] */
   unsigned workers;      /* threads per side: batches, server (default 2) */
+  bool task_heaps;       /* tasks: a zkmem task heap per task (zk_heap_*) */
   unsigned purge_wait_ms;
   bool json;
 };

@@ -133,6 +133,8 @@ static void usage(FILE *out) {
           "  --alloc KIND        malloc (default), seed (fixed-size reference)"
           "\n                      or pool (bench_pool only)\n"
           "  --threads LIST      thread counts for scaling, e.g. 1,2,4\n"
+          "  --task-heaps        tasks: a zkmem task heap per task, destroyed "
+          "at its end\n"
           "  --workers N         batches: producers and consumers each; "
           "server:\n                      threads (default 2)\n"
           "  --seed N            PRNG seed (default 1)\n"
@@ -209,6 +211,9 @@ int main(int argc, char **argv) {
     bool takes_value = true;
     if (strcmp(argument, "--json") == 0) {
       options.json = true;
+      takes_value = false;
+    } else if (strcmp(argument, "--task-heaps") == 0) {
+      options.task_heaps = true;
       takes_value = false;
     } else if (strcmp(argument, "--help") == 0 || strcmp(argument, "-h") == 0) {
       usage(stdout);

@@ -1350,6 +1350,178 @@ static int scenario_churn(const struct bench_options *options,
 #define MALLOC_AND_POOL ((1u << BACKEND_MALLOC) | (1u << BACKEND_POOL))
 #define MALLOC_ONLY     (1u << BACKEND_MALLOC)
 
+/* ---- tasks: short tasks polled by worker threads, moving between them --
+ *
+ * The async-runtime pattern task heaps are for: a shared queue of tasks,
+ * each polled TASK_POLLS times by whichever worker takes it (so it moves
+ * between workers); a poll allocates TASK_BLOCKS blocks of 16 B-2 KiB,
+ * frees most of them at once and keeps TASK_KEPT for the task's later
+ * polls. At its end a task frees what it kept; with --task-heaps (zkmem
+ * under LD_PRELOAD only, through dlsym) each task instead runs in a heap of
+ * its own, entered around every poll, and destroys it at its end. */
+
+#define TASK_POLLS  4
+#define TASK_BLOCKS 24
+#define TASK_KEPT   6
+#define TASKS_IN_FLIGHT                                                        \
+  64 /* a runtime's live tasks; the next one starts as one ends */
+
+typedef void *(*heap_create_fn)(const void *options);
+typedef void *(*heap_enter_fn)(void *heap);
+typedef void (*heap_destroy_fn)(void *heap);
+
+struct task {
+  void *heap;
+  void *kept[TASK_POLLS * TASK_KEPT];
+  unsigned kept_count;
+  unsigned polls;
+  uint32_t cursor;
+  struct task *next;
+};
+
+struct tasks_shared {
+  pthread_mutex_t lock;
+  pthread_cond_t ready;
+  struct task *head, *tail;
+  uint64_t left;        /* tasks not finished */
+  uint64_t not_started; /* tasks not yet in the queue */
+  struct task *tasks;
+  uint64_t count;
+  const uint32_t *sizes;
+  heap_create_fn create;
+  heap_enter_fn enter;
+  heap_destroy_fn destroy;
+};
+
+static void tasks_push(struct tasks_shared *shared, struct task *task) {
+  pthread_mutex_lock(&shared->lock);
+  task->next = NULL;
+  if (shared->tail != NULL)
+    shared->tail->next = task;
+  else
+    shared->head = task;
+  shared->tail = task;
+  pthread_cond_signal(&shared->ready);
+  pthread_mutex_unlock(&shared->lock);
+}
+
+static struct task *tasks_pop(struct tasks_shared *shared) {
+  pthread_mutex_lock(&shared->lock);
+  while (shared->head == NULL && shared->left > 0)
+    pthread_cond_wait(&shared->ready, &shared->lock);
+  struct task *task = shared->head;
+  if (task != NULL) {
+    shared->head = task->next;
+    if (shared->head == NULL)
+      shared->tail = NULL;
+  }
+  pthread_mutex_unlock(&shared->lock);
+  return task;
+}
+
+static void task_poll(struct tasks_shared *shared, struct task *task) {
+  void *blocks[TASK_BLOCKS];
+  for (unsigned i = 0; i < TASK_BLOCKS; i++) {
+    uint32_t size = shared->sizes[task->cursor++ & TABLE_MASK];
+    blocks[i] = malloc(size);
+    check_block(blocks[i], size);
+    touch_first(blocks[i], size);
+    escape(blocks[i]);
+  }
+  for (unsigned i = 0; i < TASK_BLOCKS; i++) {
+    if (i < TASK_KEPT)
+      task->kept[task->kept_count++] = blocks[i];
+    else
+      free(blocks[i]);
+  }
+}
+
+static void *tasks_worker(void *argument) {
+  struct tasks_shared *shared = argument;
+  struct task *task;
+  while ((task = tasks_pop(shared)) != NULL) {
+    void *previous = NULL;
+    if (shared->enter != NULL) {
+      if (task->heap == NULL)
+        task->heap = shared->create(NULL);
+      if (task->heap == NULL)
+        bench_fail("tasks: zk_heap_create failed");
+      previous = shared->enter(task->heap);
+    }
+    task_poll(shared, task);
+    if (shared->enter != NULL)
+      shared->enter(previous);
+    if (++task->polls < TASK_POLLS) {
+      tasks_push(shared, task);
+      continue;
+    }
+    if (shared->destroy != NULL) {
+      shared->destroy(task->heap); /* everything the task kept, at once */
+    } else {
+      for (unsigned i = 0; i < task->kept_count; i++)
+        free(task->kept[i]);
+    }
+    pthread_mutex_lock(&shared->lock);
+    struct task *next = NULL;
+    if (shared->not_started > 0)
+      next = &shared->tasks[shared->count - shared->not_started--];
+    if (--shared->left == 0)
+      pthread_cond_broadcast(&shared->ready);
+    pthread_mutex_unlock(&shared->lock);
+    if (next != NULL)
+      tasks_push(shared, next);
+  }
+  return NULL;
+}
+
+static int scenario_tasks(const struct bench_options *options,
+                          struct bench_result *result) {
+  uint64_t ops_per_task = (uint64_t)TASK_POLLS * TASK_BLOCKS * 2;
+  uint64_t count = options->ops / ops_per_task;
+  if (count == 0)
+    count = 1;
+  struct prng prng;
+  prng_seed(&prng, options->seed);
+  struct tasks_shared shared = {
+      .lock = PTHREAD_MUTEX_INITIALIZER,
+      .ready = PTHREAD_COND_INITIALIZER,
+      .left = count,
+      .sizes = size_table_uniform(&prng, 16, 2048),
+  };
+  if (options->task_heaps) {
+    shared.create = (heap_create_fn)dlsym(RTLD_DEFAULT, "zk_heap_create");
+    shared.enter = (heap_enter_fn)dlsym(RTLD_DEFAULT, "zk_heap_enter");
+    shared.destroy = (heap_destroy_fn)dlsym(RTLD_DEFAULT, "zk_heap_destroy");
+    if (!shared.create || !shared.enter || !shared.destroy)
+      bench_fail("tasks: --task-heaps needs zkmem (zk_heap_*) preloaded");
+  }
+  struct task *tasks = scaffold_alloc(count * sizeof(struct task));
+  for (uint64_t i = 0; i < count; i++)
+    tasks[i].cursor = (uint32_t)(i * 7919);
+  shared.tasks = tasks;
+  shared.count = count;
+  uint64_t first = count < TASKS_IN_FLIGHT ? count : TASKS_IN_FLIGHT;
+  shared.not_started = count - first;
+  for (uint64_t i = 0; i < first; i++)
+    tasks_push(&shared, &tasks[i]);
+  unsigned workers = options->workers;
+  pthread_t threads[256];
+  double start = now_seconds();
+  for (unsigned i = 0; i < workers; i++)
+    if (pthread_create(&threads[i], NULL, tasks_worker, &shared) != 0)
+      bench_fail("tasks: pthread_create failed");
+  for (unsigned i = 0; i < workers; i++)
+    pthread_join(threads[i], NULL);
+  result->seconds = now_seconds() - start;
+  result->ops = count * ops_per_task;
+  result_add_u64(result, "tasks", count);
+  result_add_u64(result, "workers", workers);
+  result_add_u64(result, "task_heaps", options->task_heaps);
+  scaffold_free(tasks, count * sizeof(struct task));
+  free_table((uint32_t *)shared.sizes);
+  return 0;
+}
+
 const struct scenario_entry scenario_table[] = {
     {"fixed", "alloc+free pairs of 64 B", 40000000, scenario_fixed,
      ALL_BACKENDS},
@@ -1381,6 +1553,10 @@ const struct scenario_entry scenario_table[] = {
      4000000, scenario_server, MALLOC_ONLY},
     {"churn", "8 B-16 KiB blocks, temporary, short- and long-lived, mixed",
      10000000, scenario_churn, MALLOC_ONLY},
+    {"tasks",
+     "short tasks polled by --workers threads, each keeping blocks across "
+     "polls (--task-heaps: a zkmem heap per task)",
+     2000000, scenario_tasks, MALLOC_ONLY},
 };
 
 const size_t scenario_count = sizeof scenario_table / sizeof scenario_table[0];
