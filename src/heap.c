@@ -50,7 +50,6 @@ static atomic_uint abandoned_count[CLASS_COUNT]; /* peeked without the lock */
 static pthread_mutex_t heaps_lock = PTHREAD_MUTEX_INITIALIZER;
 static heap_t *heaps_live;
 static heap_t *heaps_free;
-static heap_t *heaps_orphaned;           /* fork children: never reused */
 static heap_stats_t heaps_retired_stats; /* heaps_lock */
 static pthread_key_t heap_exit_key;
 static atomic_int process_state; /* 0 new, 1 initializing, 2 ready */
@@ -250,7 +249,6 @@ ZK_COLD void *heap_bin_corrupted(heap_t *heap, bin_t *bin, block_t *block) {
 /* ---- process and heap life cycle ---- */
 
 static void heap_thread_exit(void *value);
-static void heap_orphan(heap_t *heap);
 static void heap_retire(heap_t *heap, heap_t **list);
 static bool heap_exit_key_created;
 
@@ -272,30 +270,17 @@ static void fork_parent(void) {
   task_unlock_all();
 }
 
-/* The child has one thread: the other threads' heaps are orphaned, so
- * their pages serve the child instead of waiting for threads that do not
- * exist in it (heap_orphan). */
+/* The child has one thread. The other threads' heaps stay as they are,
+ * their memory unused in the child: a fork can catch a thread in the
+ * middle of a slow path (a page's list half spliced into a bin), and
+ * abandoning those heaps to the child handed out a block twice (a preload
+ * test failed about 1 run in 20). Task heaps' counts and caches are made
+ * safe to destroy (taskheap.c). */
 static void fork_child(void) {
   fork_parent();
   heap_t *current = heap_current;
   task_fork_child(current->home != NULL ? current->home : current,
                   current->task);
-  heap_t *self = heap_current->home != NULL ? heap_current->home : heap_current;
-  for (;;) {
-    pthread_mutex_lock(&heaps_lock);
-    heap_t *orphan = heaps_live;
-    /* This thread's own heap and its task sub-heaps stay; the other
-     * threads' sub-heaps keep their pages (their task heaps' blocks) as
-     * orphans do when a thread exits, until their task heap is destroyed.
-     * Their torn bins are never walked: destroy drops them. */
-    while (orphan != NULL &&
-           (orphan == self || orphan->home == self || orphan->task != NULL))
-      orphan = orphan->next_heap;
-    pthread_mutex_unlock(&heaps_lock);
-    if (orphan == NULL)
-      break;
-    heap_orphan(orphan);
-  }
 }
 
 void process_init(void) {
@@ -454,44 +439,16 @@ static void heap_abandon(heap_t *heap) {
   heap_retire(heap, &heaps_free);
 }
 
-/* A heap left by a thread that does not exist in a fork child. The child
- * sees that thread as if stopped at some instruction: its stores up to
- * there are visible, none after (fork write-protects the parent's pages
- * one by one, and a store to a protected page waits until the fork is
- * done). So the heap's structures are whole but for the one operation the
- * thread was in, which only the bins and the large cache cannot tolerate:
- * a bin may be mid-push (its count behind its list), a cached span claimed
- * but still listed. Bins are dropped (their blocks stay counted as used:
- * leaked in the child), cached spans are released where their claim
- * succeeds, and pages are abandoned as at thread exit, each queue walked
- * for at most as many pages as slices are mapped. Its pool magazines stay
- * attached to their pools, so the heap itself is never reused. */
+/* Another thread's heap in a fork child: that thread stopped somewhere
+ * in its code, so its bins (count and list may disagree mid-push) and its
+ * large cache (a span claimed but still listed) are dropped without
+ * walking or waiting. */
 void heap_drop_caches(heap_t *heap) {
   for (unsigned c = 0; c < CLASS_COUNT; c++) {
     heap->bins[c].head = NULL;
     bin_set_count(&heap->bins[c], 0);
   }
   large_cache_orphan(heap);
-}
-
-static void heap_orphan(heap_t *heap) {
-  heap_drop_caches(heap);
-  pthread_mutex_lock(&segment_lock);
-  size_t budget = segment_slices_mapped();
-  pthread_mutex_unlock(&segment_lock);
-  page_queue_t *queues[CLASS_COUNT + 1];
-  for (unsigned c = 0; c < CLASS_COUNT; c++)
-    queues[c] = &heap->queues[c];
-  queues[CLASS_COUNT] = &heap->full;
-  for (unsigned q = 0; q <= CLASS_COUNT; q++) {
-    page_t *page;
-    while ((page = queues[q]->first) != NULL && budget-- > 0) {
-      queue_remove(queues[q], page);
-      if (page->kind == PAGE_SMALL && page_owner(page) == heap)
-        abandon_page(heap, page);
-    }
-  }
-  heap_retire(heap, &heaps_orphaned);
 }
 
 /* An orphaned task sub-heap: nobody collects its pages' remote frees

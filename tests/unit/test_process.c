@@ -98,65 +98,6 @@ static void test_fork_while_churning(void *(*churner)(void *)) {
   printf("%d forks while another thread churned: every child ran\n", forks);
 }
 
-/* After fork, the heaps of the parent's other threads belong to nobody in
- * the child: they are orphaned, and their pages serve the child's heaps. */
-static pthread_barrier_t holder_ready, holder_done;
-static void *held_blocks[2000];
-
-static void *hold_half_free_pages(void *arg) {
-  (void)arg;
-  for (int i = 0; i < 2000; i++)
-    held_blocks[i] = zk_malloc(48);
-  for (int i = 0; i < 2000; i += 2)
-    zk_free(held_blocks[i]);
-  zk_collect(false); /* the bins' blocks back to their pages */
-  pthread_barrier_wait(&holder_ready);
-  pthread_barrier_wait(&holder_done);
-  for (int i = 1; i < 2000; i += 2)
-    zk_free(held_blocks[i]);
-  return NULL;
-}
-
-static bool in_held_page(const void *p) {
-  for (int i = 1; i < 2000; i += 2)
-    if (((uintptr_t)p ^ (uintptr_t)held_blocks[i]) < SLICE_SIZE)
-      return true;
-  return false;
-}
-
-static void test_fork_orphans_other_heaps(void) {
-  CHECK(pthread_barrier_init(&holder_ready, NULL, 2) == 0);
-  CHECK(pthread_barrier_init(&holder_done, NULL, 2) == 0);
-  pthread_t thread;
-  CHECK(pthread_create(&thread, NULL, hold_half_free_pages, NULL) == 0);
-  pthread_barrier_wait(&holder_ready);
-  pid_t child = fork();
-  CHECK(child >= 0);
-  if (child == 0) {
-    alarm(10);
-    /* This thread has no 48 B page of its own: the orphan's come first. */
-    void *p = zk_malloc(48);
-    CHECK(p != NULL);
-    if (!in_held_page(p)) {
-      fprintf(stderr, "child: %p is not in the other thread's pages\n", p);
-      _exit(1);
-    }
-    for (int i = 1; i < 2000; i += 2) /* its live blocks are the child's */
-      zk_free(held_blocks[i]);
-    zk_free(p);
-    zk_collect(true);
-    _exit(0);
-  }
-  int status;
-  CHECK(waitpid(child, &status, 0) == child);
-  CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
-  pthread_barrier_wait(&holder_done);
-  CHECK(pthread_join(thread, NULL) == 0);
-  pthread_barrier_destroy(&holder_ready);
-  pthread_barrier_destroy(&holder_done);
-  printf("fork: the child allocated from the other thread's pages\n");
-}
-
 /* ---- errno ---- */
 
 #define CHECK_ERRNO_KEPT(call)                                                 \
@@ -340,7 +281,6 @@ int main(int argc, char **argv) {
   setvbuf(stdout, NULL, _IOLBF, 0);
   test_errno_kept();
   test_errno_kept_without_address_space();
-  test_fork_orphans_other_heaps();
   test_fork_while_churning(churn);
   test_fork_while_churning(churn_large);
   test_stats_while_churning();
