@@ -439,15 +439,29 @@ static void heap_abandon(heap_t *heap) {
   heap_retire(heap, &heaps_free);
 }
 
+/* Bins emptied without walking them: their blocks' pages are going back
+ * whole, or the bins may be torn. */
+static void heap_drop_bins(heap_t *heap) {
+  for (unsigned c = 0; c < CLASS_COUNT; c++) {
+    heap->bins[c].head = NULL;
+    bin_set_count(&heap->bins[c], 0);
+  }
+}
+
+/* Every page queue of a heap: its classes' and `full`. */
+static void heap_page_queues(heap_t *heap,
+                             page_queue_t *queues[CLASS_COUNT + 1]) {
+  for (unsigned c = 0; c < CLASS_COUNT; c++)
+    queues[c] = &heap->queues[c];
+  queues[CLASS_COUNT] = &heap->full;
+}
+
 /* Another thread's heap in a fork child: that thread stopped somewhere
  * in its code, so its bins (count and list may disagree mid-push) and its
  * large cache (a span claimed but still listed) are dropped without
  * walking or waiting. */
 void heap_drop_caches(heap_t *heap) {
-  for (unsigned c = 0; c < CLASS_COUNT; c++) {
-    heap->bins[c].head = NULL;
-    bin_set_count(&heap->bins[c], 0);
-  }
+  heap_drop_bins(heap);
   large_cache_orphan(heap);
 }
 
@@ -455,9 +469,7 @@ void heap_drop_caches(heap_t *heap) {
  * but this (from the purge, tasks_lock held); pages that empty go back. */
 void heap_collect_orphan(heap_t *heap) {
   page_queue_t *queues[CLASS_COUNT + 1];
-  for (unsigned c = 0; c < CLASS_COUNT; c++)
-    queues[c] = &heap->queues[c];
-  queues[CLASS_COUNT] = &heap->full;
+  heap_page_queues(heap, queues);
   for (unsigned q = 0; q <= CLASS_COUNT; q++) {
     page_t *page = queues[q]->first;
     while (page != NULL) {
@@ -488,14 +500,9 @@ void heap_recycle(heap_t *heap) {
 void heap_release_all(heap_t *heap) {
   pool_heap_exit(heap);
   large_cache_flush(heap);
-  for (unsigned c = 0; c < CLASS_COUNT; c++) {
-    heap->bins[c].head = NULL;
-    bin_set_count(&heap->bins[c], 0);
-  }
+  heap_drop_bins(heap);
   page_queue_t *queues[CLASS_COUNT + 1];
-  for (unsigned c = 0; c < CLASS_COUNT; c++)
-    queues[c] = &heap->queues[c];
-  queues[CLASS_COUNT] = &heap->full;
+  heap_page_queues(heap, queues);
   /* Bounded: a fork child's orphan may have a queue torn mid-update. */
   pthread_mutex_lock(&segment_lock);
   size_t budget = segment_slices_mapped();
@@ -586,12 +593,6 @@ static void heap_move_to_full(heap_t *heap, page_t *page) {
   heap_queue_full(heap, page);
 }
 
-/* The hint is cleared before the scan, both sequentially consistent, as in
- * heap_free_remote: a remote free that saw the hint still set (and so did
- * not set it again) pushed its block before the clear, and the scan's loads
- * come after it. */
-static void heap_rescan_full(heap_t *heap);
-
 /* A page that leaves `full` has a block or two free: it goes to the front
  * of its queue, so refills fill it again before they touch emptier pages,
  * which then drain and can be released (memory benchmark: 1.5% less RSS at
@@ -602,6 +603,10 @@ static void heap_unfull(heap_t *heap, page_t *page) {
   queue_push_front(&heap->queues[page->class_index], page);
 }
 
+/* The hint is cleared before the scan, both sequentially consistent, as in
+ * heap_free_remote: a remote free that saw the hint still set (and so did
+ * not set it again) pushed its block before the clear, and the scan's loads
+ * come after it. */
 static void heap_rescan_full(heap_t *heap) {
   atomic_store_explicit(&heap->remote_frees_to_full, 0, memory_order_seq_cst);
   page_t *page = heap->full.first;
@@ -741,17 +746,15 @@ static uint32_t heap_bin_take_remote(heap_t *heap, bin_t *bin, page_t *page) {
   block_t *remote = page_take_remote(page, &tail, &count);
   if (remote == NULL)
     return 0;
-  if (unlikely(heap->task != NULL) &&
-      !task_charge(heap->task,
-                   (size_t)count * class_block_size[page->class_index])) {
-    block_set_next(page, tail, page->free); /* over a limit: to the page */
-    page->free = remote;
-    page->used -= count;
-    page->frees += count;
-    return 0;
-  }
-  if (unlikely(heap->task != NULL))
+  zk_heap_t *task = heap->task;
+  if (unlikely(task != NULL)) {
+    if (!task_charge(task,
+                     (size_t)count * class_block_size[page->class_index])) {
+      page_splice_free(page, remote, tail, count); /* over a limit */
+      return 0;
+    }
     heap->bin_taken[page->class_index] += count;
+  }
   block_set_next(page, tail, bin->head);
   bin->head = remote;
   page->frees += count;
@@ -910,9 +913,6 @@ static void heap_free_remote(page_t *page, block_t *block) {
   }
 }
 
-/* Everything zk_free's fast path does not handle: NULL, foreign pointers,
- * remote frees, large, huge and pool blocks, and frees that need the slow
- * local path. */
 /* A small block's free outside the owner's fast path: checks, then a
  * remote free, or the owner's secure or double-free path. */
 void heap_free_small(page_t *page, void *p) {

@@ -394,6 +394,9 @@ bool page_block_is_carved(const page_t *page, size_t index);
 void page_secure_fill(const page_t *page, block_t *block);
 bool page_secure_intact(const page_t *page, const block_t *block);
 block_t *page_take_remote(page_t *page, block_t **tail, uint32_t *count);
+/* A list taken from the page's remote frees goes into its `free`. */
+void page_splice_free(page_t *page, block_t *remote, block_t *tail,
+                      uint32_t count);
 void page_collect(page_t *page);
 ZK_INLINE bool page_has_remote(page_t *page) {
   return atomic_load_explicit(&page->thread_free, memory_order_relaxed) != NULL;

@@ -203,8 +203,8 @@ void large_free(heap_t *heap, page_t *page) {
   __atomic_store_n(&page->kind, PAGE_LARGE_CACHED, __ATOMIC_RELEASE);
 }
 
-/* A fork child's heap of a thread that is gone (heap.c, heap_orphan): an
- * entry whose claim fails was mid-claim, and leaks rather than waits. */
+/* A fork child's heap of a thread that is gone (heap.c, heap_drop_caches):
+ * an entry whose claim fails was mid-claim, and leaks rather than waits. */
 void large_cache_orphan(heap_t *heap) {
   unsigned count = heap->large_cache_count;
   for (unsigned i = 0; i < count && i < LARGE_CACHE_ENTRIES; i++)

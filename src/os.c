@@ -29,10 +29,14 @@ static void *os_map(void *hint, size_t size, int extra_flags) {
 }
 
 /* Unmap both ends of an over-sized mapping so what is left is aligned. */
+/* Keeps `size` bytes of an over-sized mapping, from the first address
+ * whose sum with `offset` is a multiple of `alignment` (less than
+ * `alignment` past raw), and unmaps both ends. */
 static void *os_trim(uint8_t *raw, size_t oversize, size_t size,
-                     size_t alignment) {
+                     size_t alignment, size_t offset) {
   int saved_errno = errno;
-  uintptr_t aligned = ((uintptr_t)raw + alignment - 1) & ~(alignment - 1);
+  uintptr_t aligned =
+      (((uintptr_t)raw + offset + alignment - 1) & ~(alignment - 1)) - offset;
   size_t before = aligned - (uintptr_t)raw;
   size_t after = oversize - before - size;
   if (before)
@@ -48,7 +52,7 @@ static void *os_map_trimmed(size_t size, size_t alignment) {
   if (oversize < size)
     return NULL;
   uint8_t *raw = os_map(NULL, oversize, 0);
-  return raw != NULL ? os_trim(raw, oversize, size, alignment) : NULL;
+  return raw != NULL ? os_trim(raw, oversize, size, alignment, 0) : NULL;
 }
 
 void *os_reserve_aligned(size_t size, size_t alignment, int huge_pages,
@@ -64,7 +68,7 @@ void *os_reserve_aligned(size_t size, size_t alignment, int huge_pages,
                         MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB, -1, 0);
     if (raw != MAP_FAILED) {
       *got_huge = 2;
-      return os_trim(raw, oversize, size, alignment);
+      return os_trim(raw, oversize, size, alignment, 0);
     }
     errno = saved_errno; /* none reserved: the plain path below */
   }
@@ -83,19 +87,7 @@ void *os_reserve_aligned_at(size_t size, size_t alignment, size_t offset) {
     return NULL;
   }
   uint8_t *raw = os_map(NULL, oversize, 0);
-  if (raw == NULL)
-    return NULL;
-  uintptr_t target =
-      (((uintptr_t)raw + offset + alignment - 1) & ~(alignment - 1)) - offset;
-  /* target - raw < alignment: the trim keeps `size` bytes from target. */
-  int saved_errno = errno;
-  size_t before = target - (uintptr_t)raw;
-  if (before)
-    munmap(raw, before);
-  if (oversize - before - size)
-    munmap((uint8_t *)target + size, oversize - before - size);
-  errno = saved_errno;
-  return (void *)target;
+  return raw != NULL ? os_trim(raw, oversize, size, alignment, offset) : NULL;
 }
 
 void os_release(void *address, size_t size) {

@@ -338,17 +338,21 @@ block_t *page_take_remote(page_t *page, block_t **tail_out,
   return remote;
 }
 
+void page_splice_free(page_t *page, block_t *remote, block_t *tail,
+                      uint32_t count) {
+  block_set_next(page, tail, page->free);
+  page->free = remote;
+  page->used -= count;
+  page->frees += count;
+}
+
 /* Owner only: move remote frees into `free`. */
 void page_collect(page_t *page) {
   block_t *tail;
   uint32_t count;
   block_t *remote = page_take_remote(page, &tail, &count);
-  if (remote == NULL)
-    return;
-  block_set_next(page, tail, page->free);
-  page->free = remote;
-  page->used -= count;
-  page->frees += count;
+  if (remote != NULL)
+    page_splice_free(page, remote, tail, count);
 }
 
 /* Any thread but the owner: push with one CAS. */

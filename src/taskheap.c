@@ -75,8 +75,8 @@ static unsigned task_quarantine_next;
 static __thread zk_heap_t *task_refused_by;
 
 /* A fork child: only the forking thread can be in a task heap now, and
- * the other threads' sub-heaps may be torn (heap.c, heap_orphan): their
- * bins and large caches are dropped without waiting. */
+ * the other threads' sub-heaps may be torn (heap.c, heap_drop_caches):
+ * their bins and large caches are dropped without waiting. */
 void task_fork_child(heap_t *self_home, zk_heap_t *self_entered) {
   pthread_mutex_lock(&tasks_lock);
   for (zk_heap_t *heap = tasks_live; heap != NULL; heap = heap->next_live) {
@@ -284,21 +284,16 @@ void *task_limit_reached(heap_t *heap, size_t size, size_t alignment) {
     return p;
   zk_heap_t *refusing = task_refused_by != NULL ? task_refused_by : task;
   task_refused_by = NULL;
-  if (refusing->on_limit != NULL &&
-      refusing->on_limit(refusing, size, refusing->on_limit_arg)) {
-    /* The callback may have destroyed the heap (its sub-heaps then have
-     * no task): nothing to allocate from, nothing to count. */
-    if (atomic_load_explicit(&heap->task, memory_order_acquire) != task) {
-      errno = ENOMEM;
-      return NULL;
-    }
-    p = task_retry(heap, size, alignment);
-    if (p != NULL)
-      return p;
-  } else if (atomic_load_explicit(&heap->task, memory_order_acquire) != task) {
+  bool retry = refusing->on_limit != NULL &&
+               refusing->on_limit(refusing, size, refusing->on_limit_arg);
+  /* The callback may have destroyed the heap (its sub-heaps then have no
+   * task): nothing to allocate from, nothing to count. */
+  if (atomic_load_explicit(&heap->task, memory_order_acquire) != task) {
     errno = ENOMEM;
     return NULL;
   }
+  if (retry && (p = task_retry(heap, size, alignment)) != NULL)
+    return p;
   /* Counted where the allocation was refused and where the limit is. */
   atomic_fetch_add_explicit(&task->limit_refusals, 1, memory_order_relaxed);
   if (refusing != task)
