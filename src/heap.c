@@ -376,11 +376,7 @@ static void stats_retire_page(heap_stats_t *stats, page_t *page) {
 static void heap_page_release(heap_t *heap, page_t *page,
                               uint64_t free_since_ms) {
   stats_retire_page(&heap->stats, page);
-  page_free_bits_release(page);
-  if (free_since_ms != 0)
-    segment_span_free_since(page, free_since_ms);
-  else
-    segment_span_free(page);
+  page_span_free(page, free_since_ms);
   purge_maybe();
 }
 
@@ -514,8 +510,7 @@ void heap_release_all(heap_t *heap) {
       atomic_store_explicit(&page->thread_free, NULL, memory_order_relaxed);
       page->in_full = 0;
       stats_retire_page(&heap->stats, page);
-      page_free_bits_release(page);
-      segment_span_free(page);
+      page_span_free(page, 0);
     }
   }
 }
@@ -567,8 +562,7 @@ void heap_reclaim_abandoned(void) {
         pthread_mutex_lock(&heaps_lock);
         stats_retire_page(&heaps_retired_stats, page);
         pthread_mutex_unlock(&heaps_lock);
-        page_free_bits_release(page);
-        segment_span_free(page);
+        page_span_free(page, 0);
       }
       page = next;
     }

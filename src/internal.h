@@ -404,10 +404,13 @@ ZK_INLINE bool page_has_remote(page_t *page) {
 void page_free_remote(page_t *page, block_t *block);
 /* Secure free bits (see page_t): false when no memory for them. */
 bool page_free_bits_init(page_t *page);
-void page_free_bits_release(page_t *page);
 /* Marks block `index` free; false if it already was (a double free). */
 bool page_free_bit_set(page_t *page, size_t index);
 void page_free_bit_clear(page_t *page, size_t index);
+/* A small or pool page's span back to the segment layer, its free bits
+ * (which share a word with a free span's timestamp) released first; free
+ * since `free_since_ms` (0: now). */
+void page_span_free(page_t *page, uint64_t free_since_ms);
 ZK_INLINE block_t *page_decode(const page_t *page, uintptr_t encoded) {
   return (block_t *)(encoded ^ page->key);
 }

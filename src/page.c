@@ -205,10 +205,18 @@ bool page_free_bits_init(page_t *page) {
   return page->free_bits != NULL;
 }
 
-void page_free_bits_release(page_t *page) {
+static void page_free_bits_release(page_t *page) {
   if (page->free_bits != NULL)
     os_meta_free((void *)page->free_bits, page_free_bits_bytes(page));
   page->free_bits = NULL;
+}
+
+void page_span_free(page_t *page, uint64_t free_since_ms) {
+  page_free_bits_release(page); /* before the word holds a timestamp */
+  if (free_since_ms != 0)
+    segment_span_free_since(page, free_since_ms);
+  else
+    segment_span_free(page);
 }
 
 bool page_free_bit_set(page_t *page, size_t index) {

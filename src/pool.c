@@ -252,9 +252,7 @@ static void pool_page_release(zk_pool_t *pool, page_t *page) {
   pool->page_count--;
   if (pool->carve_page == page)
     pool->carve_page = NULL;
-  /* The bits share their word with the free span's timestamp. */
-  page_free_bits_release(page);
-  segment_span_free(page);
+  page_span_free(page, 0);
 }
 
 /* Owner only (every caller is the magazine's thread). */
@@ -867,13 +865,11 @@ ZK_EXPORT void zk_pool_destroy(zk_pool_t *pool) {
   page_t *page;
   while ((page = pool->partial.first) != NULL) {
     queue_unlink(&pool->partial, page);
-    page_free_bits_release(page);
-    segment_span_free(page);
+    page_span_free(page, 0);
   }
   while ((page = pool->drained.first) != NULL) {
     queue_unlink(&pool->drained, page);
-    page_free_bits_release(page);
-    segment_span_free(page);
+    page_span_free(page, 0);
   }
   pthread_mutex_unlock(&pool->lock);
   pthread_mutex_destroy(&pool->lock);

@@ -686,6 +686,23 @@ page_t *segment_huge_resize(page_t *page, size_t new_size) {
 
 /* ---- purge ---- */
 
+/* A free or cached span's memory back to the OS, if it has been unused
+ * for the delay (or force); its bytes, or 0. Only a purge the kernel
+ * accepted counts: one refused (locked memory) leaves the contents and the
+ * span's state, and is tried again a delay later. */
+static size_t span_purge_due(page_t *span, uint64_t now_ms, uint64_t delay,
+                             bool force, bool decommit) {
+  if (span->purged || (!force && now_ms - span->free_since_ms < delay))
+    return 0;
+  if (!os_purge(slice_address(span), span_bytes(span), decommit)) {
+    span->free_since_ms = now_ms;
+    return 0;
+  }
+  span->purged = 1;
+  span->is_zero = decommit;
+  return span_bytes(span);
+}
+
 /* A span in some heap's large cache, cached longer than the delay (or
  * force): its memory goes back to the OS while the span stays cached, so
  * the heap reuses the address range and gets zeroed pages. The CAS keeps
@@ -696,16 +713,7 @@ static size_t span_purge_cached(page_t *span, uint64_t now_ms, uint64_t delay,
   if (!__atomic_compare_exchange_n(&span->kind, &expected, PAGE_LARGE_PURGING,
                                    false, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
     return 0;
-  size_t purged = 0;
-  if (!span->purged && (force || now_ms - span->free_since_ms >= delay)) {
-    if (os_purge(span->start, span_bytes(span), decommit)) {
-      span->purged = 1;
-      span->is_zero = decommit;
-      purged = span_bytes(span);
-    } else {
-      span->free_since_ms = now_ms;
-    }
-  }
+  size_t purged = span_purge_due(span, now_ms, delay, force, decommit);
   __atomic_store_n(&span->kind, PAGE_LARGE_CACHED, __ATOMIC_RELEASE);
   return purged;
 }
@@ -738,18 +746,10 @@ static size_t segment_purge_locked(uint64_t now_ms, bool force) {
         index += slices;
         continue;
       }
-      if (kind == PAGE_FREE_SPAN && !span->purged && segment->huge_pages != 2 &&
-          (force || now_ms - span->free_since_ms >= delay)) {
-        if (os_purge(slice_address(span), span_bytes(span), decommit)) {
-          span->purged = 1;
-          span->is_zero = decommit;
-          bytes_free_committed -= span_bytes(span);
-          purged += span_bytes(span);
-        } else {
-          /* Refused (locked memory): the contents stay, and so does the
-           * span's state; try again a delay later. */
-          span->free_since_ms = now_ms;
-        }
+      if (kind == PAGE_FREE_SPAN && segment->huge_pages != 2) {
+        size_t bytes = span_purge_due(span, now_ms, delay, force, decommit);
+        bytes_free_committed -= bytes;
+        purged += bytes;
       }
       index += slices;
     }
