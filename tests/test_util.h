@@ -115,6 +115,18 @@ static inline void test_expect_signal(void (*body)(void), int signal_number,
   }
 }
 
+/* The child must exit with status 0; a hang ends in the body's alarm(). */
+static inline void test_expect_success(const char *name, void (*body)(void)) {
+  char message[4096];
+  int status = test_run_child(body, message, sizeof(message));
+  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+    fprintf(stderr, "%s: child status %#x%s%s: %s\n", name, status,
+            WIFSIGNALED(status) ? ", signal " : "",
+            WIFSIGNALED(status) ? strsignal(WTERMSIG(status)) : "", message);
+    exit(1);
+  }
+}
+
 static inline void test_expect_abort(void (*body)(void), const char *expected) {
   test_expect_signal(body, SIGABRT, expected);
 }

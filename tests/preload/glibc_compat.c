@@ -19,6 +19,7 @@
  *     than the block, or an alignment the block lacks, is reported, and
  *     aborts or, with ZKMEM_ON_ERROR=warn, leaks the block. */
 #define _GNU_SOURCE
+#include "test_util.h"
 #include "zkmem.h"
 
 #include <dlfcn.h>
@@ -34,15 +35,6 @@
 #include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
-
-#define CHECK(condition)                                                       \
-  do {                                                                         \
-    if (!(condition)) {                                                        \
-      fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__,         \
-              #condition);                                                     \
-      exit(1);                                                                 \
-    }                                                                          \
-  } while (0)
 
 #define MIB ((size_t)1 << 20)
 

@@ -472,12 +472,7 @@ static void stale_handle(void) {
 static void test_review_findings(void) {
   test_parent_and_siblings();
   test_on_limit_callbacks();
-  char message[512];
-  int status = test_run_child(idle_while_destroyed, message, sizeof(message));
-  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
-    fprintf(stderr, "idle while destroyed: status %#x: %s\n", status, message);
-    exit(1);
-  }
+  test_expect_success("idle while destroyed", idle_while_destroyed);
   test_fork_with_heap_entered();
   test_heaps_share_segments();
   test_expect_abort(stale_handle, "zkmem: error: zk_heap_destroy of a "

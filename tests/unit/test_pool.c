@@ -298,18 +298,6 @@ static void test_wrong_pool_detected(void) {
 
 /* ---- children ---- */
 
-/* The child must exit with status 0; a hang ends in its alarm(). */
-static void expect_child_ok(const char *name, void (*body)(void)) {
-  char message[4096];
-  int status = test_run_child(body, message, sizeof(message));
-  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
-    fprintf(stderr, "%s: child status %#x%s%s: %s\n", name, status,
-            WIFSIGNALED(status) ? ", signal " : "",
-            WIFSIGNALED(status) ? strsignal(WTERMSIG(status)) : "", message);
-    exit(1);
-  }
-}
-
 /* The line error_report prints, for test_expect_abort. */
 static char expected_line[256];
 static const char *report_line(const char *what, const void *pointer,
@@ -405,7 +393,7 @@ static void test_null_and_foreign_pools(void) {
                     report_line("not a zkmem pool", destroyed_pool, 0));
   test_expect_abort(visit_foreign,
                     report_line("not a zkmem pool", not_a_pool, 0));
-  expect_child_ok("foreign pools, warn", foreign_pools_warned);
+  test_expect_success("foreign pools, warn", foreign_pools_warned);
   zk_pool_free(pool, misuse_object);
   zk_pool_destroy(pool);
 }
@@ -462,7 +450,7 @@ static void typed_without_slots(void) {
 }
 
 static void test_typed_without_slots(void) {
-  expect_child_ok("typed pool without a slot", typed_without_slots);
+  test_expect_success("typed pool without a slot", typed_without_slots);
 }
 
 /* ---- visitors that call into zkmem ---- */
@@ -531,7 +519,7 @@ static void visitors_call_back(void) {
 }
 
 static void test_visitors_call_back(void) {
-  expect_child_ok("visitor calling into zkmem", visitors_call_back);
+  test_expect_success("visitor calling into zkmem", visitors_call_back);
 }
 
 /* ---- a thread exits with part of its carve region left ---- */
@@ -644,7 +632,8 @@ static void thread_exit_with_region(void) {
 }
 
 static void test_thread_exit_with_region(void) {
-  expect_child_ok("thread exit with part of a region", thread_exit_with_region);
+  test_expect_success("thread exit with part of a region",
+                      thread_exit_with_region);
 }
 
 /* Many threads exit with regions left, in rounds, while others carve: the
@@ -715,7 +704,7 @@ static void threads_exit_in_rounds(void) {
 }
 
 static void test_threads_exit_in_rounds(void) {
-  expect_child_ok("threads exiting in rounds", threads_exit_in_rounds);
+  test_expect_success("threads exiting in rounds", threads_exit_in_rounds);
 }
 
 /* ---- free() of what is not a pool object's start ---- */

@@ -166,13 +166,7 @@ static void errno_child(void) {
 
 static void test_errno_kept(void) {
   fflush(stdout);
-  pid_t child = fork();
-  CHECK(child >= 0);
-  if (child == 0)
-    errno_child();
-  int status;
-  CHECK(waitpid(child, &status, 0) == child);
-  CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  test_expect_success("errno kept", errno_child);
 }
 
 /* A thread's first malloc when no segment can be mapped any more: its
@@ -211,13 +205,7 @@ static void address_space_child(void) {
 
 static void test_errno_kept_without_address_space(void) {
   fflush(stdout);
-  pid_t child = fork();
-  CHECK(child >= 0);
-  if (child == 0)
-    address_space_child();
-  int status;
-  CHECK(waitpid(child, &status, 0) == child);
-  CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  test_expect_success("errno without address space", address_space_child);
   printf("errno kept by a malloc that fell back to an existing segment\n");
 }
 

@@ -145,15 +145,6 @@ static void secure_handoff(void) {
   CHECK(pthread_join(thread, NULL) == 0);
 }
 
-static void test_secure_handoff(void) {
-  char message[512];
-  int status = test_run_child(secure_handoff, message, sizeof(message));
-  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
-    fprintf(stderr, "secure hand-off: status %#x: %s\n", status, message);
-    exit(1);
-  }
-}
-
 static void write_after_free(void) {
   zk_option_set(ZK_OPTION_SECURE, 1);
   char *a = zk_malloc(100);
@@ -281,7 +272,7 @@ int main(void) {
                     "zkmem: error: double free: ");
   test_expect_abort(double_free_remote_after_local,
                     "zkmem: error: double free: ");
-  test_secure_handoff();
+  test_expect_success("secure hand-off", secure_handoff);
   test_shuffled_order();
   test_guard_page();
   test_guarded_blocks_work();
