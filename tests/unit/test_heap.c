@@ -366,35 +366,56 @@ static void test_on_limit_callbacks(void) {
 }
 
 /* A worker that left a heap calls zk_thread_idle while another thread
- * destroys that heap. */
-static zk_heap_t *racing;
-static atomic_int left, destroyed;
+ * destroys that heap (both used to walk the same sub-heap's bins with no
+ * common lock). One worker for every round, so its list of sub-heaps also
+ * holds dead ones. */
+#define IDLE_ROUNDS 2000
+static zk_heap_t *_Atomic racing;
+static atomic_int turn; /* 0: the worker's; 1: the destroyer's */
 
 static void *leave_then_idle(void *arg) {
   (void)arg;
-  zk_heap_t *before = zk_heap_enter(racing);
-  for (int i = 0; i < 50; i++)
-    zk_free(zk_malloc(64 + (size_t)i * 16)); /* into its bins */
-  zk_heap_enter(before);
-  atomic_store(&left, 1);
-  while (!atomic_load(&destroyed))
+  for (int round = 0; round < IDLE_ROUNDS; round++) {
+    zk_heap_t *heap;
+    while ((heap = atomic_load(&racing)) == NULL || atomic_load(&turn) != 0)
+      ;
+    zk_heap_enter(heap);
+    void *blocks[64];
+    for (int pass = 0; pass < 4; pass++) {
+      for (int i = 0; i < 64; i++)
+        blocks[i] = zk_malloc(16 + 48 * (size_t)i);
+      for (int i = 0; i < 64; i++)
+        zk_free(blocks[i]); /* into the sub-heap's bins */
+    }
+    zk_heap_enter(NULL);
+    atomic_store(&turn, 1); /* left: the heap may go */
     zk_thread_idle();
+    while (atomic_load(&turn) != 0)
+      ;
+  }
   return NULL;
 }
 
 static void idle_while_destroyed(void) {
-  alarm(20);
-  for (int round = 0; round < 200; round++) {
-    racing = zk_heap_create(NULL);
-    atomic_store(&left, 0);
-    atomic_store(&destroyed, 0);
-    pthread_t thread;
-    CHECK(pthread_create(&thread, NULL, leave_then_idle, NULL) == 0);
-    while (!atomic_load(&left))
+  alarm(60);
+  pthread_t thread;
+  CHECK(pthread_create(&thread, NULL, leave_then_idle, NULL) == 0);
+  for (int round = 0; round < IDLE_ROUNDS; round++) {
+    zk_heap_t *heap = zk_heap_create(NULL);
+    CHECK(heap != NULL);
+    atomic_store(&racing, heap);
+    while (atomic_load(&turn) != 1)
       ;
-    zk_heap_destroy(racing);
-    atomic_store(&destroyed, 1);
-    CHECK(pthread_join(thread, NULL) == 0);
+    atomic_store(&racing, NULL);
+    zk_heap_destroy(heap);
+    atomic_store(&turn, 0);
+  }
+  CHECK(pthread_join(thread, NULL) == 0);
+  for (int i = 0; i < 100000; i++) { /* the allocator is still whole */
+    char *p = zk_malloc(16 + (size_t)i % 3000);
+    CHECK(p != NULL);
+    memset(p, 1, 16);
+    zk_free(p);
   }
 }
 
