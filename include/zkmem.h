@@ -40,6 +40,9 @@ void *zk_aligned_alloc(size_t alignment, size_t size);
 /* POSIX contract: 0, EINVAL (alignment not a power-of-two multiple of
  * sizeof(void *)) or ENOMEM; *out untouched on error. */
 int zk_posix_memalign(void **out, size_t alignment, size_t size);
+/* zk_free of a block allocated with `size` bytes (C23 free_sized); in
+ * secure mode a size larger than the block is reported. */
+void zk_free_sized(void *ptr, size_t size);
 /* Bytes usable in the block (>= the size asked for); 0 for NULL. */
 size_t zk_usable_size(const void *ptr);
 

@@ -51,6 +51,29 @@ ZK_NOINLINE void alloc_free_slow(void *p) {
   errno = saved_errno;
 }
 
+/* A sized free's size is the program's claim about the block; only secure
+ * mode pays for checking it, so the normal path stays a plain free. A size
+ * below the usable size is not caught: blocks are rounded up to their
+ * class. */
+ZK_COLD bool alloc_sized_free_misuse(const char *what, void *p, size_t size) {
+  size_t usable = zk_usable_size(p);
+  if (usable == 0)
+    return false; /* not zkmem's: free reports it */
+  if (size > usable) {
+    error_report(what, p, usable);
+    return true;
+  }
+  return false;
+}
+
+ZK_EXPORT void zk_free_sized(void *p, size_t size) {
+  if (unlikely(option(ZK_OPTION_SECURE) != 0) && p != NULL &&
+      alloc_sized_free_misuse("free_sized with a size larger than the block",
+                              p, size))
+    return; /* reported: the block leaks, as after any misuse */
+  alloc_free(p);
+}
+
 ZK_EXPORT void *zk_calloc(size_t count, size_t size) {
   size_t total;
   if (unlikely(__builtin_mul_overflow(count, size, &total))) {

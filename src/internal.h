@@ -530,6 +530,8 @@ void process_init(void);
  * of the block's page: NULL, foreign pointers, remote and secure frees,
  * large, huge and pool blocks. Leaves errno alone. */
 void alloc_free_slow(void *p);
+/* Secure mode: a sized free whose size exceeds the block (reported). */
+bool alloc_sized_free_misuse(const char *what, void *p, size_t size);
 void *alloc_realloc(zk_heap_t *heap, void *p, size_t size);
 
 /* ---- large.c ---- */

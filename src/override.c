@@ -74,32 +74,16 @@ ZK_EXPORT void cfree(void *p) {
 }
 
 /* C23's sized frees (glibc 2.43): programs built against a newer libc call
- * them, and glibc's own would be handed zkmem's blocks. The size and
- * alignment are the program's claims about the block; only secure mode pays
- * for checking them, so the normal path stays a plain free. A size below
- * the usable size is not caught: blocks are rounded up to their class. */
-ZK_COLD static bool sized_free_misuse(const char *what, void *p, size_t size) {
-  size_t usable = zk_usable_size(p);
-  if (usable == 0)
-    return false; /* not zkmem's: free reports it */
-  if (size > usable) {
-    error_report(what, p, usable);
-    return true;
-  }
-  return false;
-}
+ * them, and glibc's own would be handed zkmem's blocks. zk_free_sized
+ * (alloc.c) checks the size in secure mode only. */
 ZK_EXPORT void free_sized(void *p, size_t size) {
-  if (unlikely(option(ZK_OPTION_SECURE) != 0) && p != NULL &&
-      sized_free_misuse("free_sized with a size larger than the block", p,
-                        size))
-    return; /* reported: the block leaks, as after any misuse */
-  alloc_free(p);
+  zk_free_sized(p, size);
 }
 ZK_EXPORT void free_aligned_sized(void *p, size_t alignment, size_t size) {
   if (unlikely(option(ZK_OPTION_SECURE) != 0) && p != NULL) {
-    if (sized_free_misuse("free_aligned_sized with a size larger than the "
-                          "block",
-                          p, size))
+    if (alloc_sized_free_misuse("free_aligned_sized with a size larger than "
+                                "the block",
+                                p, size))
       return;
     if (alignment != 0 && (alignment & (alignment - 1)) == 0 &&
         ((uintptr_t)p & (alignment - 1)) != 0) {

@@ -197,6 +197,25 @@ static void test_bad_input(void) {
   zk_free(p);
 }
 
+/* zk_free_sized gives back blocks of every kind; NULL is a no-op. */
+static void test_free_sized(void) {
+  static const size_t sizes[] = {1, 16, 100, 4000, 70000, 3 << 20};
+  zk_stats_t before, after;
+  zk_stats_get(&before);
+  for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) {
+    char *p = zk_malloc(sizes[i]);
+    CHECK(p != NULL);
+    memset(p, 0x5a, sizes[i]);
+    zk_free_sized(p, sizes[i]);
+  }
+  zk_free_sized(NULL, 0);
+  zk_free_sized(NULL, 100);
+  zk_stats_get(&after);
+  CHECK_EQ(after.bytes_live, before.bytes_live);
+  CHECK_EQ(after.large_live, before.large_live);
+  CHECK_EQ(after.huge_live, before.huge_live);
+}
+
 static void test_reuse_after_free(void) {
   /* A freed block of one size class comes back for the next request. */
   void *first = zk_malloc(48);
@@ -332,6 +351,7 @@ int main(void) {
   test_realloc();
   test_aligned();
   test_bad_input();
+  test_free_sized();
   test_reuse_after_free();
   test_bins_return_blocks();
   test_bins_decay();
