@@ -35,6 +35,9 @@ static void alloc_free_checked(void *p) {
   case PAGE_POOL:
     pool_free_from_malloc(page, p);
     return;
+  case PAGE_ARENA:
+    heap_free_arena(page, p);
+    return;
   default:
     error_report("double free or free of an invalid pointer", p, 0);
     return;
@@ -106,6 +109,8 @@ ZK_EXPORT size_t zk_usable_size(const void *p) {
   case PAGE_LARGE:
   case PAGE_HUGE:
     return page->large_size - (size_t)((uint8_t *)p - page->start);
+  case PAGE_ARENA:
+    return heap_arena_usable_size(page, p);
   default:
     return 0;
   }

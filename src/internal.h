@@ -99,9 +99,13 @@
 #define SEGMENT_FIRST_SLICE   1
 #define SEGMENT_USABLE_SLICES (SLICES_PER_SEGMENT - SEGMENT_FIRST_SLICE)
 
-#define SMALL_MAX           ((size_t)64 * 1024)       /* largest size class */
-#define LARGE_MAX           ((size_t)2 * 1024 * 1024) /* above: huge, own mapping */
-#define CLASS_COUNT         69
+#define SMALL_MAX   ((size_t)64 * 1024)       /* largest size class */
+#define LARGE_MAX   ((size_t)2 * 1024 * 1024) /* above: huge, own mapping */
+#define CLASS_COUNT 69
+/* Task sub-heaps carve blocks up to ARENA_BLOCK_MAX (classes below
+ * ARENA_CLASSES) from arenas (heap.c). */
+#define ARENA_BLOCK_MAX     ((size_t)4096)
+#define ARENA_CLASSES       49
 #define POOL_SLOTS          1024
 #define LARGE_CACHE_ENTRIES 8
 #define ZK_ALIGN_MAX_SMALL  SLICE_SIZE /* alignment pages give for free */
@@ -130,6 +134,10 @@ typedef enum page_kind {
    * other. */
   PAGE_LARGE_CACHED,
   PAGE_LARGE_PURGING,
+  /* A task sub-heap's arena: small blocks of any class carved one after
+   * another, each block's class in a table at the span's start (heap.c,
+   * "task arenas"). No owner word: every free takes the slow path. */
+  PAGE_ARENA,
 } page_kind_t;
 
 /* Invariant for small pages, on the owner's side:
@@ -153,7 +161,11 @@ struct page {
    * with bit 0 set, so the owner's fast path never matches and every free
    * takes the checked path. */
   _Atomic(heap_t *) owner;
-  uint64_t frees; /* blocks freed into this page (stats) */
+  union {
+    uint64_t frees; /* blocks freed into this page (stats) */
+    /* Arena: blocks freed by other threads than the owner (any thread). */
+    _Atomic(uint64_t) arena_remote_frees;
+  };
 
   /* Cold: shared with other threads or used on slow paths. */
   _Atomic(block_t *) thread_free;
@@ -177,7 +189,10 @@ struct page {
     zk_pool_t *pool; /* pool pages */
     zk_heap_t *task; /* large and huge blocks of a task heap */
   };
-  size_t large_size; /* large/huge: usable bytes */
+  union {
+    size_t large_size;  /* large/huge: usable bytes */
+    heap_t *arena_heap; /* arena: the sub-heap that carves it */
+  };
 };
 /* A power of two, so that finding a slice's descriptor is a shift. */
 _Static_assert(sizeof(struct page) == 128, "page_t must stay 128 bytes");
@@ -277,6 +292,17 @@ struct heap {
   uint64_t bin_taken[CLASS_COUNT];
   uint64_t bin_returned[CLASS_COUNT];
   uint64_t secure_allocs, secure_frees;
+  /* Sub-heap arenas (heap.c): the current one first; blocks of each class
+   * out of them (owner) and freed back by other threads (any thread). */
+  page_t *arenas;
+  uint32_t arena_count;
+  /* Bytes charged to the task ahead of arena carves (ARENA_CHARGE_CHUNK at
+   * a time), so that a carve seldom touches the task's shared counters;
+   * given back with the bins. */
+  size_t task_credit;
+  bool has_pool_magazines; /* a pool_magazines slot is not the empty one */
+  uint64_t arena_out[ARENA_CLASSES];
+  _Atomic(uint64_t) arena_remote[ARENA_CLASSES];
 };
 /* Heaps are page-aligned (os_meta_alloc aligns blocks of a page or more to
  * a page). The fast paths write a bin's head, frees and room: offsets 8 to
@@ -485,6 +511,10 @@ extern __thread heap_t *heap_current;
 extern heap_t heap_empty;
 void *heap_malloc_generic(heap_t *heap, size_t size, size_t alignment);
 void heap_free_small(page_t *page, void *p);
+/* An arena block's free, from any thread; its usable size (0: not a
+ * block's start or interior). */
+void heap_free_arena(page_t *page, void *p);
+size_t heap_arena_usable_size(const page_t *page, const void *p);
 void heap_bin_flush(heap_t *heap, bin_t *bin);
 void *heap_bin_corrupted(heap_t *heap, bin_t *bin, block_t *block);
 /* A non-empty bin's head, popped: the end of malloc's fast path and of its
@@ -502,9 +532,12 @@ heap_t *heap_get_initialized(void);
 heap_t *heap_create(void);
 /* A heap that leaves the live list for good (its pages gone): reused. */
 void heap_recycle(heap_t *heap);
+/* A sub-heap, fresh or left by a destroyed task heap in its thread's list,
+ * now serves `task`: its per-task counters start from zero. */
+void heap_adopt_task(heap_t *heap, zk_heap_t *task);
 void heap_flush_bins(heap_t *heap);
 /* Every page and cached span of a sub-heap back to the segment layer. */
-void heap_release_all(heap_t *heap);
+void heap_release_all(heap_t *heap, bool keep_arena);
 /* A heap that may be torn (another thread's, in a fork child): bins and
  * large cache dropped without walking or waiting. */
 void heap_drop_caches(heap_t *heap);

@@ -544,6 +544,7 @@ static magazine_t *magazine_attach(heap_t *heap, zk_pool_t *pool) {
   pool->magazines = magazine;
   pthread_mutex_unlock(&pool->lock);
   heap->pool_magazines[pool_slot(pool)] = magazine;
+  heap->has_pool_magazines = true;
   pthread_mutex_unlock(&pools_lock);
   /* A magazine left by a destroyed pool in this slot. */
   if (stale != &pool_magazine_empty)
@@ -562,6 +563,10 @@ static magazine_t *magazine_for(zk_pool_t *pool) {
 }
 
 void pool_heap_exit(heap_t *heap) {
+  /* Most task sub-heaps never touch a pool: no lock, no walk. Set by the
+   * heap's own thread, which is the caller or is not using the heap. */
+  if (!heap->has_pool_magazines)
+    return;
   pthread_mutex_lock(&pools_lock);
   for (uint32_t slot = 0; slot < POOL_SLOTS; slot++) {
     magazine_t *magazine = heap->pool_magazines[slot];
@@ -576,6 +581,7 @@ void pool_heap_exit(heap_t *heap) {
     heap->pool_magazines[slot] = &pool_magazine_empty;
     os_meta_free(magazine, magazine_bytes());
   }
+  heap->has_pool_magazines = false;
   pthread_mutex_unlock(&pools_lock);
 }
 

@@ -198,32 +198,39 @@ void task_large_remove(page_t *page) {
 
 /* ---- sub-heaps ---- */
 
-/* The calling thread's sub-heap for `task`, made on first use. Dead
- * sub-heaps (of destroyed task heaps) met on the way are recycled. */
+/* The calling thread's sub-heap for `task`, made on first use. One left
+ * by a destroyed task heap (dead: no task) is reused, reset by the
+ * destroy; more dead ones met on the way are recycled. */
 static heap_t *task_subheap(zk_heap_t *task) {
   heap_t *home = heap_home();
   if (home == NULL)
     return NULL;
+  heap_t *spare = NULL;
   heap_t **link = &home->subheaps;
   while (*link != NULL) {
     heap_t *sub = *link;
     zk_heap_t *owner = atomic_load_explicit(&sub->task, memory_order_acquire);
     if (owner == task)
       return sub;
-    if (owner == NULL) { /* its task heap was destroyed: released */
+    if (owner == NULL && spare != NULL) {
       *link = sub->subheap_next;
       heap_recycle(sub);
       continue;
     }
+    if (owner == NULL)
+      spare = sub;
     link = &sub->subheap_next;
   }
-  heap_t *sub = heap_create();
-  if (sub == NULL)
-    return NULL;
-  sub->home = home;
-  atomic_store_explicit(&sub->task, task, memory_order_release);
-  sub->subheap_next = home->subheaps;
-  home->subheaps = sub;
+  heap_t *sub = spare;
+  if (sub == NULL) {
+    sub = heap_create();
+    if (sub == NULL)
+      return NULL;
+    sub->home = home;
+    sub->subheap_next = home->subheaps;
+    home->subheaps = sub;
+  }
+  heap_adopt_task(sub, task);
   pthread_mutex_lock(&tasks_lock);
   sub->task_next = task->subheaps;
   task->subheaps = sub;
@@ -457,6 +464,8 @@ static void subheap_counts(const heap_t *sub, uint64_t *allocations,
     *frees += pushed;
     *held_bytes += held * class_block_size[c];
   }
+  /* Charged ahead of use: not live either. */
+  *held_bytes += __atomic_load_n(&sub->task_credit, __ATOMIC_RELAXED);
   *allocations += __atomic_load_n(&sub->secure_allocs, __ATOMIC_RELAXED);
   *frees += __atomic_load_n(&sub->secure_frees, __ATOMIC_RELAXED);
 }
@@ -531,10 +540,10 @@ ZK_EXPORT void zk_heap_destroy(zk_heap_t *heap) {
   heap->large = NULL;
   while (sub != NULL) {
     heap_t *next = sub->task_next;
-    heap_release_all(sub);
-    /* A sub-heap in a living thread's list is recycled by that thread;
-     * an orphan now. */
+    /* A sub-heap in a living thread's list is reused or recycled by that
+     * thread; an orphan now. */
     bool orphan = sub->home == NULL;
+    heap_release_all(sub, !orphan);
     atomic_store_explicit(&sub->task, NULL, memory_order_release);
     if (orphan)
       heap_recycle(sub);
@@ -570,9 +579,12 @@ ZK_EXPORT void zk_thread_idle(void) {
   /* Under the lock: another thread may be destroying one of the task
    * heaps, and releasing the same sub-heap. */
   pthread_mutex_lock(&tasks_lock);
-  for (heap_t *sub = home->subheaps; sub != NULL; sub = sub->subheap_next)
+  for (heap_t *sub = home->subheaps; sub != NULL; sub = sub->subheap_next) {
     if (atomic_load_explicit(&sub->task, memory_order_relaxed) != NULL)
       heap_flush_bins(sub);
+    else
+      heap_collect(sub, true); /* the arena its destroy kept */
+  }
   pthread_mutex_unlock(&tasks_lock);
   heap_collect(home, false);
   purge_maybe();
