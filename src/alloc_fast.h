@@ -26,7 +26,7 @@ ZK_INLINE void *alloc_fast_malloc(size_t size) {
   bin_t *bin = heap_bin(heap, class_by_8[(size + 7) >> 3]);
   if (likely(bin->head != NULL))
     return bin_pop(heap, bin);
-  return heap_malloc_generic(heap, size, 0);
+  return heap_malloc_bin_empty(heap, bin, size);
 }
 
 ZK_INLINE void alloc_fast_free(void *p) {

@@ -277,6 +277,29 @@ ZK_COLD void *heap_bin_corrupted(heap_t *heap, bin_t *bin, block_t *block) {
 _Static_assert(ARENA_BLOCK_MAX <= SLICE_SIZE - ARENA_TABLE_BYTES,
                "an arena holds a block of every arena class");
 
+/* Owner frees after which a class leaves the arenas (see heap_t). */
+#define ARENA_HOT_FREES 64
+
+ZK_INLINE void heap_class_used(heap_t *heap, unsigned class_index) {
+  heap->classes_used[class_index / 64] |= UINT64_C(1) << (class_index % 64);
+}
+
+/* The next used class at or after `from`; CLASS_COUNT when none. */
+static unsigned heap_next_used_class(const heap_t *heap, unsigned from) {
+  for (unsigned word = from / 64; word < (CLASS_COUNT + 63) / 64; word++) {
+    uint64_t bits = heap->classes_used[word];
+    if (word == from / 64)
+      bits &= ~UINT64_C(0) << (from % 64);
+    if (bits != 0)
+      return word * 64 + (unsigned)__builtin_ctzll(bits);
+  }
+  return CLASS_COUNT;
+}
+
+#define FOR_EACH_USED_CLASS(heap, c)                                           \
+  for (unsigned c = heap_next_used_class((heap), 0); c < CLASS_COUNT;          \
+       c = heap_next_used_class((heap), c + 1))
+
 /* The table is at the span's start (page->start); blocks follow it. */
 ZK_INLINE uint8_t *arena_table(const page_t *arena) {
   return arena->start;
@@ -365,6 +388,8 @@ static page_t *arena_with_room(heap_t *heap, size_t size) {
 static void *arena_alloc(heap_t *heap, unsigned class_index, bool *refused) {
   if (class_index == 0)
     class_index = 1; /* blocks are granule-aligned */
+  if (heap->arena_owner_frees[class_index] > ARENA_HOT_FREES)
+    return NULL;
   size_t size = class_block_size[class_index];
   page_t *arena = arena_with_room(heap, size);
   if (arena == NULL)
@@ -388,7 +413,33 @@ static void *arena_alloc(heap_t *heap, unsigned class_index, bool *refused) {
   arena->used++;
   heap->bin_taken[class_index]++;
   heap->arena_out[class_index]++;
+  heap_class_used(heap, class_index);
   return arena->start + offset;
+}
+
+/* The common case of arena_alloc, kept small: room in the current arena
+ * and in the charge already made. */
+ZK_NOINLINE void *heap_malloc_bin_empty(heap_t *heap, bin_t *bin, size_t size) {
+  page_t *arena = heap->arenas; /* only sub-heaps have arenas */
+  unsigned class_index = (unsigned)(bin - heap->bins);
+  if (arena != NULL && class_index < ARENA_CLASSES) {
+    class_index += class_index == 0;
+    size_t block_size = class_block_size[class_index];
+    if (arena->capacity + block_size <= arena->reserved &&
+        heap->task_credit >= block_size &&
+        heap->arena_owner_frees[class_index] <= ARENA_HOT_FREES) {
+      size_t offset = ARENA_TABLE_BYTES + arena->capacity;
+      arena_table(arena)[offset / 16] = (uint8_t)(class_index + 1);
+      arena->capacity += (uint32_t)block_size;
+      arena->used++;
+      heap->task_credit -= block_size;
+      heap->bin_taken[class_index]++;
+      heap->arena_out[class_index]++;
+      heap_class_used(heap, class_index);
+      return arena->start + offset;
+    }
+  }
+  return heap_malloc_generic(heap, size, 0);
 }
 
 /* A bin's block back in its arena: the arena is reset when it is the
@@ -459,6 +510,16 @@ void heap_free_arena(page_t *page, void *p) {
     block_t *block = p;
     if (unlikely(block == bin->head)) {
       error_report("double free", p, size);
+      return;
+    }
+    if (unlikely(++owner->arena_owner_frees[class_index] > ARENA_HOT_FREES)) {
+      /* A hot class: its blocks leave the arena (counted as a bin's push
+       * and return), and pages serve it from now on. */
+      owner->arena_owner_frees[class_index] = ARENA_HOT_FREES + 1;
+      bin->frees++;
+      owner->bin_returned[class_index]++;
+      arena_return_block(owner, page, (unsigned)class_index);
+      task_uncharge(owner->task, size);
       return;
     }
     bin_set_next(owner, block, bin->head);
@@ -725,14 +786,17 @@ void heap_recycle(heap_t *heap) {
 }
 
 void heap_adopt_task(heap_t *heap, zk_heap_t *task) {
-  for (unsigned c = 0; c < CLASS_COUNT; c++) {
+  FOR_EACH_USED_CLASS(heap, c) {
     uint64_t frees = heap->bins[c].frees;
     heap->stats.class_allocs_retired[c] += frees;
     heap->stats.class_frees_retired[c] += frees;
     heap->bins[c].frees = 0;
     heap->bin_taken[c] = 0;
     heap->bin_returned[c] = 0;
+    if (c < ARENA_CLASSES)
+      heap->arena_owner_frees[c] = 0;
   }
+  memset(heap->classes_used, 0, sizeof(heap->classes_used));
   heap->secure_allocs = heap->secure_frees = 0;
   for (page_t *arena = heap->arenas; arena != NULL; arena = arena->next)
     arena->task = task;
@@ -744,14 +808,20 @@ void heap_adopt_task(heap_t *heap, zk_heap_t *task) {
 void heap_release_all(heap_t *heap, bool keep_arena) {
   pool_heap_exit(heap);
   large_cache_flush(heap);
-  heap_drop_bins(heap);
+  /* Bins and queues of classes never used are empty. */
   page_queue_t *queues[CLASS_COUNT + 1];
-  heap_page_queues(heap, queues);
+  unsigned queue_count = 0;
+  FOR_EACH_USED_CLASS(heap, c) {
+    heap->bins[c].head = NULL;
+    bin_set_count(&heap->bins[c], 0);
+    queues[queue_count++] = &heap->queues[c];
+  }
+  queues[queue_count++] = &heap->full;
   /* Bounded: a fork child's orphan may have a queue torn mid-update. */
   pthread_mutex_lock(&segment_lock);
   size_t budget = segment_slices_mapped();
   pthread_mutex_unlock(&segment_lock);
-  for (unsigned q = 0; q <= CLASS_COUNT; q++) {
+  for (unsigned q = 0; q < queue_count; q++) {
     page_t *page;
     while ((page = queues[q]->first) != NULL && budget-- > 0) {
       queue_remove(queues[q], page);
@@ -774,7 +844,9 @@ void heap_release_all(heap_t *heap, bool keep_arena) {
     arena_reset(kept);
   }
   heap->task_credit = 0; /* the task's charge goes with it */
-  for (unsigned c = 0; c < ARENA_CLASSES; c++) {
+  FOR_EACH_USED_CLASS(heap, c) {
+    if (c >= ARENA_CLASSES)
+      break;
     uint64_t out = heap->arena_out[c];
     heap->stats.class_allocs_retired[c] += out;
     heap->stats.class_frees_retired[c] += out;
@@ -884,6 +956,7 @@ static void heap_rescan_full(heap_t *heap) {
 
 /* A page of this class with a free block, first in its queue. */
 static page_t *heap_find_page(heap_t *heap, unsigned class_index) {
+  heap_class_used(heap, class_index);
   if (atomic_load_explicit(&heap->remote_frees_to_full, memory_order_relaxed))
     heap_rescan_full(heap);
   page_queue_t *queue = &heap->queues[class_index];

@@ -301,6 +301,13 @@ struct heap {
    * given back with the bins. */
   size_t task_credit;
   bool has_pool_magazines; /* a pool_magazines slot is not the empty one */
+  /* Owner frees of arena blocks by class: a class freed this often is
+   * served by pages, whose frees take the fast path. */
+  uint16_t arena_owner_frees[ARENA_CLASSES];
+  /* Sub-heaps: classes whose bins or queues were used since the sub-heap
+   * last served a new task, so that a release and the reset after it walk
+   * those and not all CLASS_COUNT. */
+  uint64_t classes_used[(CLASS_COUNT + 63) / 64];
   uint64_t arena_out[ARENA_CLASSES];
   _Atomic(uint64_t) arena_remote[ARENA_CLASSES];
 };
@@ -510,6 +517,9 @@ uint64_t random_seed(void);
 extern __thread heap_t *heap_current;
 extern heap_t heap_empty;
 void *heap_malloc_generic(heap_t *heap, size_t size, size_t alignment);
+/* malloc's path when the size's bin is empty: a sub-heap's arena carve,
+ * else heap_malloc_generic. */
+void *heap_malloc_bin_empty(heap_t *heap, bin_t *bin, size_t size);
 void heap_free_small(page_t *page, void *p);
 /* An arena block's free, from any thread; its usable size (0: not a
  * block's start or interior). */

@@ -200,24 +200,27 @@ void task_large_remove(page_t *page) {
 
 /* The calling thread's sub-heap for `task`, made on first use. One left
  * by a destroyed task heap (dead: no task) is reused, reset by the
- * destroy; more dead ones met on the way are recycled. */
+ * destroy; a thread keeps up to TASK_SPARE_SUBHEAPS dead ones (with an
+ * arena each) for the task heaps it will run next, and recycles more. */
+#define TASK_SPARE_SUBHEAPS 8
 static heap_t *task_subheap(zk_heap_t *task) {
   heap_t *home = heap_home();
   if (home == NULL)
     return NULL;
   heap_t *spare = NULL;
+  unsigned spares = 0;
   heap_t **link = &home->subheaps;
   while (*link != NULL) {
     heap_t *sub = *link;
     zk_heap_t *owner = atomic_load_explicit(&sub->task, memory_order_acquire);
     if (owner == task)
       return sub;
-    if (owner == NULL && spare != NULL) {
+    if (owner == NULL && spares == TASK_SPARE_SUBHEAPS) {
       *link = sub->subheap_next;
       heap_recycle(sub);
       continue;
     }
-    if (owner == NULL)
+    if (owner == NULL && spares++ == 0)
       spare = sub;
     link = &sub->subheap_next;
   }
@@ -315,6 +318,7 @@ static void *task_alloc(heap_t *sub, size_t size, size_t alignment) {
     bin_t *bin = &sub->bins[class_by_8[(size + 7) >> 3]];
     if (bin->head != NULL)
       return bin_pop(sub, bin);
+    return heap_malloc_bin_empty(sub, bin, size);
   }
   return heap_malloc_generic(sub, size, alignment);
 }

@@ -533,6 +533,12 @@ static void destroy_default(void) {
   zk_heap_destroy(NULL);
 }
 
+static void free_inside_arena_block(void) {
+  zk_heap_t *heap = zk_heap_create(NULL);
+  char *p = zk_heap_malloc(heap, 100);
+  zk_free(p + 16);
+}
+
 /* Secure mode: a block freed after its heap was destroyed lands in a span
  * that is free again (or reused), and is reported. */
 static void free_after_destroy(void) {
@@ -552,6 +558,83 @@ static void free_large_after_destroy(void) {
   CHECK(large != NULL);
   zk_heap_destroy(heap);
   zk_free(large);
+}
+
+/* A task heap's small blocks come from arenas: blocks of any class side by
+ * side, counted exactly wherever they are freed, reused once all are back;
+ * a class freed often moves to pages; more than the arenas hold goes to
+ * pages too. */
+static void *free_odd_blocks(void *arg) {
+  void **blocks = arg;
+  for (unsigned i = 1; i < 2000; i += 2)
+    zk_free(blocks[i]);
+  return NULL;
+}
+
+static void test_arenas(void) {
+  zk_stats_t before, after;
+  zk_stats_get(&before);
+  zk_heap_t *heap = zk_heap_create(NULL);
+  char *p = zk_heap_malloc(heap, 100); /* a 112 B block */
+  CHECK(p != NULL);
+  CHECK_EQ(zk_usable_size(p), 112);
+  CHECK_EQ(zk_usable_size(p + 40), 72);
+  zk_free(p);
+  /* 2,000 blocks of 1 B-4 KiB: about 4 MiB, far more than the arenas. */
+  static void *blocks[2000];
+  size_t usable = 0;
+  for (unsigned i = 0; i < 2000; i++) {
+    size_t size = 1 + (i * 7919u) % 4096;
+    blocks[i] = zk_heap_malloc(heap, size);
+    CHECK(blocks[i] != NULL && ((uintptr_t)blocks[i] & 15) == 0);
+    memset(blocks[i], (int)(i & 0xff), size);
+    usable += zk_usable_size(blocks[i]);
+  }
+  CHECK_EQ(stats_of(heap).live_bytes, usable);
+  for (unsigned i = 0; i < 2000; i++) {
+    size_t size = 1 + (i * 7919u) % 4096;
+    CHECK(((unsigned char *)blocks[i])[size - 1] == (i & 0xff));
+  }
+  for (unsigned i = 0; i < 2000; i += 2)
+    zk_free(blocks[i]); /* not entered: as any other thread's free */
+  pthread_t thread;
+  CHECK_EQ(pthread_create(&thread, NULL, free_odd_blocks, blocks), 0);
+  CHECK_EQ(pthread_join(thread, NULL), 0);
+  CHECK_EQ(stats_of(heap).live_bytes, 0);
+  /* Entered: blocks freed by their owner go to its bins and back to their
+   * arena; the same 40 KiB a hundred times over commits nothing more. */
+  CHECK(zk_heap_enter(heap) == NULL);
+  zk_stats_t first, last;
+  for (int round = 0; round < 100; round++) {
+    for (unsigned i = 0; i < 400; i++)
+      CHECK((blocks[i] = zk_malloc(16 + i % 200)) != NULL);
+    for (unsigned i = 0; i < 400; i++)
+      zk_free(blocks[i]);
+    zk_thread_idle();
+    if (round == 0)
+      zk_stats_get(&first);
+  }
+  zk_stats_get(&last);
+  CHECK(last.bytes_committed <= first.bytes_committed);
+  /* One class allocated and freed in a loop: it leaves the arenas. */
+  for (int i = 0; i < 1000; i++) {
+    void *q = zk_malloc(48);
+    CHECK(q != NULL);
+    zk_free(q);
+  }
+  CHECK(zk_heap_enter(NULL) == heap);
+  zk_thread_idle();
+  zk_heap_stats_t stats = stats_of(heap);
+  CHECK_EQ(stats.live_bytes, 0);
+  CHECK_EQ(stats.allocations, stats.frees);
+  /* Live blocks at destroy are freed by it, in the process's figures too. */
+  for (unsigned i = 0; i < 100; i++)
+    CHECK(zk_heap_malloc(heap, 24 + i * 30) != NULL);
+  zk_heap_destroy(heap);
+  zk_thread_idle();
+  zk_stats_get(&after);
+  CHECK_EQ(after.bytes_live, before.bytes_live);
+  printf("arenas: exact across threads, reused, hot classes to pages\n");
 }
 
 /* Thousands of heaps, each used and destroyed: nothing accumulates. */
@@ -594,6 +677,9 @@ static void test_misuse(void) {
                                       "destroyed task heap or not one");
   test_expect_abort(destroy_default,
                     "zkmem: error: zk_heap_destroy of the default heap");
+  test_expect_abort(free_inside_arena_block,
+                    "zkmem: error: free of a pointer zkmem never handed out "
+                    "(or inside a block)");
   test_expect_abort(free_after_destroy, "zkmem: error: double free or free "
                                         "of an invalid pointer");
   test_expect_abort(free_large_after_destroy,
@@ -629,6 +715,7 @@ int main(int argc, char **argv) {
   test_enter_across_workers();
   test_limits();
   test_destroy();
+  test_arenas();
   test_many_heaps();
   test_review_findings();
   test_misuse();
