@@ -31,6 +31,18 @@ ENTRY_POINTS = {
 }
 # Measured the same way and printed for comparison, never judged.
 REFERENCE = ("system", "malloc(64) + free as linked (glibc)")
+# Task heaps, judged against the malloc pair measured in the same run:
+# key -> (entry point, description, pair counts, most malloc pairs allowed)
+TASK_HEAP_FIGURES = {
+    "heap_entered_pair": ("heap_entered", "zk_malloc(64) + zk_free inside "
+                          "an entered task heap", None, 1.2),
+    "heap_create_destroy": ("heap_empty", "zk_heap_create + zk_heap_destroy "
+                            "of a heap that allocated nothing",
+                            (1_000, 11_000), 20.0),
+}
+# A task of 100 blocks (16 B-2 KiB) in its own heap, destroyed at its end,
+# against the same blocks freed one by one: the target is below 1.
+TASK_PAIR = (("task_heap", "task_free"), (1_000, 11_000))
 
 
 def count_instructions(valgrind, binary, entry_point, pairs, scratch):
@@ -99,6 +111,16 @@ def main():
                                                   args.n2, scratch)
         reference = instructions_per_pair(valgrind, args.binary, REFERENCE[0],
                                           args.n1, args.n2, scratch)
+        task_figures = {}
+        for key, (entry_point, _, counts, _) in TASK_HEAP_FIGURES.items():
+            small, large = counts or (args.n1, args.n2)
+            task_figures[key] = instructions_per_pair(
+                valgrind, args.binary, entry_point, small, large, scratch)
+        (with_heap, one_by_one), (small, large) = TASK_PAIR
+        task_heap = instructions_per_pair(valgrind, args.binary, with_heap,
+                                          small, large, scratch)
+        task_free = instructions_per_pair(valgrind, args.binary, one_by_one,
+                                          small, large, scratch)
 
     print(f"instructions per pair, callgrind, N = {args.n1} and {args.n2} "
           f"(loop overhead of ~4 included)")
@@ -120,6 +142,21 @@ def main():
             failures.append(key)
     print(f"  {'glibc_pair':<18} {reference:9.2f} {'-':>8} {'-':>8}  "
           f"{REFERENCE[1]} (information only)")
+    pair = measured["malloc_free_pair"]
+    print("task heaps, in zk_malloc(64) + zk_free pairs of this run:")
+    for key, (_, description, _, allowed) in TASK_HEAP_FIGURES.items():
+        ratio = task_figures[key] / pair
+        verdict = "" if ratio <= allowed else "  OVER TARGET"
+        print(f"  {key:<20} {task_figures[key]:9.1f} instructions = "
+              f"{ratio:5.2f} pairs (target <= {allowed}){verdict}  "
+              f"{description}")
+        if ratio > allowed:
+            failures.append(key)
+    ratio = task_heap / task_free
+    print(f"  {'task_100_blocks':<20} {task_heap:9.1f} instructions in a heap "
+          f"destroyed at the end, {task_free:.1f} freed one by one: "
+          f"{ratio:.2f}x (target < 1; {'met' if ratio < 1 else 'NOT MET'}, "
+          f"information only)")
 
     if args.update:
         budget.update({key: round(value, 1) for key, value in
