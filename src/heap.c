@@ -169,7 +169,7 @@ static void heap_bin_trim(heap_t *heap, bin_t *bin, uint32_t keep,
   zk_heap_t *task = heap->task;
   if (unlikely(task != NULL) && back != 0) {
     unsigned class_index = (unsigned)(bin - heap->bins);
-    heap->bin_returned[class_index] += back;
+    heap->bin_returned += back;
     task_uncharge(task, (size_t)back * class_block_size[class_index]);
   }
 }
@@ -187,7 +187,7 @@ static uint32_t heap_charge_blocks(heap_t *heap, unsigned class_index,
       return 0;
     count = 1;
   }
-  heap->bin_taken[class_index] += count;
+  heap->bin_taken += count;
   return count;
 }
 
@@ -411,7 +411,7 @@ static void *arena_alloc(heap_t *heap, unsigned class_index, bool *refused) {
   arena_table(arena)[offset / 16] = (uint8_t)(class_index + 1);
   arena->capacity += (uint32_t)size;
   arena->used++;
-  heap->bin_taken[class_index]++;
+  heap->bin_taken++;
   heap->arena_out[class_index]++;
   heap_class_used(heap, class_index);
   return arena->start + offset;
@@ -433,7 +433,7 @@ ZK_NOINLINE void *heap_malloc_bin_empty(heap_t *heap, bin_t *bin, size_t size) {
       arena->capacity += (uint32_t)block_size;
       arena->used++;
       heap->task_credit -= block_size;
-      heap->bin_taken[class_index]++;
+      heap->bin_taken++;
       heap->arena_out[class_index]++;
       heap_class_used(heap, class_index);
       return arena->start + offset;
@@ -517,7 +517,7 @@ void heap_free_arena(page_t *page, void *p) {
        * and return), and pages serve it from now on. */
       owner->arena_owner_frees[class_index] = ARENA_HOT_FREES + 1;
       bin->frees++;
-      owner->bin_returned[class_index]++;
+      owner->bin_returned++;
       arena_return_block(owner, page, (unsigned)class_index);
       task_uncharge(owner->task, size);
       return;
@@ -786,18 +786,7 @@ void heap_recycle(heap_t *heap) {
 }
 
 void heap_adopt_task(heap_t *heap, zk_heap_t *task) {
-  FOR_EACH_USED_CLASS(heap, c) {
-    uint64_t frees = heap->bins[c].frees;
-    heap->stats.class_allocs_retired[c] += frees;
-    heap->stats.class_frees_retired[c] += frees;
-    heap->bins[c].frees = 0;
-    heap->bin_taken[c] = 0;
-    heap->bin_returned[c] = 0;
-    if (c < ARENA_CLASSES)
-      heap->arena_owner_frees[c] = 0;
-  }
-  memset(heap->classes_used, 0, sizeof(heap->classes_used));
-  heap->secure_allocs = heap->secure_frees = 0;
+  /* Its counters restarted when its last task heap released it. */
   for (page_t *arena = heap->arenas; arena != NULL; arena = arena->next)
     arena->task = task;
   atomic_store_explicit(&heap->task, task, memory_order_release);
@@ -811,11 +800,29 @@ void heap_release_all(heap_t *heap, bool keep_arena) {
   /* Bins and queues of classes never used are empty. */
   page_queue_t *queues[CLASS_COUNT + 1];
   unsigned queue_count = 0;
+  /* The per-task counters restart here, not when the sub-heap serves its
+   * next task: one pass over the used classes. */
   FOR_EACH_USED_CLASS(heap, c) {
-    heap->bins[c].head = NULL;
-    bin_set_count(&heap->bins[c], 0);
-    queues[queue_count++] = &heap->queues[c];
+    bin_t *bin = &heap->bins[c];
+    bin->head = NULL;
+    bin_set_count(bin, 0);
+    heap->stats.class_allocs_retired[c] += bin->frees;
+    heap->stats.class_frees_retired[c] += bin->frees;
+    bin->frees = 0;
+    if (heap->queues[c].first != NULL)
+      queues[queue_count++] = &heap->queues[c];
+    if (c < ARENA_CLASSES) {
+      uint64_t out = heap->arena_out[c];
+      heap->stats.class_allocs_retired[c] += out;
+      heap->stats.class_frees_retired[c] += out;
+      heap->arena_out[c] = 0;
+      atomic_store_explicit(&heap->arena_remote[c], 0, memory_order_relaxed);
+      heap->arena_owner_frees[c] = 0;
+    }
   }
+  memset(heap->classes_used, 0, sizeof(heap->classes_used));
+  heap->bin_taken = heap->bin_returned = 0;
+  heap->secure_allocs = heap->secure_frees = 0;
   queues[queue_count++] = &heap->full;
   /* Bounded: a fork child's orphan may have a queue torn mid-update. */
   pthread_mutex_lock(&segment_lock);
@@ -844,15 +851,6 @@ void heap_release_all(heap_t *heap, bool keep_arena) {
     arena_reset(kept);
   }
   heap->task_credit = 0; /* the task's charge goes with it */
-  FOR_EACH_USED_CLASS(heap, c) {
-    if (c >= ARENA_CLASSES)
-      break;
-    uint64_t out = heap->arena_out[c];
-    heap->stats.class_allocs_retired[c] += out;
-    heap->stats.class_frees_retired[c] += out;
-    heap->arena_out[c] = 0;
-    atomic_store_explicit(&heap->arena_remote[c], 0, memory_order_relaxed);
-  }
 }
 
 static void heap_thread_exit(void *value) {
@@ -1088,7 +1086,7 @@ static uint32_t heap_bin_take_remote(heap_t *heap, bin_t *bin, page_t *page) {
       page_splice_free(page, remote, tail, count); /* over a limit */
       return 0;
     }
-    heap->bin_taken[page->class_index] += count;
+    heap->bin_taken += count;
   }
   block_set_next(page, tail, bin->head);
   bin->head = remote;

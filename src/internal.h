@@ -289,8 +289,7 @@ struct heap {
   /* Sub-heap statistics, kept on slow paths: blocks into and out of each
    * bin from its pages (a bin's pops are taken + frees - returned - held),
    * and secure pages' blocks handed out and freed by this thread. */
-  uint64_t bin_taken[CLASS_COUNT];
-  uint64_t bin_returned[CLASS_COUNT];
+  uint64_t bin_taken, bin_returned;
   uint64_t secure_allocs, secure_frees;
   /* Sub-heap arenas (heap.c): the current one first; blocks of each class
    * out of them (owner) and freed back by other threads (any thread). */

@@ -458,13 +458,13 @@ ZK_EXPORT zk_heap_t *zk_heap_enter(zk_heap_t *heap) {
  * and what it holds. Read while the owner runs: exact when it is quiet. */
 static void subheap_counts(const heap_t *sub, uint64_t *allocations,
                            uint64_t *frees, uint64_t *held_bytes) {
+  *allocations += __atomic_load_n(&sub->bin_taken, __ATOMIC_RELAXED) -
+                  __atomic_load_n(&sub->bin_returned, __ATOMIC_RELAXED);
   for (unsigned c = 0; c < CLASS_COUNT; c++) {
     const bin_t *bin = &sub->bins[c];
     uint64_t pushed = __atomic_load_n(&bin->frees, __ATOMIC_RELAXED);
     uint64_t held = bin_count(bin);
-    *allocations +=
-        __atomic_load_n(&sub->bin_taken[c], __ATOMIC_RELAXED) + pushed -
-        __atomic_load_n(&sub->bin_returned[c], __ATOMIC_RELAXED) - held;
+    *allocations += pushed - held;
     *frees += pushed;
     *held_bytes += held * class_block_size[c];
   }
