@@ -631,7 +631,10 @@ heap_t *heap_create(void) {
   heap->bin_key =
       (random_next(&heap->random_state) & ~BIN_KEY_TOPMASK) | BIN_KEY_TOP;
   pthread_mutex_lock(&heaps_lock);
+  heap->prev_heap = NULL;
   heap->next_heap = heaps_live;
+  if (heaps_live != NULL)
+    heaps_live->prev_heap = heap;
   heaps_live = heap;
   pthread_mutex_unlock(&heaps_lock);
   return heap;
@@ -698,11 +701,13 @@ static void heap_retire(heap_t *heap, heap_t **list) {
     heaps_retired_stats.class_frees_retired[c] +=
         heap->stats.class_frees_retired[c] + bin_frees_total;
   }
-  heap_t **link = &heaps_live;
-  while (*link != NULL && *link != heap)
-    link = &(*link)->next_heap;
-  if (*link == heap)
-    *link = heap->next_heap;
+  if (heap->prev_heap != NULL)
+    heap->prev_heap->next_heap = heap->next_heap;
+  else
+    heaps_live = heap->next_heap;
+  if (heap->next_heap != NULL)
+    heap->next_heap->prev_heap = heap->prev_heap;
+  heap->prev_heap = NULL;
   heap->next_heap = *list;
   *list = heap;
   pthread_mutex_unlock(&heaps_lock);

@@ -279,13 +279,20 @@ struct heap {
   page_t *large_cache[LARGE_CACHE_ENTRIES];
   unsigned large_cache_count;
   heap_stats_t stats;
-  heap_t *next_heap; /* heaps_lock: all live heaps / free heaps */
+  heap_t *next_heap, *prev_heap; /* heaps_lock: live heaps / free heaps */
   /* Task heaps: a sub-heap is a thread's heap for one task heap (`task`);
    * its pages are its own, as a thread's heap's are. */
-  heap_t *home;         /* sub-heap: its thread's own heap (NULL: exited) */
-  heap_t *task_next;    /* sub-heap: the task's list (task lock) */
-  heap_t *subheaps;     /* own heap: its thread's sub-heaps (owner only) */
-  heap_t *subheap_next; /* sub-heap: in its home's list */
+  heap_t *home;      /* sub-heap: its thread's own heap (NULL: exited) */
+  heap_t *task_next; /* sub-heap: the task's list (task lock) */
+  heap_t *subheaps;  /* own heap: its thread's sub-heaps (owner only) */
+  heap_t *subheap_next, *subheap_prev; /* sub-heap: in its home's list */
+  /* Own heap: sub-heaps whose task heap another thread destroyed, pushed
+   * by that thread (dead_next), and the ones this thread keeps to serve
+   * its next task heaps (subheap_next, owner only). */
+  heap_t *_Atomic dead_subheaps;
+  heap_t *dead_next;
+  heap_t *spare_subheaps;
+  unsigned spare_count;
   /* Sub-heap statistics, kept on slow paths: blocks into and out of each
    * bin from its pages (a bin's pops are taken + frees - returned - held),
    * and secure pages' blocks handed out and freed by this thread. */

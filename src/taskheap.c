@@ -47,11 +47,13 @@ struct zk_heap {
   _Atomic uint64_t peak;
   _Atomic uint64_t remote_frees;
   _Atomic uint64_t limit_refusals;
-  _Atomic int entered;  /* threads inside zk_heap_enter */
-  _Atomic int children; /* task heaps with this one as parent */
-  zk_heap_t *next_live; /* all live task heaps (tasks_lock) */
-  heap_t *subheaps;     /* tasks_lock */
-  page_t *large;        /* large and huge blocks, by next/prev (tasks_lock) */
+  _Atomic int entered;              /* threads inside zk_heap_enter */
+  _Atomic int children;             /* task heaps with this one as parent */
+  zk_heap_t *next_live, *prev_live; /* all live task heaps (tasks_lock) */
+  /* Written under tasks_lock; read without it by the task's threads
+   * looking for their own sub-heap (task_subheap). */
+  heap_t *_Atomic subheaps;
+  page_t *large; /* large and huge blocks, by next/prev (tasks_lock) */
   uint64_t large_allocations, large_frees; /* tasks_lock */
 };
 
@@ -198,45 +200,87 @@ void task_large_remove(page_t *page) {
 
 /* ---- sub-heaps ---- */
 
-/* The calling thread's sub-heap for `task`, made on first use. One left
- * by a destroyed task heap (dead: no task) is reused, reset by the
- * destroy; a thread keeps up to TASK_SPARE_SUBHEAPS dead ones (with an
- * arena each) for the task heaps it will run next, and recycles more. */
-#define TASK_SPARE_SUBHEAPS 8
+/* A thread's sub-heaps: its home's list, doubly linked (owner only). */
+static void home_link(heap_t *home, heap_t *sub) {
+  sub->subheap_prev = NULL;
+  sub->subheap_next = home->subheaps;
+  if (home->subheaps != NULL)
+    home->subheaps->subheap_prev = sub;
+  home->subheaps = sub;
+}
+
+static void home_unlink(heap_t *home, heap_t *sub) {
+  if (sub->subheap_prev != NULL)
+    sub->subheap_prev->subheap_next = sub->subheap_next;
+  else
+    home->subheaps = sub->subheap_next;
+  if (sub->subheap_next != NULL)
+    sub->subheap_next->subheap_prev = sub->subheap_prev;
+  sub->subheap_next = sub->subheap_prev = NULL;
+}
+
+/* A thread keeps up to this many sub-heaps of destroyed task heaps (each
+ * with the arena its destroy kept, reset) for the task heaps it runs next:
+ * a short task then costs no sub-heap set-up and no span. */
+#define TASK_SPARE_SUBHEAPS 16
+
+/* Sub-heaps of task heaps destroyed by other threads (task_push_dead)
+ * leave this thread's list for its spares. */
+static void task_take_dead(heap_t *home) {
+  heap_t *dead = atomic_exchange_explicit(&home->dead_subheaps, NULL,
+                                          memory_order_acquire);
+  while (dead != NULL) {
+    heap_t *next = dead->dead_next;
+    home_unlink(home, dead);
+    if (home->spare_count < TASK_SPARE_SUBHEAPS) {
+      dead->subheap_next = home->spare_subheaps;
+      home->spare_subheaps = dead;
+      home->spare_count++;
+    } else {
+      heap_recycle(dead);
+    }
+    dead = next;
+  }
+}
+
+/* Destroy (tasks_lock held): a released sub-heap whose thread lives goes
+ * back to that thread, which alone touches its list. */
+static void task_push_dead(heap_t *sub) {
+  heap_t *home = sub->home;
+  heap_t *head =
+      atomic_load_explicit(&home->dead_subheaps, memory_order_relaxed);
+  do
+    sub->dead_next = head;
+  while (!atomic_compare_exchange_weak_explicit(&home->dead_subheaps, &head,
+                                                sub, memory_order_release,
+                                                memory_order_relaxed));
+}
+
+/* The calling thread's sub-heap for `task`: found in the task's list (as
+ * long as threads that ran the task), else a spare or a new one. */
 static heap_t *task_subheap(zk_heap_t *task) {
   heap_t *home = heap_home();
   if (home == NULL)
     return NULL;
-  heap_t *spare = NULL;
-  unsigned spares = 0;
-  heap_t **link = &home->subheaps;
-  while (*link != NULL) {
-    heap_t *sub = *link;
-    zk_heap_t *owner = atomic_load_explicit(&sub->task, memory_order_acquire);
-    if (owner == task)
+  for (heap_t *sub = task->subheaps; sub != NULL; sub = sub->task_next)
+    if (__atomic_load_n(&sub->home, __ATOMIC_RELAXED) == home)
       return sub;
-    if (owner == NULL && spares == TASK_SPARE_SUBHEAPS) {
-      *link = sub->subheap_next;
-      heap_recycle(sub);
-      continue;
-    }
-    if (owner == NULL && spares++ == 0)
-      spare = sub;
-    link = &sub->subheap_next;
-  }
-  heap_t *sub = spare;
-  if (sub == NULL) {
+  task_take_dead(home);
+  heap_t *sub = home->spare_subheaps;
+  if (sub != NULL) {
+    home->spare_subheaps = sub->subheap_next;
+    home->spare_count--;
+  } else {
     sub = heap_create();
     if (sub == NULL)
       return NULL;
     sub->home = home;
-    sub->subheap_next = home->subheaps;
-    home->subheaps = sub;
   }
+  home_link(home, sub);
   heap_adopt_task(sub, task);
   pthread_mutex_lock(&tasks_lock);
   sub->task_next = task->subheaps;
-  task->subheaps = sub;
+  task->subheaps = sub; /* publishes task_next (sequentially consistent) */
   pthread_mutex_unlock(&tasks_lock);
   return sub;
 }
@@ -245,21 +289,25 @@ void task_thread_exit(heap_t *home, heap_t *current) {
   zk_heap_t *entered = current != NULL ? current->task : NULL;
   if (entered != NULL)
     atomic_fetch_sub_explicit(&entered->entered, 1, memory_order_relaxed);
+  pthread_mutex_lock(&tasks_lock);
+  task_take_dead(home);
+  while (home->spare_subheaps != NULL) {
+    heap_t *spare = home->spare_subheaps;
+    home->spare_subheaps = spare->subheap_next;
+    heap_recycle(spare);
+  }
+  home->spare_count = 0;
   heap_t *sub = home->subheaps;
   home->subheaps = NULL;
-  pthread_mutex_lock(&tasks_lock);
   while (sub != NULL) {
     heap_t *next = sub->subheap_next;
-    if (atomic_load_explicit(&sub->task, memory_order_relaxed) == NULL) {
-      heap_recycle(sub); /* its task heap was destroyed */
-    } else {
-      /* Orphaned: its pages with live blocks stay with it (other threads
-       * free into them, uncharging as they go) until the task heap is
-       * destroyed; empty ones go back now. */
-      pool_heap_exit(sub);
-      heap_collect(sub, true);
-      sub->home = NULL;
-    }
+    /* Orphaned: its pages with live blocks stay with it (other threads
+     * free into them, uncharging as they go) until the task heap is
+     * destroyed; empty ones go back now. */
+    pool_heap_exit(sub);
+    heap_collect(sub, true);
+    __atomic_store_n(&sub->home, NULL, __ATOMIC_RELAXED);
+    sub->subheap_next = sub->subheap_prev = NULL;
     sub = next;
   }
   pthread_mutex_unlock(&tasks_lock);
@@ -347,6 +395,8 @@ ZK_EXPORT zk_heap_t *zk_heap_create(const zk_heap_options_t *options) {
     atomic_fetch_add_explicit(&heap->parent->children, 1, memory_order_relaxed);
   pthread_mutex_lock(&tasks_lock);
   heap->next_live = tasks_live;
+  if (tasks_live != NULL)
+    tasks_live->prev_live = heap;
   tasks_live = heap;
   pthread_mutex_unlock(&tasks_lock);
   __atomic_store_n(&heap->magic, TASK_HEAP_MAGIC, __ATOMIC_RELEASE);
@@ -533,11 +583,12 @@ ZK_EXPORT void zk_heap_destroy(zk_heap_t *heap) {
   }
   __atomic_store_n(&heap->magic, 0, __ATOMIC_RELEASE);
   pthread_mutex_lock(&tasks_lock);
-  zk_heap_t **link = &tasks_live;
-  while (*link != NULL && *link != heap)
-    link = &(*link)->next_live;
-  if (*link == heap)
-    *link = heap->next_live;
+  if (heap->prev_live != NULL)
+    heap->prev_live->next_live = heap->next_live;
+  else
+    tasks_live = heap->next_live;
+  if (heap->next_live != NULL)
+    heap->next_live->prev_live = heap->prev_live;
   heap_t *sub = heap->subheaps;
   heap->subheaps = NULL;
   page_t *large = heap->large;
@@ -551,6 +602,8 @@ ZK_EXPORT void zk_heap_destroy(zk_heap_t *heap) {
     atomic_store_explicit(&sub->task, NULL, memory_order_release);
     if (orphan)
       heap_recycle(sub);
+    else
+      task_push_dead(sub);
     sub = next;
   }
   pthread_mutex_unlock(&tasks_lock);
@@ -583,12 +636,13 @@ ZK_EXPORT void zk_thread_idle(void) {
   /* Under the lock: another thread may be destroying one of the task
    * heaps, and releasing the same sub-heap. */
   pthread_mutex_lock(&tasks_lock);
-  for (heap_t *sub = home->subheaps; sub != NULL; sub = sub->subheap_next) {
-    if (atomic_load_explicit(&sub->task, memory_order_relaxed) != NULL)
-      heap_flush_bins(sub);
-    else
-      heap_collect(sub, true); /* the arena its destroy kept */
-  }
+  task_take_dead(home);
+  for (heap_t *sub = home->subheaps; sub != NULL; sub = sub->subheap_next)
+    heap_flush_bins(sub);
+  /* Spares keep the arena their destroy kept: an idle thread returns it. */
+  for (heap_t *spare = home->spare_subheaps; spare != NULL;
+       spare = spare->subheap_next)
+    heap_collect(spare, true);
   pthread_mutex_unlock(&tasks_lock);
   heap_collect(home, false);
   purge_maybe();

@@ -602,7 +602,8 @@ static void test_arenas(void) {
   CHECK_EQ(pthread_join(thread, NULL), 0);
   CHECK_EQ(stats_of(heap).live_bytes, 0);
   /* Entered: blocks freed by their owner go to its bins and back to their
-   * arena; the same 40 KiB a hundred times over commits nothing more. */
+   * arena (pages, once the class is freed often); the same 40 KiB a
+   * hundred times over commits nothing more once those classes moved. */
   CHECK(zk_heap_enter(heap) == NULL);
   zk_stats_t first, last;
   for (int round = 0; round < 100; round++) {
@@ -611,11 +612,12 @@ static void test_arenas(void) {
     for (unsigned i = 0; i < 400; i++)
       zk_free(blocks[i]);
     zk_thread_idle();
-    if (round == 0)
+    if (round == 10)
       zk_stats_get(&first);
   }
   zk_stats_get(&last);
-  CHECK(last.bytes_committed <= first.bytes_committed);
+  /* A class that turns hot late takes its page then: a slice at most. */
+  CHECK(last.bytes_committed <= first.bytes_committed + (64 << 10));
   /* One class allocated and freed in a loop: it leaves the arenas. */
   for (int i = 0; i < 1000; i++) {
     void *q = zk_malloc(48);
