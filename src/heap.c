@@ -672,6 +672,7 @@ static void heap_page_release(heap_t *heap, page_t *page,
                               uint64_t free_since_ms) {
   stats_retire_page(&heap->stats, page);
   page_span_free(page, free_since_ms);
+  heap->page_count--;
   purge_maybe();
 }
 
@@ -829,10 +830,9 @@ void heap_release_all(heap_t *heap, bool keep_arena) {
   heap->bin_taken = heap->bin_returned = 0;
   heap->secure_allocs = heap->secure_frees = 0;
   queues[queue_count++] = &heap->full;
-  /* Bounded: a fork child's orphan may have a queue torn mid-update. */
-  pthread_mutex_lock(&segment_lock);
-  size_t budget = segment_slices_mapped();
-  pthread_mutex_unlock(&segment_lock);
+  /* Bounded: a fork child's orphan may have a queue torn mid-update, and
+   * its count with it. */
+  size_t budget = (size_t)heap->page_count + heap->arena_count + 1024;
   for (unsigned q = 0; q < queue_count; q++) {
     page_t *page;
     while ((page = queues[q]->first) != NULL && budget-- > 0) {
@@ -856,6 +856,7 @@ void heap_release_all(heap_t *heap, bool keep_arena) {
     arena_reset(kept);
   }
   heap->task_credit = 0; /* the task's charge goes with it */
+  heap->page_count = 0;
 }
 
 static void heap_thread_exit(void *value) {
@@ -994,6 +995,7 @@ static page_t *heap_find_page(heap_t *heap, unsigned class_index) {
       return NULL;
     }
   }
+  heap->page_count++;
   if (page->free == NULL && !page_extend(page)) {
     /* A reclaimed page that is still full: a remote free racing with this
      * move must find in_full set, or be found here (heap_queue_full). */

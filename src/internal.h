@@ -302,6 +302,7 @@ struct heap {
    * out of them (owner) and freed back by other threads (any thread). */
   page_t *arenas;
   uint32_t arena_count;
+  uint32_t page_count; /* pages in its queues: bounds a release's walk */
   /* Bytes charged to the task ahead of arena carves (ARENA_CHARGE_CHUNK at
    * a time), so that a carve seldom touches the task's shared counters;
    * given back with the bins. */

@@ -278,10 +278,14 @@ static heap_t *task_subheap(zk_heap_t *task) {
   }
   home_link(home, sub);
   heap_adopt_task(sub, task);
-  pthread_mutex_lock(&tasks_lock);
-  sub->task_next = task->subheaps;
-  task->subheaps = sub; /* publishes task_next (sequentially consistent) */
-  pthread_mutex_unlock(&tasks_lock);
+  /* Pushed without the lock: while the task heap lives its list only
+   * grows at the front, so readers (here, and statistics under the lock)
+   * follow links that never change. */
+  heap_t *head = atomic_load_explicit(&task->subheaps, memory_order_relaxed);
+  do
+    sub->task_next = head;
+  while (!atomic_compare_exchange_weak_explicit(
+      &task->subheaps, &head, sub, memory_order_release, memory_order_relaxed));
   return sub;
 }
 
@@ -606,6 +610,13 @@ ZK_EXPORT void zk_heap_destroy(zk_heap_t *heap) {
       task_push_dead(sub);
     sub = next;
   }
+  /* Read before the heap joins the quarantine, whose oldest entries other
+   * destroys free. */
+  zk_heap_t *parent = heap->parent;
+  uint64_t charged = atomic_load_explicit(&heap->charged, memory_order_relaxed);
+  zk_heap_t *oldest = task_quarantine[task_quarantine_next];
+  task_quarantine[task_quarantine_next] = heap;
+  task_quarantine_next = (task_quarantine_next + 1) % TASK_QUARANTINE;
   pthread_mutex_unlock(&tasks_lock);
   while (large != NULL) {
     page_t *next = large->next;
@@ -614,16 +625,10 @@ ZK_EXPORT void zk_heap_destroy(zk_heap_t *heap) {
     large_free(&heap_empty, large);
     large = next;
   }
-  if (heap->parent != NULL) {
-    task_uncharge(heap->parent,
-                  atomic_load_explicit(&heap->charged, memory_order_relaxed));
-    atomic_fetch_sub_explicit(&heap->parent->children, 1, memory_order_relaxed);
+  if (parent != NULL) {
+    task_uncharge(parent, charged);
+    atomic_fetch_sub_explicit(&parent->children, 1, memory_order_relaxed);
   }
-  pthread_mutex_lock(&tasks_lock);
-  zk_heap_t *oldest = task_quarantine[task_quarantine_next];
-  task_quarantine[task_quarantine_next] = heap;
-  task_quarantine_next = (task_quarantine_next + 1) % TASK_QUARANTINE;
-  pthread_mutex_unlock(&tasks_lock);
   if (oldest != NULL)
     os_meta_free(oldest, sizeof(zk_heap_t));
 }
