@@ -185,7 +185,9 @@ fn a_limit_fails_try_reserve_not_the_process() {
             let refused = big.try_reserve(2 * LIMIT).is_err();
             let mut fits = Vec::<u8>::new();
             let accepted = fits.try_reserve(LIMIT / 2).is_ok();
-            let mut small: Vec<Vec<u8>> = Vec::new();
+            // Room for every block up front: growing this vector near the
+            // limit would fail in `push`, which aborts.
+            let mut small: Vec<Vec<u8>> = Vec::with_capacity(LIMIT / 1024);
             let mut refusals = 0;
             // Small blocks up to the limit: the last ones are refused.
             for _ in 0..LIMIT / 1024 {
