@@ -86,7 +86,7 @@
 //! ```
 //!
 //! Heaps nest ([`HeapBuilder::parent`]): a request's heap inside its
-//! tenant's, counted and limited in both. [`stats`] gives the process-wide
+//! tenant's, counted and limited in both. [`stats()`] gives the process-wide
 //! figures.
 
 #![deny(missing_docs)]

@@ -2,7 +2,7 @@ use std::mem::MaybeUninit;
 
 use crate::ffi;
 
-/// Process-wide figures of zkmem, from [`stats`].
+/// Process-wide figures of zkmem, from [`stats()`].
 #[derive(Clone, Copy, Debug, PartialEq)]
 #[non_exhaustive]
 pub struct Stats {
