@@ -140,7 +140,7 @@ fn main() {
         (Request::Items { rows: 10 }, 200),
         (Request::Upload { bytes: 20_000 }, 200),
         (Request::Report, 200),
-        (Request::Items { rows: 2000 }, 200),
+        (Request::Items { rows: 1000 }, 200),
         (Request::Upload { bytes: 1 << 20 }, 413),
         (Request::Items { rows: 300 }, 200),
         (Request::Upload { bytes: 60_000 }, 200),
