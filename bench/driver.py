@@ -9,6 +9,11 @@ BUILD/bench/results.json (every run) and BUILD/bench/results.svg (chart).
 Allocators, as table rows:
   zkmem-pool  zk_pool_* through bench_pool (fixed-size scenarios only)
   zkmem       BUILD/libzkmem.so under LD_PRELOAD
+  zkmem-heaps scenario tasks with a task heap per task, under LD_PRELOAD
+  zkmem-crate the Tokio scenarios with zkmem's crate (bindings/rust) as
+              Rust's global allocator, no preload; zkmem-crate-scope and
+              zkmem-crate-heaps: tokio-reqrep with each request task in
+              Heap::scope, of one heap shared by all or of its own
   glibc       the system malloc, no preload
   jemalloc, mimalloc, tcmalloc   under LD_PRELOAD, when installed
   mimalloc3, snmalloc            under LD_PRELOAD, when the repository's
@@ -25,9 +30,10 @@ peer" line.
 Scenarios tokio-pipeline and tokio-reqrep run a Tokio program
 (bench/tokio/) under every malloc row: Rust's default allocator is the C
 library's malloc, so the same binary measures Tokio's default allocator
-(glibc), zkmem and each peer. The driver builds it with cargo (offline, from
-Debian's packaged crates) and skips those scenarios when cargo or the crates
-are missing.
+(glibc), zkmem and each peer; a second build of it, with zkmem's crate as
+the global allocator, runs the crate rows. The driver builds both with cargo
+(offline, from Debian's packaged crates) and skips those scenarios when
+cargo or the crates are missing.
 
 Standard library only, so it runs wherever the build does.
 """
@@ -123,8 +129,18 @@ SCENARIOS = [
 SCENARIO_BY_NAME = {scenario.name: scenario for scenario in SCENARIOS}
 
 PEERS = ["jemalloc", "mimalloc", "tcmalloc", "mimalloc3", "snmalloc"]
-ROW_ORDER = ["zkmem-pool", "zkmem", "zkmem-heaps", "glibc"] + PEERS + ["seed"]
-BUILTIN_ROWS = ["zkmem-pool", "zkmem", "glibc", "seed"]
+# zkmem's own rows and glibc, in table order; seed comes last.
+OWN_ROWS = ["zkmem-pool", "zkmem", "zkmem-heaps", "zkmem-crate",
+            "zkmem-crate-scope", "zkmem-crate-heaps", "glibc"]
+ROW_ORDER = OWN_ROWS + PEERS + ["seed"]
+BUILTIN_ROWS = OWN_ROWS + ["seed"]
+# The crate rows: (name, arguments of zkmem-tokio-bench-crate, scenarios;
+# None: every Tokio scenario).
+CRATE_ROWS = [
+    ("zkmem-crate", [], None),
+    ("zkmem-crate-scope", ["--scope", "shared"], ["tokio-reqrep"]),
+    ("zkmem-crate-heaps", ["--scope", "task"], ["tokio-reqrep"]),
+]
 PEER_LIBRARIES = {
     "jemalloc": ["libjemalloc.so.2", "libjemalloc.so"],
     "mimalloc": ["libmimalloc.so.2", "libmimalloc.so"],
@@ -162,20 +178,26 @@ def log(message):
 
 class Allocator:
     def __init__(self, name, binary, arguments=(), preload=None,
-                 scenarios=None, version=None, malloc=True):
+                 scenarios=None, version=None, malloc=True, tokio=False):
         self.name = name
         self.binary = binary
         self.arguments = list(arguments)
         self.preload = preload
-        self.scenarios = scenarios  # None: every bench_malloc scenario
+        self.scenarios = scenarios  # None: every scenario of its binary
         self.version = version
         # A malloc row (glibc, or a library preloaded in its place) also
         # runs any other program, the Tokio one included.
         self.malloc = malloc
+        # `binary` is a Tokio program of its own (the crate rows): it runs
+        # the Tokio scenarios only.
+        self.tokio = tokio
 
     def runs(self, scenario):
-        if scenario.tokio:
-            return self.malloc
+        if scenario.tokio and not self.tokio:
+            # zkmem-heaps is a malloc row for scenario tasks alone.
+            return self.malloc and self.scenarios is None
+        if self.tokio and not scenario.tokio:
+            return False
         return self.scenarios is None or scenario.name in self.scenarios
 
     def environment(self):
@@ -273,8 +295,7 @@ def register_peer(name):
     """Makes `name` a peer row: in the tables, the ratios and the chart."""
     if name not in PEERS:
         PEERS.append(name)
-        ROW_ORDER[:] = ["zkmem-pool", "zkmem", "zkmem-heaps", "glibc"] + PEERS + [
-            "seed"]
+        ROW_ORDER[:] = OWN_ROWS + PEERS + ["seed"]
 
 
 def parse_peer(text, origin):
@@ -403,6 +424,7 @@ def discover_allocators(build_dir, source_dir, wanted, requested_peers=()):
 # The Tokio workload (bench/tokio): a Rust program, built with cargo.
 
 TOKIO_BINARY = "zkmem-tokio-bench"
+TOKIO_CRATE_BINARY = "zkmem-tokio-bench-crate"  # with feature zkmem-global
 DEBIAN_CRATES = "/usr/share/cargo/registry"  # bench/tokio/.cargo/config.toml
 
 
@@ -433,41 +455,70 @@ def find_cargo(build_dir):
 
 def prepare_tokio(build_dir, source_dir):
     """Builds the Tokio workload (a no-op when it is up to date) and returns
-    its path, or None after saying on stderr why it cannot be built here.
-    Raises RunFailure when cargo is there but the build fails."""
+    the paths of its binaries: (malloc's, the crate's), the crate's None
+    without Debian's cc crate; (None, None) after saying on stderr why it
+    cannot be built here. Raises RunFailure when cargo is there but the
+    build fails."""
     names = "tokio-pipeline, tokio-reqrep"
     cargo, rustc = find_cargo(build_dir)
     if cargo is None:
         log(f"skipped {names}: cargo not found (Debian: apt-get install "
             f"rustc cargo librust-tokio-dev)")
-        return None
+        return None, None
     if not glob.glob(os.path.join(DEBIAN_CRATES, "tokio-1.*")):
         log(f"skipped {names}: no tokio crate in {DEBIAN_CRATES} (Debian: "
             f"apt-get install librust-tokio-dev)")
-        return None
+        return None, None
     crate = os.path.join(source_dir, "bench", "tokio")
-    target = os.path.join(build_dir, "bench", "tokio")
+    # cmake/cargo.cmake's target directory and features: a build with
+    # others would undo CMake's, and CMake's this one.
+    target = os.path.join(build_dir, "cargo")
     binary = os.path.join(target, "release", TOKIO_BINARY)
+    features = []
+    crate_binary = None
+    if glob.glob(os.path.join(DEBIAN_CRATES, "cc-1.*")):
+        features = ["--features", "zkmem-global"]
+        crate_binary = os.path.join(target, "release", TOKIO_CRATE_BINARY)
+    else:
+        log("skipped zkmem-crate rows: no cc crate in "
+            f"{DEBIAN_CRATES} (Debian: apt-get install librust-cc-dev)")
     environment = dict(os.environ)
     environment.pop("LD_PRELOAD", None)
     environment["CARGO_TARGET_DIR"] = target
     if rustc:
         environment["RUSTC"] = rustc
-    log(f"building the Tokio workload: {cargo} build --release, offline, "
-        f"from {DEBIAN_CRATES}")
+    log(f"building the Tokio workload: {cargo} build --release "
+        f"{' '.join(features)}, offline, from {DEBIAN_CRATES}")
     # Cargo reads .cargo/config.toml (the offline crate source) from the
     # directory it runs in, not from the manifest's.
     try:
-        completed = subprocess.run([cargo, "build", "--release"], cwd=crate,
-                                   env=environment, stdout=sys.stderr,
-                                   timeout=1800)
+        completed = subprocess.run([cargo, "build", "--release"] + features,
+                                   cwd=crate, env=environment,
+                                   stdout=sys.stderr, timeout=1800)
     except (OSError, subprocess.SubprocessError) as error:
         raise RunFailure(f"cargo build of {crate} failed: {error}")
-    if completed.returncode != 0 or not os.access(binary, os.X_OK):
+    if completed.returncode != 0 or not all(
+            os.access(path, os.X_OK) for path in (binary, crate_binary)
+            if path):
         raise RunFailure(f"cargo build of {crate} failed (exit status "
                          f"{completed.returncode}); see the messages above")
     log(f"found   {'tokio':<10} {binary}  [{tokio_version()}]")
-    return binary
+    return binary, crate_binary
+
+
+def crate_allocators(crate_binary, source_dir, wanted):
+    """The crate rows, wanted ones only, in table order."""
+    rows = []
+    for name, arguments, scenarios in CRATE_ROWS:
+        if wanted and name not in wanted:
+            continue
+        rows.append(Allocator(name, crate_binary, arguments,
+                              scenarios=scenarios,
+                              version=zkmem_version(source_dir),
+                              malloc=False, tokio=True))
+        log(f"found   {name:<10} {crate_binary}"
+            + (f" {' '.join(arguments)}" if arguments else ""))
+    return rows
 
 
 def tokio_version():
@@ -525,8 +576,11 @@ def scenario_ops(scenario, args):
 def run_once(allocator, scenario, ops, args):
     timeout = args.timeout
     if scenario.tokio:
-        command = [args.tokio_binary, scenario.tokio, "--ops", str(ops),
-                   "--threads", str(args.workers)]
+        command = [allocator.binary if allocator.tokio else args.tokio_binary,
+                   scenario.tokio, "--ops", str(ops), "--threads",
+                   str(args.workers)]
+        if allocator.tokio:
+            command += allocator.arguments
     else:
         command = [allocator.binary, "--scenario", scenario.name, "--ops",
                    str(ops), "--json"] + allocator.arguments
@@ -940,6 +994,8 @@ def print_memory(by_allocator, out):
 
 COLOURS = {
     "zkmem-pool": "#08519c", "zkmem": "#4292c6", "glibc": "#737373",
+    "zkmem-heaps": "#9ecae1", "zkmem-crate": "#2171b5",
+    "zkmem-crate-scope": "#6baed6", "zkmem-crate-heaps": "#c6dbef",
     "jemalloc": "#e6550d", "mimalloc": "#31a354", "tcmalloc": "#9e58b5",
     "mimalloc3": "#a1d99b", "snmalloc": "#e7298a", "seed": "#d6ae2b",
 }
@@ -1318,15 +1374,22 @@ def main():
 
     source_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     build_dir = os.path.abspath(args.build)
-    allocators = discover_allocators(build_dir, source_dir,
-                                     parse_list([args.allocators])
-                                     if args.allocators else None,
+    wanted = parse_list([args.allocators]) if args.allocators else None
+    allocators = discover_allocators(build_dir, source_dir, wanted,
                                      requested_peers)
     build_failures = []
     args.tokio_binary = None
-    if any(s.tokio for s in scenarios) and any(a.malloc for a in allocators):
+    wants_crate = not wanted or any(name in wanted
+                                    for name, _, _ in CRATE_ROWS)
+    if any(s.tokio for s in scenarios) and (
+            any(a.malloc for a in allocators) or wants_crate):
         try:
-            args.tokio_binary = prepare_tokio(build_dir, source_dir)
+            args.tokio_binary, crate_binary = prepare_tokio(build_dir,
+                                                            source_dir)
+            if crate_binary and wants_crate:
+                allocators += crate_allocators(crate_binary, source_dir,
+                                               wanted)
+                allocators.sort(key=lambda a: ROW_ORDER.index(a.name))
         except RunFailure as failure:
             log(f"FAILED: {failure}")
             build_failures.append({"scenario": "tokio-*", "allocator": "-",

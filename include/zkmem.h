@@ -202,9 +202,11 @@ void *zk_heap_aligned_alloc(zk_heap_t *heap, size_t alignment, size_t size);
 zk_heap_t *zk_heap_enter(zk_heap_t *heap);
 /* Frees every block still live in the heap at once, in time proportional
  * to its pages, and returns the memory. Frees of its blocks by any thread
- * must have happened before (one after it is caught in secure mode);
- * destroying a heap entered on some thread, a heap with child heaps, the
- * default heap (NULL) or a heap twice is reported. */
+ * must have happened before (one after it is caught in secure mode): a
+ * live_bytes of 0 from zk_heap_stats, read once no thread can allocate
+ * from the heap any more, says they have, every one complete. Destroying
+ * a heap entered on some thread, a heap with child heaps, the default heap
+ * (NULL) or a heap twice is reported. */
 void zk_heap_destroy(zk_heap_t *heap);
 /* 0, or -1 (EINVAL) for a NULL or destroyed heap or a NULL out. */
 int zk_heap_stats(const zk_heap_t *heap, zk_heap_stats_t *out);

@@ -1263,8 +1263,8 @@ static void heap_free_remote(page_t *page, block_t *block) {
   }
   /* Set when the page was set up, before any of its blocks was handed out:
    * unlike the owner word, never stale for a block being freed. */
-  if (unlikely(page->task != NULL))
-    task_remote_free(page->task, page->block_size);
+  zk_heap_t *task = page->task;
+  uint32_t block_size = page->block_size;
   page_free_remote(page, block); /* a sequentially consistent CAS */
   if (__atomic_load_n(&page->in_full, __ATOMIC_SEQ_CST)) {
     heap_t *owner = page_owner(page);
@@ -1273,6 +1273,10 @@ static void heap_free_remote(page_t *page, block_t *block) {
       atomic_store_explicit(&owner->remote_frees_to_full, 1,
                             memory_order_relaxed);
   }
+  /* Last: a task heap whose charge shows this block gone may be destroyed
+   * at once (zk_heap_stats), releasing this page. */
+  if (unlikely(task != NULL))
+    task_remote_free(task, block_size);
 }
 
 /* A small block's free outside the owner's fast path: checks, then a

@@ -160,9 +160,13 @@ void task_uncharge(zk_heap_t *task, size_t bytes) {
     atomic_fetch_sub_explicit(&heap->charged, bytes, memory_order_relaxed);
 }
 
+/* The last step of another thread's free: release, so that a charge read
+ * with acquire (zk_heap_stats) that no longer holds the block also sees
+ * the free done with its page. */
 void task_remote_free(zk_heap_t *task, size_t bytes) {
   atomic_fetch_add_explicit(&task->remote_frees, 1, memory_order_relaxed);
-  task_uncharge(task, bytes);
+  for (zk_heap_t *heap = task; heap != NULL; heap = heap->parent)
+    atomic_fetch_sub_explicit(&heap->charged, bytes, memory_order_release);
 }
 
 /* ---- large and huge blocks ---- */
@@ -559,9 +563,13 @@ ZK_EXPORT int zk_heap_stats(const zk_heap_t *heap, zk_heap_stats_t *out) {
   }
   allocations += task->large_allocations;
   frees += task->large_frees;
+  /* Under the lock, as the bins were read: a flush of another thread's
+   * bins (zk_thread_idle, thread exit) takes it, so charge and cached
+   * blocks are of one moment, and a live count of 0 cannot come from a
+   * flush seen half. */
+  uint64_t charged = atomic_load_explicit(&task->charged, memory_order_acquire);
   pthread_mutex_unlock(&tasks_lock);
   frees += atomic_load_explicit(&task->remote_frees, memory_order_relaxed);
-  uint64_t charged = atomic_load_explicit(&task->charged, memory_order_relaxed);
   out->name = task->name;
   out->live_bytes = charged > held ? charged - held : 0;
   out->peak_bytes = atomic_load_explicit(&task->peak, memory_order_relaxed);

@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Smoke test of the Tokio workload: each workload, with a small op count,
 must exit 0 and print one JSON result that adds up, under the C library's
-malloc or, with --preload, under another allocator.
+malloc or, with --preload, under another allocator; or the crate binary,
+whose global allocator is zkmem's crate.
 
-  smoke.py --binary BUILD/bench/tokio/release/zkmem-tokio-bench
+  smoke.py --binary BUILD/cargo/release/zkmem-tokio-bench
   smoke.py --binary ... --preload BUILD/libzkmem.so
+  smoke.py --binary BUILD/cargo/release/zkmem-tokio-bench-crate
 """
 
 import argparse
