@@ -531,11 +531,14 @@ void heap_free_arena(page_t *page, void *p) {
   }
   /* Counted, not listed: the block's memory is reused when its whole
    * arena is. The task was set when the arena was, before this block was
-   * carved; the owner sub-heap is never unmapped. */
-  task_remote_free(page->task, size);
+   * carved; the owner sub-heap is never unmapped. The task's charge goes
+   * last: a heap seen with nothing live may be destroyed at once, which
+   * resets or releases this arena. */
+  zk_heap_t *task = page->task;
   atomic_fetch_add_explicit(&owner->arena_remote[class_index], 1,
                             memory_order_relaxed);
   atomic_fetch_add_explicit(&page->arena_remote_frees, 1, memory_order_release);
+  task_remote_free(task, size);
 }
 
 /* ---- process and heap life cycle ---- */
