@@ -574,8 +574,7 @@ static void fork_parent(void) {
 static void fork_child(void) {
   fork_parent();
   heap_t *current = heap_current;
-  task_fork_child(current->home != NULL ? current->home : current,
-                  current->task);
+  task_fork_child(current->home != NULL ? current->home : current);
 }
 
 void process_init(void) {

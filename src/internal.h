@@ -282,7 +282,11 @@ struct heap {
   heap_t *next_heap, *prev_heap; /* heaps_lock: live heaps / free heaps */
   /* Task heaps: a sub-heap is a thread's heap for one task heap (`task`);
    * its pages are its own, as a thread's heap's are. */
-  heap_t *home;      /* sub-heap: its thread's own heap (NULL: exited) */
+  heap_t *home; /* sub-heap: its thread's own heap (NULL: exited) */
+  /* Sub-heap: its thread is in it (heap_current), read by a destroy on
+   * another thread. Per sub-heap, so entering a task heap that several
+   * workers run writes no shared line. */
+  atomic_bool entered;
   heap_t *task_next; /* sub-heap: the task's list (task lock) */
   heap_t *subheaps;  /* own heap: its thread's sub-heaps (owner only) */
   heap_t *subheap_next, *subheap_prev; /* sub-heap: in its home's list */
@@ -619,7 +623,7 @@ void task_lock_all(void);
 /* Remote frees into orphaned sub-heaps collected, empty pages returned
  * (from the purge; skipped when the task heaps' lock is busy). */
 void task_collect_orphans(void);
-void task_fork_child(heap_t *self_home, zk_heap_t *self_entered);
+void task_fork_child(heap_t *self_home);
 void task_unlock_all(void);
 
 /* ---- purge.c ---- */

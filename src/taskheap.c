@@ -47,7 +47,6 @@ struct zk_heap {
   _Atomic uint64_t peak;
   _Atomic uint64_t remote_frees;
   _Atomic uint64_t limit_refusals;
-  _Atomic int entered;              /* threads inside zk_heap_enter */
   _Atomic int children;             /* task heaps with this one as parent */
   zk_heap_t *next_live, *prev_live; /* all live task heaps (tasks_lock) */
   /* Written under tasks_lock; read without it by the task's threads
@@ -79,14 +78,13 @@ static __thread zk_heap_t *task_refused_by;
 /* A fork child: only the forking thread can be in a task heap now, and
  * the other threads' sub-heaps may be torn (heap.c, heap_drop_caches):
  * their bins and large caches are dropped without waiting. */
-void task_fork_child(heap_t *self_home, zk_heap_t *self_entered) {
+void task_fork_child(heap_t *self_home) {
   pthread_mutex_lock(&tasks_lock);
   for (zk_heap_t *heap = tasks_live; heap != NULL; heap = heap->next_live) {
-    atomic_store_explicit(&heap->entered, heap == self_entered,
-                          memory_order_relaxed);
     for (heap_t *sub = heap->subheaps; sub != NULL; sub = sub->task_next) {
       if (sub->home == self_home)
-        continue;
+        continue; /* the forking thread's: it keeps its flag */
+      atomic_store_explicit(&sub->entered, false, memory_order_relaxed);
       sub->home = NULL;
       heap_drop_caches(sub);
     }
@@ -299,9 +297,8 @@ static heap_t *task_subheap(zk_heap_t *task) {
 }
 
 void task_thread_exit(heap_t *home, heap_t *current) {
-  zk_heap_t *entered = current != NULL ? current->task : NULL;
-  if (entered != NULL)
-    atomic_fetch_sub_explicit(&entered->entered, 1, memory_order_relaxed);
+  if (current != NULL && current != home)
+    atomic_store_explicit(&current->entered, false, memory_order_relaxed);
   pthread_mutex_lock(&tasks_lock);
   task_take_dead(home);
   while (home->spare_subheaps != NULL) {
@@ -508,10 +505,10 @@ ZK_EXPORT zk_heap_t *zk_heap_enter(zk_heap_t *heap) {
       errno = ENOMEM;
       return previous;
     }
-    atomic_fetch_add_explicit(&heap->entered, 1, memory_order_relaxed);
+    atomic_store_explicit(&next->entered, true, memory_order_relaxed);
   }
   if (previous != NULL)
-    atomic_fetch_sub_explicit(&previous->entered, 1, memory_order_relaxed);
+    atomic_store_explicit(&current->entered, false, memory_order_relaxed);
   heap_current = next;
   return previous;
 }
@@ -590,7 +587,13 @@ ZK_EXPORT void zk_heap_destroy(zk_heap_t *heap) {
     task_invalid(heap, "zk_heap_destroy");
     return;
   }
-  if (atomic_load_explicit(&heap->entered, memory_order_relaxed) != 0) {
+  bool entered = false;
+  pthread_mutex_lock(&tasks_lock);
+  for (heap_t *sub = heap->subheaps; sub != NULL && !entered;
+       sub = sub->task_next)
+    entered = atomic_load_explicit(&sub->entered, memory_order_relaxed);
+  pthread_mutex_unlock(&tasks_lock);
+  if (entered) {
     error_report("zk_heap_destroy of a task heap entered on a thread", heap, 0);
     return;
   }
