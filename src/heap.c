@@ -260,7 +260,9 @@ ZK_COLD void *heap_bin_corrupted(heap_t *heap, bin_t *bin, block_t *block) {
  * RSS). Its small blocks come from arenas instead: a slice carved front to
  * back in blocks of whatever class is asked, each block's class in a table
  * of one byte per 16-byte granule at the slice's start (the class plus one
- * at a block's first granule, zero elsewhere). A block the owner frees goes
+ * at a block's first granule, zero elsewhere; ARENA_BLOCK_BACK set once the
+ * block is back in its arena or freed by another thread, so a second such
+ * free is reported). A block the owner frees goes
  * to its bin, as any block does; a bin gives it back to its arena, and
  * another thread's free only counts it: an arena is reset (or released)
  * once all its blocks are back, never block by block. A sub-heap keeps at
@@ -269,6 +271,7 @@ ZK_COLD void *heap_bin_corrupted(heap_t *heap, bin_t *bin, block_t *block) {
  * ARENA_MAX slices in partly used arenas. Not in secure mode, whose checks
  * need a page per class. */
 #define ARENA_TABLE_BYTES (SLICE_SIZE / 16)
+#define ARENA_BLOCK_BACK  0x80 /* in a table entry: see above */
 #define ARENA_MAX         4
 /* Charged at a time: a task's counters are shared by every thread that
  * runs it, and one atomic add per carve was a fifth of a short task's time
@@ -445,16 +448,32 @@ ZK_NOINLINE void *heap_malloc_bin_empty(heap_t *heap, bin_t *bin, size_t size) {
 
 /* A bin's block back in its arena: the arena is reset when it is the
  * current one, released otherwise, once its last block is back. */
-static void arena_return_block(heap_t *heap, page_t *arena,
+/* Marks the block at `offset` back (its owner's return, another thread's
+ * free); false, reported, when it already was: freed twice. */
+static bool arena_mark_back(page_t *arena, size_t offset, size_t size) {
+  uint8_t old = __atomic_fetch_or(&arena_table(arena)[offset / 16],
+                                  ARENA_BLOCK_BACK, __ATOMIC_RELAXED);
+  if (likely(!(old & ARENA_BLOCK_BACK)))
+    return true;
+  error_report("double free", arena->start + offset, size);
+  return false;
+}
+
+/* The block at `offset` (of class `class_index`) back in its arena; false
+ * when it was back already (reported). */
+static bool arena_return_block(heap_t *heap, page_t *arena, size_t offset,
                                unsigned class_index) {
+  if (!arena_mark_back(arena, offset, class_block_size[class_index]))
+    return false;
   arena->used--;
   heap->arena_out[class_index]--;
   if (arena_live(arena) != 0)
-    return;
+    return true;
   if (arena == heap->arenas)
     arena_reset(arena);
   else
     arena_release(heap, arena);
+  return true;
 }
 
 /* Arenas whose blocks are all back go (all of them with `force`; else the
@@ -478,7 +497,10 @@ static void arena_collect(heap_t *heap, bool force) {
 static int arena_class_at(const page_t *arena, size_t offset) {
   if (offset < ARENA_TABLE_BYTES || offset >= SLICE_SIZE || offset % 16 != 0)
     return -1;
-  return (int)arena_table(arena)[offset / 16] - 1;
+  return (int)(__atomic_load_n(&arena_table(arena)[offset / 16],
+                               __ATOMIC_RELAXED) &
+               ~ARENA_BLOCK_BACK) -
+         1;
 }
 
 size_t heap_arena_usable_size(const page_t *page, const void *p) {
@@ -497,7 +519,8 @@ size_t heap_arena_usable_size(const page_t *page, const void *p) {
 }
 
 void heap_free_arena(page_t *page, void *p) {
-  int class_index = arena_class_at(page, (size_t)((uint8_t *)p - page->start));
+  size_t offset = (size_t)((uint8_t *)p - page->start);
+  int class_index = arena_class_at(page, offset);
   if (unlikely(class_index < 0 || class_index >= (int)ARENA_CLASSES)) {
     error_report("free of a pointer zkmem never handed out (or inside a "
                  "block)",
@@ -509,7 +532,11 @@ void heap_free_arena(page_t *page, void *p) {
   if (owner == heap_current) {
     bin_t *bin = &owner->bins[class_index];
     block_t *block = p;
-    if (unlikely(block == bin->head)) {
+    /* In the bin already (its head), or back in the arena. */
+    if (unlikely(block == bin->head ||
+                 (__atomic_load_n(&arena_table(page)[offset / 16],
+                                  __ATOMIC_RELAXED) &
+                  ARENA_BLOCK_BACK))) {
       error_report("double free", p, size);
       return;
     }
@@ -517,9 +544,10 @@ void heap_free_arena(page_t *page, void *p) {
       /* A hot class: its blocks leave the arena (counted as a bin's push
        * and return), and pages serve it from now on. */
       owner->arena_owner_frees[class_index] = ARENA_HOT_FREES + 1;
+      if (!arena_return_block(owner, page, offset, (unsigned)class_index))
+        return;
       bin->frees++;
       owner->bin_returned++;
-      arena_return_block(owner, page, (unsigned)class_index);
       task_uncharge(owner->task, size);
       return;
     }
@@ -536,6 +564,8 @@ void heap_free_arena(page_t *page, void *p) {
    * last: a heap seen with nothing live may be destroyed at once, which
    * resets or releases this arena. */
   zk_heap_t *task = page->task;
+  if (!arena_mark_back(page, offset, size))
+    return;
   atomic_fetch_add_explicit(&owner->arena_remote[class_index], 1,
                             memory_order_relaxed);
   atomic_fetch_add_explicit(&page->arena_remote_frees, 1, memory_order_release);
@@ -1177,7 +1207,12 @@ void *heap_malloc_generic(heap_t *heap, size_t size, size_t alignment) {
   if (class_index >= CLASS_COUNT)
     return large_alloc(heap, size, alignment);
   bin_t *bin = &heap->bins[class_index];
-  if (bin->head == NULL) {
+  /* An aligned block comes from a page: a sub-heap's bin may hold arena
+   * blocks, aligned to 16 only, and a refill puts the page's blocks (each
+   * aligned to its size) in front of them. */
+  bool unaligned_head =
+      alignment > 16 && ((uintptr_t)bin->head & (alignment - 1)) != 0;
+  if (bin->head == NULL || unaligned_head) {
     heap_bins_decay_maybe(heap); /* before the refill, which it could undo */
     /* Arena blocks are 16-byte aligned: larger alignments take pages. */
     if (heap->task != NULL && class_index < ARENA_CLASSES && alignment <= 16 &&
@@ -1216,14 +1251,13 @@ void *heap_malloc_generic(heap_t *heap, size_t size, size_t alignment) {
 static bool heap_page_return_block(heap_t *heap, page_t *page, block_t *block,
                                    uint64_t free_since_ms) {
   if (page->kind == PAGE_ARENA) {
-    int class_index =
-        arena_class_at(page, (size_t)((uint8_t *)block - page->start));
+    size_t offset = (size_t)((uint8_t *)block - page->start);
+    int class_index = arena_class_at(page, offset);
     if (unlikely(arena_live(page) == 0 || class_index < 0)) {
       error_report("double free", block, 0);
       return false;
     }
-    arena_return_block(heap, page, (unsigned)class_index);
-    return true;
+    return arena_return_block(heap, page, offset, (unsigned)class_index);
   }
   if (unlikely(page->used == 0)) { /* freed twice through a bin */
     error_report("double free", block, page->block_size);

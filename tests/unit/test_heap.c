@@ -533,6 +533,35 @@ static void destroy_default(void) {
   zk_heap_destroy(NULL);
 }
 
+/* A class freed often by its owner returns its blocks to their arena at
+ * once; the second free of one is reported, not counted again. */
+static void double_free_hot_arena_class(void) {
+  zk_heap_t *heap = zk_heap_create(NULL);
+  zk_heap_enter(heap);
+  void *blocks[80];
+  for (int i = 0; i < 80; i++)
+    blocks[i] = zk_malloc(48);
+  for (int i = 0; i < 71; i++)
+    zk_free(blocks[i]);
+  zk_free(blocks[70]);
+}
+
+static void *free_twice(void *block) {
+  zk_free(block);
+  zk_free(block);
+  return NULL;
+}
+
+/* Another thread's free of an arena block only counts it: the second is
+ * reported. */
+static void remote_double_free_arena_block(void) {
+  zk_heap_t *heap = zk_heap_create(NULL);
+  void *block = zk_heap_malloc(heap, 32);
+  pthread_t thread;
+  pthread_create(&thread, NULL, free_twice, block);
+  pthread_join(thread, NULL);
+}
+
 static void free_inside_arena_block(void) {
   zk_heap_t *heap = zk_heap_create(NULL);
   char *p = zk_heap_malloc(heap, 100);
@@ -618,6 +647,22 @@ static void test_arenas(void) {
   zk_stats_get(&last);
   /* A class that turns hot late takes its page then: a slice at most. */
   CHECK(last.bytes_committed <= first.bytes_committed + (64 << 10));
+  /* An aligned block of a class whose bin holds arena blocks (aligned to
+   * 16 only) comes from a page. */
+  for (size_t alignment = 32; alignment <= 4096; alignment *= 2) {
+    void *small = zk_malloc(16);
+    void *same_class = zk_malloc(alignment);
+    CHECK(small != NULL && same_class != NULL);
+    zk_free(same_class); /* onto the bin of the aligned request's class */
+    void *aligned = zk_aligned_alloc(alignment, alignment);
+    CHECK(aligned != NULL && ((uintptr_t)aligned & (alignment - 1)) == 0);
+    void *posix = NULL;
+    CHECK_EQ(zk_posix_memalign(&posix, alignment, 8), 0);
+    CHECK(((uintptr_t)posix & (alignment - 1)) == 0);
+    zk_free(posix);
+    zk_free(aligned);
+    zk_free(small);
+  }
   /* One class allocated and freed in a loop: it leaves the arenas. */
   for (int i = 0; i < 1000; i++) {
     void *q = zk_malloc(48);
@@ -679,6 +724,9 @@ static void test_misuse(void) {
                                       "destroyed task heap or not one");
   test_expect_abort(destroy_default,
                     "zkmem: error: zk_heap_destroy of the default heap");
+  test_expect_abort(double_free_hot_arena_class, "zkmem: error: double free");
+  test_expect_abort(remote_double_free_arena_block,
+                    "zkmem: error: double free");
   test_expect_abort(free_inside_arena_block,
                     "zkmem: error: free of a pointer zkmem never handed out "
                     "(or inside a block)");
