@@ -32,6 +32,7 @@
 
 #include <errno.h>
 #include <string.h>
+#include <unistd.h>
 
 extern magazine_t pool_magazine_empty;
 
@@ -52,7 +53,11 @@ static heap_t *heaps_live;
 static heap_t *heaps_free;
 static heap_stats_t heaps_retired_stats; /* heaps_lock */
 static pthread_key_t heap_exit_key;
-static atomic_int process_state; /* 0 new, 1 initializing, 2 ready */
+/* 0 new, PROCESS_READY, or (pid << 2) | 1 while the process `pid`
+ * initializes: a fork child that finds its parent's initialization under
+ * way (the thread doing it is not in the child) does it again itself. */
+#define PROCESS_READY 2
+static _Atomic(uint64_t) process_state;
 
 /* ---- queues ---- */
 
@@ -206,7 +211,6 @@ void heap_bins_decay(heap_t *heap, uint64_t now) {
   if (heap == &heap_empty || heap->bin_decaying ||
       now - heap->bin_decay_ms < delay / 4)
     return;
-  heap_flush_remote_batches(heap);
   uint64_t idle_since = heap->bin_decay_ms != 0 ? heap->bin_decay_ms : now;
   /* No slow path for a whole delay: the thread was idle, every bin goes. */
   bool thread_was_idle = now - idle_since >= delay;
@@ -609,8 +613,16 @@ static void fork_child(void) {
 }
 
 void process_init(void) {
-  int expected = 0;
-  if (atomic_compare_exchange_strong(&process_state, &expected, 1)) {
+  uint64_t state = atomic_load(&process_state);
+  if (state == PROCESS_READY)
+    return;
+  uint64_t mine = ((uint64_t)getpid() << 2) | 1;
+  /* Another process's initialization: this is a fork child of a process
+   * one of whose threads was initializing, and that thread is gone. */
+  if (state != 0 && state != mine)
+    atomic_compare_exchange_strong(&process_state, &state, 0);
+  uint64_t expected = 0;
+  if (atomic_compare_exchange_strong(&process_state, &expected, mine)) {
     options_init();
     sizeclass_init();
     bin_limits_init();
@@ -622,14 +634,20 @@ void process_init(void) {
     if (!heap_exit_key_created && option(ZK_OPTION_VERBOSE))
       error_warning("zkmem: warning: no thread-exit key: the pages of "
                     "exiting threads will not be reused\n");
-    atomic_store(&process_state, 2);
+    atomic_store(&process_state, PROCESS_READY);
     /* After the state is ready: registering may allocate. Every build
      * registers, the static library as well as the preloaded one. */
     pthread_atfork(fork_prepare, fork_parent, fork_child);
     return;
   }
-  while (atomic_load(&process_state) != 2)
-    ; /* another thread is reading options: a few microseconds */
+  /* Another thread is reading options: a few microseconds. (A fork may
+   * take that thread away: the child then starts over, above.) */
+  while ((state = atomic_load(&process_state)) != PROCESS_READY) {
+    if (state != mine) {
+      process_init();
+      return;
+    }
+  }
 }
 
 heap_t *heap_create(void) {
@@ -896,7 +914,6 @@ static void heap_thread_exit(void *value) {
   heap_t *heap = value;
   if (heap == NULL || heap == &heap_empty)
     return;
-  heap_flush_remote_batches(heap);
   heap_t *current = heap_current;
   heap_current = &heap_empty;
   task_thread_exit(heap, current);
@@ -1286,81 +1303,9 @@ static bool heap_page_return_block(heap_t *heap, page_t *page, block_t *block,
 }
 
 /* Dekker with heap_move_to_full and heap_rescan_full, every access
- * sequentially consistent: either the owner sees the blocks just pushed in
+ * sequentially consistent: either the owner sees this block in
  * thread_free, or this thread sees in_full and the hint it sets (or finds
  * set) makes the owner rescan after the push. */
-static void heap_remote_pushed(page_t *page) {
-  if (__atomic_load_n(&page->in_full, __ATOMIC_SEQ_CST)) {
-    heap_t *owner = page_owner(page);
-    if (owner != NULL && !atomic_load_explicit(&owner->remote_frees_to_full,
-                                               memory_order_seq_cst))
-      atomic_store_explicit(&owner->remote_frees_to_full, 1,
-                            memory_order_relaxed);
-  }
-}
-
-/* ---- remote frees in batches ----
- *
- * A thread that frees many blocks another heap owns (a consumer freeing a
- * producer's batch) would pay a CAS on the page's remote list per block.
- * It gathers them instead, per page, in a few slots of its own heap
- * (direct-mapped by page), each sent with one CAS when it holds
- * REMOTE_BATCH_BLOCKS, when another page needs its slot, and on the
- * thread's periodic slow paths (decay), zk_collect, zk_thread_idle and
- * exit. Until then the blocks count as used by their page, which so cannot
- * be released under them: at most SLOTS x BLOCKS blocks a thread wait.
- * Not for task heaps' pages (a task's charge must drop after its block's
- * push, see heap_free_remote) nor secure ones (each free is checked at
- * once). */
-#define REMOTE_BATCH_BLOCKS 64
-
-static void remote_batch_flush(remote_batch_t *batch) {
-  page_t *page = batch->page;
-  block_t *head =
-      atomic_load_explicit(&page->thread_free, memory_order_relaxed);
-  do {
-    block_set_next(page, batch->tail, head);
-  } while (!atomic_compare_exchange_weak_explicit(
-      &page->thread_free, &head, batch->head, memory_order_seq_cst,
-      memory_order_relaxed));
-  batch->page = NULL;
-  heap_remote_pushed(page);
-}
-
-void heap_flush_remote_batches(heap_t *heap) {
-  heap_t *home = heap->home != NULL ? heap->home : heap;
-  for (unsigned i = 0; i < REMOTE_BATCH_SLOTS; i++)
-    if (home->remote_batches[i].page != NULL)
-      remote_batch_flush(&home->remote_batches[i]);
-}
-
-/* false: not batched (no heap on this thread yet). */
-static bool remote_batch_add(page_t *page, block_t *block) {
-  heap_t *home = heap_current;
-  if (home == &heap_empty)
-    return false;
-  if (home->home != NULL)
-    home = home->home;
-  remote_batch_t *batch =
-      &home->remote_batches[((uintptr_t)page / sizeof(page_t)) %
-                            REMOTE_BATCH_SLOTS];
-  if (batch->page == page) {
-    block_set_next(page, block, batch->head);
-    batch->head = block;
-    if (++batch->count == REMOTE_BATCH_BLOCKS)
-      remote_batch_flush(batch);
-    return true;
-  }
-  if (batch->page != NULL)
-    remote_batch_flush(batch);
-  block_set_next(page, block, NULL);
-  batch->page = page;
-  batch->head = batch->tail = block;
-  batch->count = 1;
-  return true;
-}
-
-/* Another thread's block (heap_remote_pushed tells its owner). */
 static void heap_free_remote(page_t *page, block_t *block) {
   if (page->secure) {
     /* The free bit is exact from any thread: every double free is caught
@@ -1374,11 +1319,15 @@ static void heap_free_remote(page_t *page, block_t *block) {
   /* Set when the page was set up, before any of its blocks was handed out:
    * unlike the owner word, never stale for a block being freed. */
   zk_heap_t *task = page->task;
-  if (task == NULL && !page->secure && remote_batch_add(page, block))
-    return;
   uint32_t block_size = page->block_size;
   page_free_remote(page, block); /* a sequentially consistent CAS */
-  heap_remote_pushed(page);
+  if (__atomic_load_n(&page->in_full, __ATOMIC_SEQ_CST)) {
+    heap_t *owner = page_owner(page);
+    if (owner != NULL && !atomic_load_explicit(&owner->remote_frees_to_full,
+                                               memory_order_seq_cst))
+      atomic_store_explicit(&owner->remote_frees_to_full, 1,
+                            memory_order_relaxed);
+  }
   /* Last: a task heap whose charge shows this block gone may be destroyed
    * at once (zk_heap_stats), releasing this page. */
   if (unlikely(task != NULL))
@@ -1426,7 +1375,6 @@ void heap_free_small(page_t *page, void *p) {
 void heap_collect(heap_t *heap, bool force) {
   if (heap == &heap_empty)
     return;
-  heap_flush_remote_batches(heap);
   heap_flush_bins(heap);
   heap_rescan_full(heap);
   for (unsigned c = 0; c < CLASS_COUNT; c++) {

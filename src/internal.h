@@ -256,16 +256,6 @@ ZK_INLINE uint32_t bin_count(const bin_t *bin) {
                     __atomic_load_n(&bin->room, __ATOMIC_RELAXED));
 }
 
-/* Blocks of one page freed by a thread that does not own it, linked with
- * the page's encoding, waiting to go onto its remote list in one CAS
- * (heap.c, "remote frees in batches"). */
-typedef struct remote_batch {
-  page_t *page;
-  block_t *head, *tail;
-  uint32_t count;
-} remote_batch_t;
-#define REMOTE_BATCH_SLOTS 8
-
 struct heap {
   /* Fast paths: bins[class], and pool_magazines[] mapping a pool slot to
    * this thread's magazine. */
@@ -303,7 +293,6 @@ struct heap {
   /* Own heap: sub-heaps whose task heap another thread destroyed, pushed
    * by that thread (dead_next), and the ones this thread keeps to serve
    * its next task heaps (subheap_next, owner only). */
-  remote_batch_t remote_batches[REMOTE_BATCH_SLOTS]; /* own heap */
   heap_t *_Atomic dead_subheaps;
   heap_t *dead_next;
   heap_t *spare_subheaps;
@@ -568,8 +557,6 @@ void heap_recycle(heap_t *heap);
  * now serves `task`: its per-task counters start from zero. */
 void heap_adopt_task(heap_t *heap, zk_heap_t *task);
 void heap_flush_bins(heap_t *heap);
-/* The thread's batched remote frees (of `heap`'s thread) go out now. */
-void heap_flush_remote_batches(heap_t *heap);
 /* Every page and cached span of a sub-heap back to the segment layer. */
 void heap_release_all(heap_t *heap, bool keep_arena);
 /* A heap that may be torn (another thread's, in a fork child): bins and
