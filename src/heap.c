@@ -288,14 +288,20 @@ _Static_assert(ARENA_BLOCK_MAX <= SLICE_SIZE - ARENA_TABLE_BYTES,
 /* Owner frees after which a class leaves the arenas (see heap_t). */
 #define ARENA_HOT_FREES 64
 
+/* Owner only; read by statistics on other threads. */
 ZK_INLINE void heap_class_used(heap_t *heap, unsigned class_index) {
-  heap->classes_used[class_index / 64] |= UINT64_C(1) << (class_index % 64);
+  uint64_t *word = &heap->classes_used[class_index / 64];
+  __atomic_store_n(word,
+                   __atomic_load_n(word, __ATOMIC_RELAXED) |
+                       UINT64_C(1) << (class_index % 64),
+                   __ATOMIC_RELAXED);
 }
 
 /* The next used class at or after `from`; CLASS_COUNT when none. */
 static unsigned heap_next_used_class(const heap_t *heap, unsigned from) {
   for (unsigned word = from / 64; word < (CLASS_COUNT + 63) / 64; word++) {
-    uint64_t bits = heap->classes_used[word];
+    uint64_t bits =
+        __atomic_load_n(&heap->classes_used[word], __ATOMIC_RELAXED);
     if (word == from / 64)
       bits &= ~UINT64_C(0) << (from % 64);
     if (bits != 0)
@@ -842,6 +848,22 @@ void heap_recycle(heap_t *heap) {
   heap_retire(heap, &heaps_free);
 }
 
+void heap_release_arenas(heap_t *heap) {
+  arena_collect(heap, true);
+}
+
+void heap_bin_counts(const heap_t *heap, uint64_t *pushed_less_held,
+                     uint64_t *pushed, uint64_t *held_bytes) {
+  FOR_EACH_USED_CLASS(heap, c) {
+    const bin_t *bin = &heap->bins[c];
+    uint64_t frees = __atomic_load_n(&bin->frees, __ATOMIC_RELAXED);
+    uint64_t held = bin_count(bin);
+    *pushed_less_held += frees - held;
+    *pushed += frees;
+    *held_bytes += held * class_block_size[c];
+  }
+}
+
 void heap_adopt_task(heap_t *heap, zk_heap_t *task) {
   /* Its counters restarted when its last task heap released it. */
   for (page_t *arena = heap->arenas; arena != NULL; arena = arena->next)
@@ -877,7 +899,8 @@ void heap_release_all(heap_t *heap, bool keep_arena) {
       heap->arena_owner_frees[c] = 0;
     }
   }
-  memset(heap->classes_used, 0, sizeof(heap->classes_used));
+  for (unsigned word = 0; word < (CLASS_COUNT + 63) / 64; word++)
+    __atomic_store_n(&heap->classes_used[word], 0, __ATOMIC_RELAXED);
   heap->bin_taken = heap->bin_returned = 0;
   heap->secure_allocs = heap->secure_frees = 0;
   queues[queue_count++] = &heap->full;

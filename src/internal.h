@@ -556,6 +556,12 @@ void heap_recycle(heap_t *heap);
 /* A sub-heap, fresh or left by a destroyed task heap in its thread's list,
  * now serves `task`: its per-task counters start from zero. */
 void heap_adopt_task(heap_t *heap, zk_heap_t *task);
+/* A released sub-heap's arenas (all blocks back) go to the span layer. */
+void heap_release_arenas(heap_t *heap);
+/* A sub-heap's bins, for its task's statistics (any thread, the task lock
+ * held): the blocks pushed, less those held, and the bytes held. */
+void heap_bin_counts(const heap_t *heap, uint64_t *pushed_less_held,
+                     uint64_t *pushed, uint64_t *held_bytes);
 void heap_flush_bins(heap_t *heap);
 /* Every page and cached span of a sub-heap back to the segment layer. */
 void heap_release_all(heap_t *heap, bool keep_arena);

@@ -239,7 +239,7 @@ static void task_take_dead(heap_t *home) {
     home_unlink(home, dead);
     if (home->spare_count < TASK_SPARE_SUBHEAPS) {
       if (home->spare_count >= TASK_SPARE_SUBHEAPS_ARENA)
-        heap_collect(dead, true); /* its arena goes back */
+        heap_release_arenas(dead);
       dead->subheap_next = home->spare_subheaps;
       home->spare_subheaps = dead;
       home->spare_count++;
@@ -265,13 +265,23 @@ static void task_push_dead(heap_t *sub) {
 
 /* The calling thread's sub-heap for `task`: found in the task's list (as
  * long as threads that ran the task), else a spare or a new one. */
+static __thread heap_t *task_last_subheap; /* the last one found */
+
 static heap_t *task_subheap(zk_heap_t *task) {
   heap_t *home = heap_home();
   if (home == NULL)
     return NULL;
+  /* A runtime enters the same few heaps over and over. A sub-heap serves
+   * one task heap at a time, and only its own thread: checked, the last
+   * one found is the answer when it serves `task` for this thread. */
+  heap_t *last = task_last_subheap;
+  if (last != NULL &&
+      atomic_load_explicit(&last->task, memory_order_relaxed) == task &&
+      __atomic_load_n(&last->home, __ATOMIC_RELAXED) == home)
+    return last;
   for (heap_t *sub = task->subheaps; sub != NULL; sub = sub->task_next)
     if (__atomic_load_n(&sub->home, __ATOMIC_RELAXED) == home)
-      return sub;
+      return task_last_subheap = sub;
   task_take_dead(home);
   heap_t *sub = home->spare_subheaps;
   if (sub != NULL) {
@@ -285,6 +295,7 @@ static heap_t *task_subheap(zk_heap_t *task) {
   }
   home_link(home, sub);
   heap_adopt_task(sub, task);
+  task_last_subheap = sub;
   /* Pushed without the lock: while the task heap lives its list only
    * grows at the front, so readers (here, and statistics under the lock)
    * follow links that never change. */
@@ -520,14 +531,7 @@ static void subheap_counts(const heap_t *sub, uint64_t *allocations,
                            uint64_t *frees, uint64_t *held_bytes) {
   *allocations += __atomic_load_n(&sub->bin_taken, __ATOMIC_RELAXED) -
                   __atomic_load_n(&sub->bin_returned, __ATOMIC_RELAXED);
-  for (unsigned c = 0; c < CLASS_COUNT; c++) {
-    const bin_t *bin = &sub->bins[c];
-    uint64_t pushed = __atomic_load_n(&bin->frees, __ATOMIC_RELAXED);
-    uint64_t held = bin_count(bin);
-    *allocations += pushed - held;
-    *frees += pushed;
-    *held_bytes += held * class_block_size[c];
-  }
+  heap_bin_counts(sub, allocations, frees, held_bytes);
   /* Charged ahead of use: not live either. */
   *held_bytes += __atomic_load_n(&sub->task_credit, __ATOMIC_RELAXED);
   *allocations += __atomic_load_n(&sub->secure_allocs, __ATOMIC_RELAXED);
@@ -547,7 +551,12 @@ ZK_EXPORT int zk_heap_stats(const zk_heap_t *heap, zk_heap_stats_t *out) {
     subheap_counts(sub, &allocations, &frees, &held);
   /* A parent is charged for its children's blocks, the cached free ones
    * included: those are not live either. */
-  for (zk_heap_t *other = tasks_live; other != NULL; other = other->next_live) {
+  /* A parent's descendants: the live heaps are walked only for a heap
+   * with children (a request's heap asks for its figures in O(threads)). */
+  bool has_children =
+      atomic_load_explicit(&task->children, memory_order_relaxed) != 0;
+  for (zk_heap_t *other = has_children ? tasks_live : NULL; other != NULL;
+       other = other->next_live) {
     bool descendant = false;
     for (zk_heap_t *up = other->parent; up != NULL && !descendant;
          up = up->parent)
@@ -663,7 +672,7 @@ ZK_EXPORT void zk_thread_idle(void) {
   /* Spares keep the arena their destroy kept: an idle thread returns it. */
   for (heap_t *spare = home->spare_subheaps; spare != NULL;
        spare = spare->subheap_next)
-    heap_collect(spare, true);
+    heap_release_arenas(spare);
   pthread_mutex_unlock(&tasks_lock);
   heap_collect(home, false);
   purge_maybe();

@@ -1,5 +1,6 @@
 use std::alloc::Layout;
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::ffi::CString;
 use std::fmt;
 use std::future::Future;
@@ -126,7 +127,11 @@ impl Retired {
     }
 }
 
-static RETIRED: Mutex<Vec<Retired>> = Mutex::new(Vec::new());
+/// A queue: the oldest are looked at first, and taken from the front
+/// without moving the rest (with a `Vec`, a heap per request spent 6% of
+/// its time moving the waiting list down). `VecDeque::new` is not `const`
+/// in Rust 1.63, hence the `Option`.
+static RETIRED: Mutex<Option<VecDeque<Retired>>> = Mutex::new(None);
 /// `RETIRED`'s length, read without its lock on every heap creation.
 static RETIRED_COUNT: AtomicUsize = AtomicUsize::new(0);
 
@@ -139,7 +144,8 @@ fn retire(heap: Retired) {
         let mut retired = RETIRED
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        retired.push(heap);
+        let retired = retired.get_or_insert_with(VecDeque::new);
+        retired.push_back(heap);
         RETIRED_COUNT.store(retired.len(), Ordering::Relaxed);
     });
 }
@@ -152,6 +158,7 @@ fn reclaim(count: usize) -> usize {
             let mut retired = RETIRED
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let retired = retired.get_or_insert_with(VecDeque::new);
             let taken = count.min(retired.len());
             let candidates = retired.drain(..taken).collect();
             RETIRED_COUNT.store(retired.len(), Ordering::Relaxed);
@@ -166,6 +173,7 @@ fn reclaim(count: usize) -> usize {
         let mut retired = RETIRED
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let retired = retired.get_or_insert_with(VecDeque::new);
         retired.extend(waiting);
         RETIRED_COUNT.store(retired.len(), Ordering::Relaxed);
         retired.len()
