@@ -596,22 +596,24 @@ ZK_EXPORT void zk_heap_destroy(zk_heap_t *heap) {
     task_invalid(heap, "zk_heap_destroy");
     return;
   }
-  bool entered = false;
+  /* The checks and the end of the heap's life in one critical section: two
+   * destroys of one heap at once find it live only once. */
   pthread_mutex_lock(&tasks_lock);
-  for (heap_t *sub = heap->subheaps; sub != NULL && !entered;
+  const char *refusal = NULL;
+  if (!task_is_live(heap))
+    refusal = "zk_heap_destroy of a destroyed task heap or not one";
+  else if (atomic_load_explicit(&heap->children, memory_order_relaxed) != 0)
+    refusal = "zk_heap_destroy of a task heap with child heaps";
+  for (heap_t *sub = heap->subheaps; sub != NULL && refusal == NULL;
        sub = sub->task_next)
-    entered = atomic_load_explicit(&sub->entered, memory_order_relaxed);
-  pthread_mutex_unlock(&tasks_lock);
-  if (entered) {
-    error_report("zk_heap_destroy of a task heap entered on a thread", heap, 0);
-    return;
-  }
-  if (atomic_load_explicit(&heap->children, memory_order_relaxed) != 0) {
-    error_report("zk_heap_destroy of a task heap with child heaps", heap, 0);
+    if (atomic_load_explicit(&sub->entered, memory_order_relaxed))
+      refusal = "zk_heap_destroy of a task heap entered on a thread";
+  if (refusal != NULL) {
+    pthread_mutex_unlock(&tasks_lock);
+    error_report(refusal, heap, 0);
     return;
   }
   __atomic_store_n(&heap->magic, 0, __ATOMIC_RELEASE);
-  pthread_mutex_lock(&tasks_lock);
   if (heap->prev_live != NULL)
     heap->prev_live->next_live = heap->next_live;
   else
