@@ -1372,7 +1372,24 @@ void heap_free_small(page_t *page, void *p) {
   }
   heap_t *heap = heap_current;
   block_t *block = p;
-  if (page_owner(page) != heap) {
+  heap_t *owner = page_owner(page);
+  if (owner != heap) {
+    /* Inside a task heap, a block of this thread's own heap (a runtime's,
+     * a library's): onto its bin, as outside, not a remote free. Only
+     * this thread touches its own heap's bins. */
+    if (owner != NULL && owner == heap->home && !page->secure) {
+      bin_t *bin = &owner->bins[page->class_index];
+      if (unlikely(block == bin->head)) {
+        error_report("double free", p, page->block_size);
+        return;
+      }
+      bin_set_next(owner, block, bin->head);
+      bin->head = block;
+      bin->frees++;
+      if (unlikely(--bin->room < 0))
+        heap_bin_flush(owner, bin);
+      return;
+    }
     heap_free_remote(page, block);
     return;
   }

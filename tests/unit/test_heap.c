@@ -562,6 +562,14 @@ static void remote_double_free_arena_block(void) {
   pthread_join(thread, NULL);
 }
 
+/* A block of the thread's own heap freed twice inside a task heap. */
+static void double_free_own_block_inside(void) {
+  void *p = zk_malloc(40);
+  zk_heap_enter(zk_heap_create(NULL));
+  zk_free(p);
+  zk_free(p);
+}
+
 static void free_inside_arena_block(void) {
   zk_heap_t *heap = zk_heap_create(NULL);
   char *p = zk_heap_malloc(heap, 100);
@@ -684,6 +692,43 @@ static void test_arenas(void) {
   printf("arenas: exact across threads, reused, hot classes to pages\n");
 }
 
+/* Inside a task heap, blocks of the thread's own heap (allocated before
+ * entering) go back to that heap's bins, as outside: reused after leaving,
+ * nothing charged to the task heap. */
+static void test_own_blocks_freed_inside(void) {
+  enum { COUNT = 1000 };
+  static char *blocks[COUNT];
+  zk_stats_t before, after;
+  zk_stats_get(&before);
+  for (int i = 0; i < COUNT; i++) {
+    CHECK((blocks[i] = zk_malloc(24 + (size_t)i % 300)) != NULL);
+    memset(blocks[i], 0x33, 24);
+  }
+  zk_heap_t *heap = zk_heap_create(NULL);
+  CHECK(zk_heap_enter(heap) == NULL);
+  for (int i = 0; i < COUNT; i++)
+    zk_free(blocks[i]);
+  CHECK(zk_heap_enter(NULL) == heap);
+  CHECK_EQ(stats_of(heap).live_bytes, 0);
+  CHECK_EQ(stats_of(heap).frees, 0);
+  /* The thread's own bins got them: the same sizes come back from them. */
+  int reused = 0;
+  char *again[COUNT];
+  for (int i = 0; i < COUNT; i++) {
+    CHECK((again[i] = zk_malloc(24 + (size_t)i % 300)) != NULL);
+    for (int j = 0; j < COUNT && !reused; j++)
+      reused = again[i] == blocks[j];
+  }
+  CHECK(reused);
+  for (int i = 0; i < COUNT; i++)
+    zk_free(again[i]);
+  zk_heap_destroy(heap);
+  zk_collect(false);
+  zk_stats_get(&after);
+  CHECK_EQ(after.bytes_live, before.bytes_live);
+  printf("own blocks freed inside a task heap: back to the thread's bins\n");
+}
+
 /* Thousands of heaps, each used and destroyed: nothing accumulates. */
 static void test_many_heaps(void) {
   zk_collect(true);
@@ -727,6 +772,7 @@ static void test_misuse(void) {
   test_expect_abort(double_free_hot_arena_class, "zkmem: error: double free");
   test_expect_abort(remote_double_free_arena_block,
                     "zkmem: error: double free");
+  test_expect_abort(double_free_own_block_inside, "zkmem: error: double free");
   test_expect_abort(free_inside_arena_block,
                     "zkmem: error: free of a pointer zkmem never handed out "
                     "(or inside a block)");
@@ -766,6 +812,7 @@ int main(int argc, char **argv) {
   test_limits();
   test_destroy();
   test_arenas();
+  test_own_blocks_freed_inside();
   test_many_heaps();
   test_review_findings();
   test_misuse();
