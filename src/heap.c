@@ -909,7 +909,8 @@ void heap_release_all(heap_t *heap, bool keep_arena) {
   size_t budget = (size_t)heap->page_count + heap->arena_count + 1024;
   for (unsigned q = 0; q < queue_count; q++) {
     page_t *page;
-    while ((page = queues[q]->first) != NULL && budget-- > 0) {
+    while ((page = queues[q]->first) != NULL && budget > 0) {
+      budget--;
       queue_remove(queues[q], page);
       atomic_store_explicit(&page->thread_free, NULL, memory_order_relaxed);
       page->in_full = 0;
@@ -922,10 +923,10 @@ void heap_release_all(heap_t *heap, bool keep_arena) {
   /* The current arena stays, reset, for the task heap its thread uses
    * next (heap_adopt_task): a short task then costs no span. */
   page_t *kept = keep_arena ? heap->arenas : NULL;
-  while (heap->arenas != NULL && heap->arenas != kept && budget-- > 0)
+  for (; heap->arenas != NULL && heap->arenas != kept && budget > 0; budget--)
     arena_release(heap, heap->arenas);
   if (kept != NULL) {
-    while (kept->next != NULL && budget-- > 0)
+    for (; kept->next != NULL && budget > 0; budget--)
       arena_release(heap, kept->next);
     arena_reset(kept);
   }

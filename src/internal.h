@@ -295,8 +295,9 @@ struct heap {
    * its next task heaps (subheap_next, owner only). */
   heap_t *_Atomic dead_subheaps;
   heap_t *dead_next;
-  heap_t *spare_subheaps;
-  unsigned spare_count;
+  heap_t *spare_subheaps;      /* with their arena, taken first */
+  heap_t *spare_subheaps_bare; /* without */
+  unsigned spare_count, spare_arena_count;
   /* Sub-heap statistics, kept on slow paths: blocks into and out of each
    * bin from its pages (a bin's pops are taken + frees - returned - held),
    * and secure pages' blocks handed out and freed by this thread. */

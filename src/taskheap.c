@@ -229,25 +229,69 @@ static void home_unlink(heap_t *home, heap_t *sub) {
 #define TASK_SPARE_SUBHEAPS       64
 #define TASK_SPARE_SUBHEAPS_ARENA 8
 
+static __thread heap_t *task_last_subheap; /* the last one found */
+
+/* A sub-heap this thread gives up (recycled: another thread may get it):
+ * not in the cache any more. */
+static void task_forget(heap_t *sub) {
+  if (task_last_subheap == sub)
+    task_last_subheap = NULL;
+}
+
+static void task_spare_push(heap_t **stack, heap_t *sub) {
+  sub->subheap_next = *stack;
+  *stack = sub;
+}
+
 /* Sub-heaps of task heaps destroyed by other threads (task_push_dead)
- * leave this thread's list for its spares. */
+ * leave this thread's list for its spares: the first
+ * TASK_SPARE_SUBHEAPS_ARENA with the arena their destroy kept, on a stack
+ * of their own that the next task heaps take from first (on one stack, a
+ * burst of task heaps buried those under bare ones for good). */
 static void task_take_dead(heap_t *home) {
   heap_t *dead = atomic_exchange_explicit(&home->dead_subheaps, NULL,
                                           memory_order_acquire);
   while (dead != NULL) {
     heap_t *next = dead->dead_next;
     home_unlink(home, dead);
-    if (home->spare_count < TASK_SPARE_SUBHEAPS) {
-      if (home->spare_count >= TASK_SPARE_SUBHEAPS_ARENA)
-        heap_release_arenas(dead);
-      dead->subheap_next = home->spare_subheaps;
-      home->spare_subheaps = dead;
+    if (home->spare_arena_count < TASK_SPARE_SUBHEAPS_ARENA) {
+      task_spare_push(&home->spare_subheaps, dead);
+      home->spare_arena_count++;
+      home->spare_count++;
+    } else if (home->spare_count < TASK_SPARE_SUBHEAPS) {
+      heap_release_arenas(dead);
+      task_spare_push(&home->spare_subheaps_bare, dead);
       home->spare_count++;
     } else {
+      task_forget(dead);
       heap_recycle(dead);
     }
     dead = next;
   }
+}
+
+static heap_t *task_spare_pop(heap_t *home) {
+  heap_t **stack = home->spare_subheaps != NULL ? &home->spare_subheaps
+                                                : &home->spare_subheaps_bare;
+  heap_t *sub = *stack;
+  if (sub == NULL)
+    return NULL;
+  *stack = sub->subheap_next;
+  home->spare_count--;
+  if (stack == &home->spare_subheaps)
+    home->spare_arena_count--;
+  return sub;
+}
+
+/* An idle thread's spares give their arenas back. */
+static void task_spares_strip(heap_t *home) {
+  heap_t *spare;
+  while ((spare = home->spare_subheaps) != NULL) {
+    home->spare_subheaps = spare->subheap_next;
+    heap_release_arenas(spare);
+    task_spare_push(&home->spare_subheaps_bare, spare);
+  }
+  home->spare_arena_count = 0;
 }
 
 /* Destroy (tasks_lock held): a released sub-heap whose thread lives goes
@@ -265,7 +309,6 @@ static void task_push_dead(heap_t *sub) {
 
 /* The calling thread's sub-heap for `task`: found in the task's list (as
  * long as threads that ran the task), else a spare or a new one. */
-static __thread heap_t *task_last_subheap; /* the last one found */
 
 static heap_t *task_subheap(zk_heap_t *task) {
   heap_t *home = heap_home();
@@ -283,11 +326,8 @@ static heap_t *task_subheap(zk_heap_t *task) {
     if (__atomic_load_n(&sub->home, __ATOMIC_RELAXED) == home)
       return task_last_subheap = sub;
   task_take_dead(home);
-  heap_t *sub = home->spare_subheaps;
-  if (sub != NULL) {
-    home->spare_subheaps = sub->subheap_next;
-    home->spare_count--;
-  } else {
+  heap_t *sub = task_spare_pop(home);
+  if (sub == NULL) {
     sub = heap_create();
     if (sub == NULL)
       return NULL;
@@ -310,14 +350,12 @@ static heap_t *task_subheap(zk_heap_t *task) {
 void task_thread_exit(heap_t *home, heap_t *current) {
   if (current != NULL && current != home)
     atomic_store_explicit(&current->entered, false, memory_order_relaxed);
+  task_last_subheap = NULL; /* its sub-heaps go to other threads */
   pthread_mutex_lock(&tasks_lock);
   task_take_dead(home);
-  while (home->spare_subheaps != NULL) {
-    heap_t *spare = home->spare_subheaps;
-    home->spare_subheaps = spare->subheap_next;
+  heap_t *spare;
+  while ((spare = task_spare_pop(home)) != NULL)
     heap_recycle(spare);
-  }
-  home->spare_count = 0;
   heap_t *sub = home->subheaps;
   home->subheaps = NULL;
   while (sub != NULL) {
@@ -672,9 +710,7 @@ ZK_EXPORT void zk_thread_idle(void) {
   for (heap_t *sub = home->subheaps; sub != NULL; sub = sub->subheap_next)
     heap_flush_bins(sub);
   /* Spares keep the arena their destroy kept: an idle thread returns it. */
-  for (heap_t *spare = home->spare_subheaps; spare != NULL;
-       spare = spare->subheap_next)
-    heap_release_arenas(spare);
+  task_spares_strip(home);
   pthread_mutex_unlock(&tasks_lock);
   heap_collect(home, false);
   purge_maybe();

@@ -756,7 +756,48 @@ static void test_many_heaps(void) {
   CHECK(after.rss <= before.rss + (4 << 20));
 }
 
+/* Two threads destroy one heap at once: one destroys it, the other's is
+ * reported (here with ZKMEM_ON_ERROR=warn), and the parent stays whole
+ * (before, both could pass the check: the heap was freed twice, and the
+ * parent's child count went wrong or a later charge looped forever). */
+static zk_heap_t *contested;
+static atomic_int contest_ready, contest_start;
+
+static void *destroy_contested(void *arg) {
+  (void)arg;
+  atomic_fetch_add(&contest_ready, 1);
+  while (!atomic_load(&contest_start))
+    ;
+  zk_heap_destroy(contested);
+  return NULL;
+}
+
+static void concurrent_double_destroy(void) {
+  zk_option_set(ZK_OPTION_ON_ERROR, 1);
+  for (int trial = 0; trial < 300; trial++) {
+    zk_heap_t *parent = zk_heap_create(NULL);
+    contested = zk_heap_create(&(zk_heap_options_t){.parent = parent});
+    CHECK(parent != NULL && contested != NULL);
+    zk_free(zk_heap_malloc(contested, 64));
+    atomic_store(&contest_ready, 0);
+    atomic_store(&contest_start, 0);
+    pthread_t first, second;
+    CHECK_EQ(pthread_create(&first, NULL, destroy_contested, NULL), 0);
+    CHECK_EQ(pthread_create(&second, NULL, destroy_contested, NULL), 0);
+    while (atomic_load(&contest_ready) != 2)
+      ;
+    atomic_store(&contest_start, 1);
+    CHECK_EQ(pthread_join(first, NULL), 0);
+    CHECK_EQ(pthread_join(second, NULL), 0);
+    zk_heap_destroy(parent); /* refused if its child count went wrong */
+    zk_heap_stats_t stats;
+    CHECK_EQ(zk_heap_stats(parent, &stats), -1);
+  }
+}
+
 static void test_misuse(void) {
+  test_expect_success("two destroys of one heap at once",
+                      concurrent_double_destroy);
   test_expect_abort(destroy_entered,
                     "zkmem: error: zk_heap_destroy of a task heap entered on "
                     "a thread");
