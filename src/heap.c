@@ -238,6 +238,16 @@ ZK_NOINLINE void heap_bin_flush(heap_t *heap, bin_t *bin) {
   errno = saved_errno;
 }
 
+/* The owner's free fast path, for the slow paths that end as one (an arena
+ * block, a block of the thread's own heap freed inside a task heap). */
+static void heap_bin_push(heap_t *heap, bin_t *bin, block_t *block) {
+  bin_set_next(heap, block, bin->head);
+  bin->head = block;
+  bin->frees++;
+  if (unlikely(--bin->room < 0))
+    heap_bin_flush(heap, bin);
+}
+
 void heap_flush_bins(heap_t *heap) {
   for (unsigned c = 0; c < CLASS_COUNT; c++)
     heap_bin_trim(heap, &heap->bins[c], 0, 0);
@@ -561,11 +571,7 @@ void heap_free_arena(page_t *page, void *p) {
       task_uncharge(owner->task, size);
       return;
     }
-    bin_set_next(owner, block, bin->head);
-    bin->head = block;
-    bin->frees++;
-    if (unlikely(--bin->room < 0))
-      heap_bin_flush(owner, bin);
+    heap_bin_push(owner, bin, block);
     return;
   }
   /* Counted, not listed: the block's memory is reused when its whole
@@ -1384,11 +1390,7 @@ void heap_free_small(page_t *page, void *p) {
         error_report("double free", p, page->block_size);
         return;
       }
-      bin_set_next(owner, block, bin->head);
-      bin->head = block;
-      bin->frees++;
-      if (unlikely(--bin->room < 0))
-        heap_bin_flush(owner, bin);
+      heap_bin_push(owner, bin, block);
       return;
     }
     heap_free_remote(page, block);
