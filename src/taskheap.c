@@ -10,22 +10,27 @@
  *
  * Accounting costs the fast paths nothing. A task heap is charged for the
  * bytes of its blocks that are live or wait in a sub-heap's bin: a block is
- * charged when a bin takes it from its page (a refill, a whole remote list)
- * and when a large block is made, uncharged when a bin gives it back to its
- * page, when another thread frees it, and when a large block is freed. Live
- * bytes are the charge less what the sub-heaps' bins hold, exact once the
- * threads are quiet. Limits are checked where a charge grows, so a refill
- * near the limit takes one block, then none; a refused malloc first gives
- * this thread's bins back, then asks on_limit, and fails with ENOMEM.
+ * charged when a bin takes it from its page (a refill, a whole remote
+ * list), when it is carved from an arena (16 KiB charged ahead at a time,
+ * heap.c) and when a large block is made; uncharged when a bin gives it
+ * back, when another thread frees it (last, after its push), and when a
+ * large block is freed. Live bytes are the charge less what the sub-heaps'
+ * bins and advance charges hold, exact once the threads are quiet. Limits
+ * are checked where a charge grows; a refused malloc first gives this
+ * thread's bins and charge back, then asks on_limit, and fails with ENOMEM.
  *
- * zk_heap_destroy releases every page of every sub-heap and every large
- * block, in time proportional to pages. A sub-heap whose thread still
- * lives stays in that thread's list, marked dead, and is recycled by the
- * thread the next time it looks for a sub-heap, or when it exits.
+ * zk_heap_destroy releases every page, arena and large block of every
+ * sub-heap, in time proportional to pages. A sub-heap whose thread still
+ * lives keeps one reset arena and goes back to that thread through its
+ * stack of dead sub-heaps; the thread keeps it as a spare for the next
+ * task heap it runs, and recycles spares beyond its quota and at exit.
  *
- * Locks: a task heap's lock guards its sub-heap list and its large blocks;
- * it is taken after the segment layer's locks are released, and never
- * around user code (on_limit runs with no lock held). */
+ * Locks: tasks_lock guards the list of live task heaps, their large blocks
+ * and the life of sub-heaps (destroy, orphaning at thread exit); it is
+ * outermost, taken before the heap and segment locks, and never held
+ * around user code (on_limit runs with no lock held). A task heap's list
+ * of sub-heaps only grows while it lives (CAS pushes) and is read without
+ * the lock by the threads that look for their own. */
 #include "internal.h"
 #include "os.h"
 #include "sizeclass.h"
