@@ -409,6 +409,21 @@ static page_t *arena_with_room(heap_t *heap, size_t size) {
 /* A block of class `class_index` carved for a sub-heap's malloc, charged
  * to its task. NULL with *refused false: no arena room (pages serve it);
  * with *refused true: over a limit. */
+/* A block of `size` (class_index's) from the arena's room and the charge
+ * made ahead, both checked by the caller. */
+ZK_INLINE void *arena_carve(heap_t *heap, page_t *arena, unsigned class_index,
+                            size_t size) {
+  size_t offset = ARENA_TABLE_BYTES + arena->capacity;
+  arena_table(arena)[offset / 16] = (uint8_t)(class_index + 1);
+  arena->capacity += (uint32_t)size;
+  arena->used++;
+  heap->task_credit -= size;
+  heap->bin_taken++;
+  heap->arena_out[class_index]++;
+  heap_class_used(heap, class_index);
+  return arena->start + offset;
+}
+
 static void *arena_alloc(heap_t *heap, unsigned class_index, bool *refused) {
   if (class_index == 0)
     class_index = 1; /* blocks are granule-aligned */
@@ -430,15 +445,7 @@ static void *arena_alloc(heap_t *heap, unsigned class_index, bool *refused) {
     }
     heap->task_credit += charge;
   }
-  heap->task_credit -= size;
-  size_t offset = ARENA_TABLE_BYTES + arena->capacity;
-  arena_table(arena)[offset / 16] = (uint8_t)(class_index + 1);
-  arena->capacity += (uint32_t)size;
-  arena->used++;
-  heap->bin_taken++;
-  heap->arena_out[class_index]++;
-  heap_class_used(heap, class_index);
-  return arena->start + offset;
+  return arena_carve(heap, arena, class_index, size);
 }
 
 /* The common case of arena_alloc, kept small: room in the current arena
@@ -451,23 +458,12 @@ ZK_NOINLINE void *heap_malloc_bin_empty(heap_t *heap, bin_t *bin, size_t size) {
     size_t block_size = class_block_size[class_index];
     if (arena->capacity + block_size <= arena->reserved &&
         heap->task_credit >= block_size &&
-        heap->arena_owner_frees[class_index] <= ARENA_HOT_FREES) {
-      size_t offset = ARENA_TABLE_BYTES + arena->capacity;
-      arena_table(arena)[offset / 16] = (uint8_t)(class_index + 1);
-      arena->capacity += (uint32_t)block_size;
-      arena->used++;
-      heap->task_credit -= block_size;
-      heap->bin_taken++;
-      heap->arena_out[class_index]++;
-      heap_class_used(heap, class_index);
-      return arena->start + offset;
-    }
+        heap->arena_owner_frees[class_index] <= ARENA_HOT_FREES)
+      return arena_carve(heap, arena, class_index, block_size);
   }
   return heap_malloc_generic(heap, size, 0);
 }
 
-/* A bin's block back in its arena: the arena is reset when it is the
- * current one, released otherwise, once its last block is back. */
 /* Marks the block at `offset` back (its owner's return, another thread's
  * free); false, reported, when it already was: freed twice. */
 static bool arena_mark_back(page_t *arena, size_t offset, size_t size) {
@@ -479,8 +475,9 @@ static bool arena_mark_back(page_t *arena, size_t offset, size_t size) {
   return false;
 }
 
-/* The block at `offset` (of class `class_index`) back in its arena; false
- * when it was back already (reported). */
+/* The block at `offset` (of class `class_index`) back in its arena from a
+ * bin; false when it was back already (reported). The arena is reset when
+ * it is the current one, released otherwise, once its last block is back. */
 static bool arena_return_block(heap_t *heap, page_t *arena, size_t offset,
                                unsigned class_index) {
   if (!arena_mark_back(arena, offset, class_block_size[class_index]))
