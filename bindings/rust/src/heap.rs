@@ -1,7 +1,6 @@
 use std::alloc::Layout;
 use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::ffi::CString;
 use std::fmt;
 use std::future::Future;
 use std::io;
@@ -135,48 +134,44 @@ static RETIRED: Mutex<Option<VecDeque<Retired>>> = Mutex::new(None);
 /// `RETIRED`'s length, read without its lock on every heap creation.
 static RETIRED_COUNT: AtomicUsize = AtomicUsize::new(0);
 
+/// Runs `f` on the waiting heaps, under their lock, and publishes their
+/// count.
+fn with_retired<R>(f: impl FnOnce(&mut VecDeque<Retired>) -> R) -> R {
+    let mut retired = RETIRED
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let retired = retired.get_or_insert_with(VecDeque::new);
+    let result = f(retired);
+    RETIRED_COUNT.store(retired.len(), Ordering::Relaxed);
+    result
+}
+
 fn retire(heap: Retired) {
     let heap = match heap.try_destroy() {
         Ok(()) => return,
         Err(heap) => heap,
     };
-    outside_heaps(|| {
-        let mut retired = RETIRED
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let retired = retired.get_or_insert_with(VecDeque::new);
-        retired.push_back(heap);
-        RETIRED_COUNT.store(retired.len(), Ordering::Relaxed);
-    });
+    outside_heaps(|| with_retired(|retired| retired.push_back(heap)));
 }
 
 /// Looks at up to `count` waiting heaps, the oldest first, and destroys
 /// those with no live block. Returns how many still wait.
 fn reclaim(count: usize) -> usize {
     outside_heaps(|| {
-        let candidates: Vec<Retired> = {
-            let mut retired = RETIRED
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            let retired = retired.get_or_insert_with(VecDeque::new);
+        let candidates: Vec<Retired> = with_retired(|retired| {
             let taken = count.min(retired.len());
-            let candidates = retired.drain(..taken).collect();
-            RETIRED_COUNT.store(retired.len(), Ordering::Relaxed);
-            candidates
-        };
+            retired.drain(..taken).collect()
+        });
         // Outside the lock: destroying a heap drops its parent's handle,
         // which may retire the parent.
         let waiting: Vec<Retired> = candidates
             .into_iter()
             .filter_map(|heap| heap.try_destroy().err())
             .collect();
-        let mut retired = RETIRED
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let retired = retired.get_or_insert_with(VecDeque::new);
-        retired.extend(waiting);
-        RETIRED_COUNT.store(retired.len(), Ordering::Relaxed);
-        retired.len()
+        with_retired(|retired| {
+            retired.extend(waiting);
+            retired.len()
+        })
     })
 }
 
@@ -271,15 +266,7 @@ impl HeapBuilder {
         // The name and the handle live as long as the heap, and must not
         // keep the heap the caller is in alive.
         outside_heaps(move || {
-            let c_name = match &self.name {
-                Some(name) => Some(CString::new(name.as_str()).map_err(|_| {
-                    io::Error::new(
-                        io::ErrorKind::InvalidInput,
-                        "a heap name may not contain NUL",
-                    )
-                })?),
-                None => None,
-            };
+            let c_name = crate::c_name(&self.name, "heap")?;
             let options = ffi::zk_heap_options_t {
                 name: c_name.as_ref().map_or(ptr::null(), |name| name.as_ptr()),
                 limit_bytes: self.limit.unwrap_or(0),

@@ -116,6 +116,21 @@ fn outside_heaps<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// A builder's name for zkmem (`what`: "heap", "pool"): `InvalidInput`
+/// when it holds a NUL byte.
+fn c_name(name: &Option<String>, what: &str) -> std::io::Result<Option<std::ffi::CString>> {
+    name.as_deref()
+        .map(|name| {
+            std::ffi::CString::new(name).map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("a {} name may not contain NUL", what),
+                )
+            })
+        })
+        .transpose()
+}
+
 #[cfg(test)]
 mod tests {
     use std::mem::{size_of, MaybeUninit};

@@ -1,5 +1,4 @@
 use std::alloc::{handle_alloc_error, Layout};
-use std::ffi::CString;
 use std::fmt;
 use std::io;
 use std::marker::PhantomData;
@@ -133,15 +132,7 @@ impl<T> PoolBuilder<T> {
     /// (1 MiB) or a name containing NUL; out of memory, also when every one
     /// of zkmem's 1,024 pool slots is taken.
     pub fn build(self) -> io::Result<Pool<T>> {
-        let c_name = match &self.name {
-            Some(name) => Some(CString::new(name.as_str()).map_err(|_| {
-                io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    "a pool name may not contain NUL",
-                )
-            })?),
-            None => None,
-        };
+        let c_name = crate::c_name(&self.name, "pool")?;
         let options = ffi::zk_pool_options_t {
             alignment: mem::align_of::<T>(),
             preallocate: self.preallocate,
