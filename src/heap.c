@@ -51,6 +51,7 @@ static atomic_uint abandoned_count[CLASS_COUNT]; /* peeked without the lock */
 static pthread_mutex_t heaps_lock = PTHREAD_MUTEX_INITIALIZER;
 static heap_t *heaps_live;
 static heap_t *heaps_free;
+static atomic_size_t heaps_made;         /* heaps are reused, never unmapped */
 static heap_stats_t heaps_retired_stats; /* heaps_lock */
 static pthread_key_t heap_exit_key;
 /* 0 new, PROCESS_READY, or (pid << 2) | 1 while the process `pid`
@@ -669,6 +670,7 @@ heap_t *heap_create(void) {
     heap = os_meta_alloc(sizeof(heap_t));
     if (heap == NULL)
       return NULL;
+    atomic_fetch_add_explicit(&heaps_made, 1, memory_order_relaxed);
   }
   /* Heaps are never unmapped: a stale owner pointer in a page read by a
    * remote free still points at some heap, which at worst gets a spurious
@@ -698,6 +700,10 @@ heap_t *heap_create(void) {
   heaps_live = heap;
   pthread_mutex_unlock(&heaps_lock);
   return heap;
+}
+
+size_t heap_count_made(void) {
+  return atomic_load_explicit(&heaps_made, memory_order_relaxed);
 }
 
 heap_t *heap_get_initialized(void) {

@@ -552,6 +552,8 @@ ZK_INLINE void *bin_pop(heap_t *heap, bin_t *bin) {
 }
 heap_t *heap_get_initialized(void);
 heap_t *heap_create(void);
+/* Heaps made so far: no list of distinct heaps is longer. */
+size_t heap_count_made(void);
 /* A heap that leaves the live list for good (its pages gone): reused. */
 void heap_recycle(heap_t *heap);
 /* A sub-heap, fresh or left by a destroyed task heap in its thread's list,

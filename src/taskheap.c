@@ -77,6 +77,28 @@ static zk_heap_t *tasks_live; /* tasks_lock */
 static zk_heap_t *task_quarantine[TASK_QUARANTINE];
 static unsigned task_quarantine_next;
 
+/* Lists of sub-heaps that other threads push onto (a task heap's, a
+ * thread's dead ones) are walked with a bound: no such list holds more
+ * heaps than were ever made, and a longer one is corrupted. The next one,
+ * or NULL (reported) past the bound. */
+static ZK_COLD void task_list_corrupted(const heap_t *sub) {
+  error_report("corrupted list of task sub-heaps", sub, sizeof(heap_t));
+}
+
+static heap_t *subheap_next(const heap_t *sub, size_t *left) {
+  if (unlikely(*left == 0)) {
+    task_list_corrupted(sub);
+    return NULL;
+  }
+  --*left;
+  return sub->task_next;
+}
+
+#define FOR_EACH_SUBHEAP(task, sub)                                            \
+  for (size_t left_ = heap_count_made(); left_ != 0; left_ = 0)                \
+    for (heap_t *sub = (task)->subheaps; sub != NULL;                          \
+         sub = subheap_next(sub, &left_))
+
 /* The heap an over-limit charge stopped at (this heap or a parent). */
 static __thread zk_heap_t *task_refused_by;
 
@@ -86,7 +108,7 @@ static __thread zk_heap_t *task_refused_by;
 void task_fork_child(heap_t *self_home) {
   pthread_mutex_lock(&tasks_lock);
   for (zk_heap_t *heap = tasks_live; heap != NULL; heap = heap->next_live) {
-    for (heap_t *sub = heap->subheaps; sub != NULL; sub = sub->task_next) {
+    FOR_EACH_SUBHEAP(heap, sub) {
       if (sub->home == self_home)
         continue; /* the forking thread's: it keeps its flag */
       atomic_store_explicit(&sub->entered, false, memory_order_relaxed);
@@ -101,9 +123,9 @@ void task_collect_orphans(void) {
   if (pthread_mutex_trylock(&tasks_lock) != 0)
     return; /* the thread holds it (releasing pages), or another does */
   for (zk_heap_t *heap = tasks_live; heap != NULL; heap = heap->next_live)
-    for (heap_t *sub = heap->subheaps; sub != NULL; sub = sub->task_next)
-      if (sub->home == NULL)
-        heap_collect_orphan(sub);
+    FOR_EACH_SUBHEAP(heap, sub)
+  if (sub->home == NULL)
+    heap_collect_orphan(sub);
   pthread_mutex_unlock(&tasks_lock);
 }
 
@@ -256,7 +278,11 @@ static void task_spare_push(heap_t **stack, heap_t *sub) {
 static void task_take_dead(heap_t *home) {
   heap_t *dead = atomic_exchange_explicit(&home->dead_subheaps, NULL,
                                           memory_order_acquire);
-  while (dead != NULL) {
+  for (size_t left = heap_count_made(); dead != NULL; left--) {
+    if (unlikely(left == 0)) {
+      task_list_corrupted(dead);
+      return;
+    }
     heap_t *next = dead->dead_next;
     home_unlink(home, dead);
     if (home->spare_arena_count < TASK_SPARE_SUBHEAPS_ARENA) {
@@ -327,9 +353,9 @@ static heap_t *task_subheap(zk_heap_t *task) {
       atomic_load_explicit(&last->task, memory_order_relaxed) == task &&
       __atomic_load_n(&last->home, __ATOMIC_RELAXED) == home)
     return last;
-  for (heap_t *sub = task->subheaps; sub != NULL; sub = sub->task_next)
-    if (__atomic_load_n(&sub->home, __ATOMIC_RELAXED) == home)
-      return task_last_subheap = sub;
+  FOR_EACH_SUBHEAP(task, sub)
+  if (__atomic_load_n(&sub->home, __ATOMIC_RELAXED) == home)
+    return task_last_subheap = sub;
   task_take_dead(home);
   heap_t *sub = task_spare_pop(home);
   if (sub == NULL) {
@@ -590,8 +616,8 @@ ZK_EXPORT int zk_heap_stats(const zk_heap_t *heap, zk_heap_stats_t *out) {
   memset(out, 0, sizeof(*out));
   uint64_t allocations = 0, frees = 0, held = 0;
   pthread_mutex_lock(&tasks_lock);
-  for (heap_t *sub = task->subheaps; sub != NULL; sub = sub->task_next)
-    subheap_counts(sub, &allocations, &frees, &held);
+  FOR_EACH_SUBHEAP(task, sub)
+  subheap_counts(sub, &allocations, &frees, &held);
   /* A parent is charged for its children's blocks, the cached free ones
    * included: those are not live either. */
   /* A parent's descendants: the live heaps are walked only for a heap
@@ -607,8 +633,8 @@ ZK_EXPORT int zk_heap_stats(const zk_heap_t *heap, zk_heap_stats_t *out) {
     if (!descendant)
       continue;
     uint64_t ignored_allocations = 0, ignored_frees = 0;
-    for (heap_t *sub = other->subheaps; sub != NULL; sub = sub->task_next)
-      subheap_counts(sub, &ignored_allocations, &ignored_frees, &held);
+    FOR_EACH_SUBHEAP(other, sub)
+    subheap_counts(sub, &ignored_allocations, &ignored_frees, &held);
   }
   allocations += task->large_allocations;
   frees += task->large_frees;
@@ -647,10 +673,10 @@ ZK_EXPORT void zk_heap_destroy(zk_heap_t *heap) {
     refusal = "zk_heap_destroy of a destroyed task heap or not one";
   else if (atomic_load_explicit(&heap->children, memory_order_relaxed) != 0)
     refusal = "zk_heap_destroy of a task heap with child heaps";
-  for (heap_t *sub = heap->subheaps; sub != NULL && refusal == NULL;
-       sub = sub->task_next)
-    if (atomic_load_explicit(&sub->entered, memory_order_relaxed))
-      refusal = "zk_heap_destroy of a task heap entered on a thread";
+  FOR_EACH_SUBHEAP(heap, sub)
+  if (refusal == NULL &&
+      atomic_load_explicit(&sub->entered, memory_order_relaxed))
+    refusal = "zk_heap_destroy of a task heap entered on a thread";
   if (refusal != NULL) {
     pthread_mutex_unlock(&tasks_lock);
     error_report(refusal, heap, 0);
@@ -667,8 +693,8 @@ ZK_EXPORT void zk_heap_destroy(zk_heap_t *heap) {
   heap->subheaps = NULL;
   page_t *large = heap->large;
   heap->large = NULL;
-  while (sub != NULL) {
-    heap_t *next = sub->task_next;
+  for (size_t left = heap_count_made(); sub != NULL;) {
+    heap_t *next = subheap_next(sub, &left);
     /* A sub-heap in a living thread's list is reused or recycled by that
      * thread; an orphan now. */
     bool orphan = sub->home == NULL;

@@ -2,6 +2,7 @@
  * heap, limits that fail one heap and nest, destroy, and misuse. Checks of
  * live bytes run once the threads that used the heap are quiet, as the
  * statistics promise. */
+#include "internal.h" /* heap_t: a list corrupted on purpose */
 #include "test_util.h"
 #include "zkmem.h"
 
@@ -570,6 +571,17 @@ static void double_free_own_block_inside(void) {
   zk_free(p);
 }
 
+/* A task heap's list of sub-heaps made into a cycle: the walk stops and
+ * says so instead of going round for ever. */
+static void corrupted_subheap_list(void) {
+  zk_heap_t *heap = zk_heap_create(NULL);
+  zk_heap_enter(heap);
+  heap_t *sub = heap_current;
+  zk_heap_enter(NULL);
+  sub->task_next = sub;
+  zk_heap_destroy(heap);
+}
+
 static void free_inside_arena_block(void) {
   zk_heap_t *heap = zk_heap_create(NULL);
   char *p = zk_heap_malloc(heap, 100);
@@ -814,6 +826,8 @@ static void test_misuse(void) {
   test_expect_abort(remote_double_free_arena_block,
                     "zkmem: error: double free");
   test_expect_abort(double_free_own_block_inside, "zkmem: error: double free");
+  test_expect_abort(corrupted_subheap_list,
+                    "zkmem: error: corrupted list of task sub-heaps");
   test_expect_abort(free_inside_arena_block,
                     "zkmem: error: free of a pointer zkmem never handed out "
                     "(or inside a block)");
