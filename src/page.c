@@ -154,7 +154,10 @@ bool page_init_small(page_t *page, heap_t *heap, unsigned class_index) {
   page->used = 0;
   page->free = NULL;
   page->frees = 0;
-  page->key = heap->bin_key; /* so a bin takes the page's list whole */
+  /* A bin takes a page's list whole: one key for both. A secure page's
+   * blocks go out one at a time, checked, never through a bin: a key of its
+   * own. */
+  page->key = page->secure ? random_next(&heap->random_state) : heap->bin_key;
   page->task = atomic_load_explicit(&heap->task, memory_order_relaxed);
   atomic_store_explicit(&page->thread_free, NULL, memory_order_relaxed);
   page_set_owner(page, page_owner_word(page, heap), memory_order_relaxed);

@@ -344,6 +344,93 @@ static void test_page_colours(void) {
   CHECK(pthread_join(thread, NULL) == 0);
 }
 
+/* A block of another thread's heap, freed on a thread that allocates from
+ * its class, is handed out again by that thread; the statistics count each
+ * allocation and free once, wherever the block went, and the blocks still
+ * reach their pages once the bins are flushed and the owner collects. */
+enum { FOREIGN_COUNT = 400, FOREIGN_SIZE = 200, FOREIGN_HELD = 300 };
+
+struct foreign_owner {
+  void *blocks[FOREIGN_COUNT];
+  pthread_barrier_t allocated, freed, collected;
+  bool exit_early; /* leave before the blocks are freed */
+};
+
+static void *foreign_owner_main(void *argument) {
+  struct foreign_owner *owner = argument;
+  for (int i = 0; i < FOREIGN_COUNT; i++) {
+    CHECK((owner->blocks[i] = zk_malloc(FOREIGN_SIZE)) != NULL);
+    memset(owner->blocks[i], 0x5a, FOREIGN_SIZE);
+  }
+  pthread_barrier_wait(&owner->allocated);
+  if (owner->exit_early)
+    return NULL;
+  pthread_barrier_wait(&owner->freed);
+  zk_collect(false); /* takes the frees the other thread sent back */
+  pthread_barrier_wait(&owner->collected);
+  return NULL;
+}
+
+static void foreign_frees_round(bool owner_exits_first) {
+  unsigned c = size_to_class(FOREIGN_SIZE);
+  static void *held[FOREIGN_HELD];
+  static struct foreign_owner owner;
+  memset(owner.blocks, 0, sizeof(owner.blocks));
+  owner.exit_early = owner_exits_first;
+  unsigned parties = owner_exits_first ? 1 : 2;
+  CHECK(pthread_barrier_init(&owner.allocated, NULL, 2) == 0);
+  CHECK(pthread_barrier_init(&owner.freed, NULL, parties) == 0);
+  CHECK(pthread_barrier_init(&owner.collected, NULL, parties) == 0);
+  zk_collect(true);
+  zk_stats_t before, after;
+  zk_stats_get(&before);
+  pthread_t thread;
+  CHECK(pthread_create(&thread, NULL, foreign_owner_main, &owner) == 0);
+  pthread_barrier_wait(&owner.allocated);
+  if (owner_exits_first)
+    CHECK(pthread_join(thread, NULL) == 0);
+  /* This thread's bin of the class ran empty and is under half full. */
+  for (int i = 0; i < FOREIGN_HELD; i++)
+    CHECK((held[i] = zk_malloc(FOREIGN_SIZE)) != NULL);
+  zk_free(owner.blocks[0]);
+  void *again = zk_malloc(FOREIGN_SIZE);
+  CHECK(again == owner.blocks[0]);
+  unsigned char *bytes = again;
+  for (int i = 8; i < FOREIGN_SIZE; i++) /* past the link word */
+    CHECK_EQ(bytes[i], 0x5a);
+  zk_free(again);
+  for (int i = 1; i < FOREIGN_COUNT; i++)
+    zk_free(owner.blocks[i]); /* kept, then sent back: the bin half full */
+  for (int i = 0; i < FOREIGN_HELD; i++)
+    zk_free(held[i]);
+  zk_collect(true); /* this thread's bins, foreign blocks included */
+  if (!owner_exits_first) {
+    pthread_barrier_wait(&owner.freed);
+    pthread_barrier_wait(&owner.collected);
+    zk_stats_get(&after);
+    uint64_t made = FOREIGN_COUNT + FOREIGN_HELD + 1;
+    CHECK_EQ(after.classes[c].live, before.classes[c].live);
+    CHECK_EQ(after.classes[c].allocations - before.classes[c].allocations,
+             made);
+    CHECK_EQ(after.classes[c].frees - before.classes[c].frees, made);
+    CHECK(pthread_join(thread, NULL) == 0);
+  }
+  /* Whichever way the blocks went, the pages come back once the owner is
+   * gone and the abandoned pages are collected. */
+  zk_collect(true);
+  zk_stats_get(&after);
+  CHECK_EQ(after.classes[c].live, before.classes[c].live);
+  CHECK(after.classes[c].pages <= before.classes[c].pages + 1);
+  pthread_barrier_destroy(&owner.allocated);
+  pthread_barrier_destroy(&owner.freed);
+  pthread_barrier_destroy(&owner.collected);
+}
+
+static void test_foreign_frees(void) {
+  foreign_frees_round(false);
+  foreign_frees_round(true);
+}
+
 int main(void) {
   test_size_classes();
   test_alignment_and_usable_size();
@@ -356,6 +443,7 @@ int main(void) {
   test_bins_return_blocks();
   test_bins_decay();
   test_page_colours();
+  test_foreign_frees();
   printf("test_malloc: ok\n");
   return 0;
 }

@@ -121,6 +121,33 @@ static void double_free_small_other_class(void) {
   zk_free(blocks[7]);
 }
 
+/* Another thread's block, freed twice on a thread that allocates from its
+ * class: the first free keeps it in this thread's bin, the second finds it
+ * at the bin's head. The owner stays alive, so the block stays foreign. */
+static pthread_barrier_t foreign_allocated;
+
+static void *foreign_owner(void *out) {
+  *(void **)out = zk_malloc(64);
+  pthread_barrier_wait(&foreign_allocated);
+  for (;;)
+    pause(); /* until the child aborts or exits */
+  return NULL;
+}
+
+static void double_free_foreign(void) {
+  static void *held[600];
+  void *p = NULL;
+  pthread_t thread;
+  CHECK(pthread_barrier_init(&foreign_allocated, NULL, 2) == 0);
+  CHECK(pthread_create(&thread, NULL, foreign_owner, &p) == 0);
+  pthread_barrier_wait(&foreign_allocated);
+  for (int i = 0; i < 600; i++) /* the bin runs empty, ends under half */
+    CHECK((held[i] = zk_malloc(64)) != NULL);
+  zk_free(p);
+  expect_report("double free", p, 64);
+  zk_free(p);
+}
+
 /* 300 KiB: the freed span waits in the heap's cache. */
 static void double_free_large_cached(void) {
   void *p = zk_malloc(300 << 10);
@@ -584,6 +611,7 @@ int main(int argc, char **argv) {
   test_reexec_without_zkmem_environment(argv[0]);
   expect_abort("double free, 64 B", double_free_small);
   expect_abort("double free, 3000 B", double_free_small_other_class);
+  expect_abort("double free, foreign block", double_free_foreign);
   expect_abort("double free, large cached", double_free_large_cached);
   expect_abort("double free, large", double_free_large);
   expect_abort("double free, large merged", double_free_large_merged);
