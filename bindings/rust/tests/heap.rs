@@ -273,6 +273,42 @@ fn guards_nest_and_may_be_dropped_out_of_order() {
     assert_eq!(inner.stats().live_bytes, 0);
 }
 
+/// A guard entered during a scoped future's poll and held across its
+/// suspension keeps the thread in the guard's heap after the poll; when it
+/// is dropped in a later poll, the rest of that poll runs in the future's
+/// heap, and after it the thread is back where it was.
+#[test]
+fn a_guard_may_outlive_the_poll_it_was_entered_in() {
+    let task = Heap::new();
+    let other = Heap::new();
+    let guarded = other.clone();
+    let mut future = Box::pin(task.scope(async move {
+        let guard = guarded.enter();
+        YieldOnce(false).await;
+        drop(guard);
+        vec![1u8; 2000]
+    }));
+    let waker = noop_waker();
+    let mut context = Context::from_waker(&waker);
+    assert!(future.as_mut().poll(&mut context).is_pending());
+    let between = vec![2u8; 3000];
+    let other_live = other.stats().live_bytes;
+    assert!((3000..3500).contains(&other_live), "other {}", other_live);
+    let made_in_task = match future.as_mut().poll(&mut context) {
+        Poll::Ready(block) => block,
+        Poll::Pending => panic!("the future should be done"),
+    };
+    let task_live = task.stats().live_bytes;
+    assert!((2000..2500).contains(&task_live), "task {}", task_live);
+    let after = vec![3u8; 5000];
+    assert_eq!(task.stats().live_bytes, task_live);
+    assert_eq!(other.stats().live_bytes, other_live);
+    drop(future);
+    drop((between, made_in_task, after));
+    assert_eq!(task.stats().live_bytes, 0);
+    assert_eq!(other.stats().live_bytes, 0);
+}
+
 #[test]
 fn a_scoped_future_is_dropped_inside_its_heap() {
     static KEPT: AtomicPtr<[u8; 4096]> = AtomicPtr::new(ptr::null_mut());
