@@ -1128,40 +1128,23 @@ static uint32_t heap_bin_take(heap_t *heap, bin_t *bin, page_t *page,
   take = heap_charge_blocks(heap, page->class_index, take);
   if (take == 0)
     return 0;
-  /* A page's list stays in its page: a link that leaves the segment was
-   * overwritten, and is not followed. */
-  if (page->key == heap->bin_key) { /* one encoding: splice */
-    block_t *first = page->free;
-    block_t *last = first;
-    for (uint32_t i = 1; i < take; i++) {
-      block_t *next = block_next(page, last);
-      if (unlikely(next == NULL || link_is_forged(last, next)))
-        return heap_page_list_corrupted(page, last);
-      last = next;
-    }
-    block_t *rest = block_next(page, last);
-    if (unlikely(link_is_forged(last, rest)))
+  /* One key for pages and bins (process_bin_key): the list is spliced
+   * whole. A page's list stays in its page: a link that leaves the segment
+   * was overwritten, and is not followed. */
+  block_t *first = page->free;
+  block_t *last = first;
+  for (uint32_t i = 1; i < take; i++) {
+    block_t *next = block_next(page, last);
+    if (unlikely(next == NULL || link_is_forged(last, next)))
       return heap_page_list_corrupted(page, last);
-    page->free = rest;
-    block_set_next(page, last, bin->head);
-    bin->head = first;
-  } else {
-    /* A page reclaimed from an exited thread keeps that heap's key (other
-     * threads may be pushing remote frees with it): relink. */
-    for (uint32_t i = 0; i < take; i++) {
-      block_t *block = page->free;
-      block_t *next = block_next(page, block);
-      page->free = next;
-      bin_set_next(heap, block, bin->head);
-      bin->head = block;
-      if (unlikely(link_is_forged(block, next) ||
-                   (next == NULL && i + 1 < take))) {
-        heap_page_list_corrupted(page, block); /* the rest leaks */
-        bin_set_count(bin, bin_count(bin) + i + 1);
-        return i + 1;
-      }
-    }
+    last = next;
   }
+  block_t *rest = block_next(page, last);
+  if (unlikely(link_is_forged(last, rest)))
+    return heap_page_list_corrupted(page, last);
+  page->free = rest;
+  block_set_next(page, last, bin->head);
+  bin->head = first;
   page->used += take;
   bin_set_count(bin, bin_count(bin) + take);
   return take;
@@ -1177,14 +1160,8 @@ static uint32_t heap_bin_take(heap_t *heap, bin_t *bin, page_t *page,
  * checks the list finds its tail, and the blocks stay counted as used by
  * the page, as bin blocks are. (Splicing them into the page's list and
  * then taking them from there walked every block twice: with blocks freed
- * by other threads in batches, 16% and 34% of the time in the two walks.)
- * A page reclaimed from an exited thread keeps that heap's key: its list
- * goes to the page, to be relinked. */
+ * by other threads in batches, 16% and 34% of the time in the two walks.) */
 static uint32_t heap_bin_take_remote(heap_t *heap, bin_t *bin, page_t *page) {
-  if (page->key != heap->bin_key) {
-    page_collect(page);
-    return 0;
-  }
   block_t *tail;
   uint32_t count;
   block_t *remote = page_take_remote(page, &tail, &count);
