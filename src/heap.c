@@ -1395,6 +1395,38 @@ static bool heap_bin_keep_foreign(heap_t *heap, page_t *page, block_t *block) {
   return true;
 }
 
+bool heap_free_small_block(void *p) {
+  segment_t *segment = segment_of(p);
+  if (!segment_is_owned(segment))
+    return false;
+  page_t *page = segment_page_of(segment, p);
+  if (__atomic_load_n(&page->kind, __ATOMIC_RELAXED) != PAGE_SMALL)
+    return false;
+  heap_t *heap = heap_current;
+  bin_t *bin = &heap->bins[page->class_index];
+  if (bin->refilled && bin->room > (int32_t)(bin->limit / 2) &&
+      heap->task == NULL && page->task == NULL && !page->secure &&
+      page_owner(page) != heap && p != (void *)bin->head) {
+    /* heap_free_small's checks; one division gives both (32 bits: a span
+     * is under 4 GiB). */
+    uint32_t offset = (uint32_t)((uint8_t *)p - page->start);
+    uint32_t index = offset / page->block_size;
+    if (offset - index * page->block_size == 0 &&
+        page_block_is_carved(page, index)) {
+      block_t *block = p;
+      bin_set_next(heap, block, bin->head);
+      bin->head = block;
+      bin->frees++;
+      bin->room--;
+      return true; /* nothing here sets errno */
+    }
+  }
+  int saved_errno = errno;
+  heap_free_small(page, p);
+  errno = saved_errno;
+  return true;
+}
+
 /* A small block's free outside the owner's fast path: checks, then a
  * remote free, or the owner's secure or double-free path. */
 void heap_free_small(page_t *page, void *p) {

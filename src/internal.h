@@ -435,7 +435,18 @@ extern pthread_mutex_t segment_lock;
 /* False when secure mode's free bits cannot be had (no memory). */
 bool page_init_small(page_t *page, heap_t *heap, unsigned class_index);
 bool page_extend(page_t *page);
-bool page_block_is_carved(const page_t *page, size_t index);
+/* Whether block `index` of the page has been carved (can have been handed
+ * out): the `capacity` blocks from carve_first on, wrapping at the end.
+ * Inline: every free of another thread's block checks it. */
+ZK_INLINE bool page_block_is_carved(const page_t *page, size_t index) {
+  uint32_t capacity = __atomic_load_n(&page->capacity, __ATOMIC_RELAXED);
+  if (index >= page->reserved)
+    return false;
+  size_t carved_before = index >= page->carve_first
+                             ? index - page->carve_first
+                             : index + page->reserved - page->carve_first;
+  return carved_before < capacity;
+}
 void page_secure_fill(const page_t *page, block_t *block);
 bool page_secure_intact(const page_t *page, const block_t *block);
 block_t *page_take_remote(page_t *page, block_t **tail, uint32_t *count);
@@ -533,6 +544,11 @@ void *heap_malloc_generic(heap_t *heap, size_t size, size_t alignment);
  * else heap_malloc_generic. */
 void *heap_malloc_bin_empty(heap_t *heap, bin_t *bin, size_t size);
 void heap_free_small(page_t *page, void *p);
+/* Free's slow path for a block of a small page, found without the full
+ * lookup: another thread heap's valid block kept in this thread's bin
+ * (heap_bin_keep_foreign) first, then heap_free_small, errno kept. False
+ * when p is not in a small page. */
+bool heap_free_small_block(void *p);
 /* An arena block's free, from any thread; its usable size (0: not a
  * block's start or interior). */
 void heap_free_arena(page_t *page, void *p);

@@ -290,18 +290,6 @@ bool page_extend(page_t *page) {
   return true;
 }
 
-/* Whether block `index` of the page has been carved (can have been handed
- * out): the `capacity` blocks from carve_first on, wrapping at the end. */
-bool page_block_is_carved(const page_t *page, size_t index) {
-  uint32_t capacity = __atomic_load_n(&page->capacity, __ATOMIC_RELAXED);
-  if (index >= page->reserved)
-    return false;
-  size_t carved_before = index >= page->carve_first
-                             ? index - page->carve_first
-                             : index + page->reserved - page->carve_first;
-  return carved_before < capacity;
-}
-
 /* A remote list that fails its walk: a block freed twice by other threads
  * links into the list twice (a cycle, or a block also in `free`), an
  * overwritten link leaves the page. ZKMEM_ON_ERROR=warn: the list leaks. */
