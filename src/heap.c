@@ -440,7 +440,6 @@ ZK_INLINE void *arena_carve(heap_t *heap, page_t *arena, unsigned class_index,
   heap->task_credit -= size;
   heap->bin_taken++;
   heap->arena_out[class_index]++;
-  heap_class_used(heap, class_index);
   return arena->start + offset;
 }
 
@@ -577,6 +576,9 @@ void heap_free_arena(page_t *page, void *p) {
       error_report("double free", p, size);
       return;
     }
+    /* Carves leave the class unmarked (heap_release_all clears the arena
+     * counters of all classes); its bin is used from here on. */
+    heap_class_used(owner, (unsigned)class_index);
     if (unlikely(++owner->arena_owner_frees[class_index] > ARENA_HOT_FREES)) {
       /* A hot class: its blocks leave the arena (counted as a bin's push
        * and return), and pages serve it from now on. */
@@ -912,21 +914,34 @@ void heap_release_all(heap_t *heap, bool keep_arena) {
    * next task: one pass over the used classes. */
   FOR_EACH_USED_CLASS(heap, c) {
     bin_t *bin = &heap->bins[c];
+    /* A bin's pushes were frees and its pops allocations; the blocks it
+     * holds now were neither, yet their pages and arenas count them as
+     * out and the release as freed: less those (modulo 2^64, a bin
+     * refilled from pages holds more than it was pushed). Counting them
+     * made a task's held blocks allocations and frees that never were. */
+    uint64_t net = bin->frees - bin_count(bin);
+    heap->stats.class_allocs_retired[c] += net;
+    heap->stats.class_frees_retired[c] += net;
     bin->head = NULL;
     bin_set_count(bin, 0);
-    heap->stats.class_allocs_retired[c] += bin->frees;
-    heap->stats.class_frees_retired[c] += bin->frees;
     bin->frees = 0;
     if (heap->queues[c].first != NULL)
       queues[queue_count++] = &heap->queues[c];
-    if (c < ARENA_CLASSES) {
+  }
+  /* The arena counters of every arena class, in one dense pass: a short
+   * task carves some 40 of the 49 classes, and finding them bit by bit in
+   * classes_used cost more than visiting all (callgrind: a task of 100
+   * blocks' release, 1,990 instructions before). Not for a heap that took
+   * no block. */
+  if (heap->bin_taken != 0) {
+    for (unsigned c = 0; c < ARENA_CLASSES; c++) {
       uint64_t out = heap->arena_out[c];
       heap->stats.class_allocs_retired[c] += out;
       heap->stats.class_frees_retired[c] += out;
       heap->arena_out[c] = 0;
       atomic_store_explicit(&heap->arena_remote[c], 0, memory_order_relaxed);
-      heap->arena_owner_frees[c] = 0;
     }
+    memset(heap->arena_owner_frees, 0, sizeof(heap->arena_owner_frees));
   }
   for (unsigned word = 0; word < (CLASS_COUNT + 63) / 64; word++)
     __atomic_store_n(&heap->classes_used[word], 0, __ATOMIC_RELAXED);

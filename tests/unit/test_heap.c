@@ -3,6 +3,7 @@
  * live bytes run once the threads that used the heap are quiet, as the
  * statistics promise. */
 #include "internal.h" /* heap_t: a list corrupted on purpose */
+#include "sizeclass.h"
 #include "test_util.h"
 #include "zkmem.h"
 
@@ -704,6 +705,47 @@ static void test_arenas(void) {
   printf("arenas: exact across threads, reused, hot classes to pages\n");
 }
 
+/* The process's statistics by class through task heaps destroyed with
+ * blocks live: every block a task took, carved from an arena or popped
+ * from its bin after its owner freed one, counts once as allocated and
+ * once as freed, and nothing stays live. Twice: the second task heap
+ * reuses the sub-heap the first one released. */
+static void test_arena_class_statistics(void) {
+  enum { TASK_BLOCKS = 300 };
+  static void *blocks[TASK_BLOCKS];
+  uint64_t made[ZK_STATS_CLASSES];
+  for (int round = 0; round < 2; round++) {
+    zk_collect(true);
+    zk_stats_t before, after;
+    zk_stats_get(&before);
+    memset(made, 0, sizeof(made));
+    zk_heap_t *heap = zk_heap_create(NULL);
+    CHECK(heap != NULL);
+    zk_heap_t *previous = zk_heap_enter(heap);
+    for (int i = 0; i < TASK_BLOCKS; i++) {
+      size_t size = 16 + (size_t)(i * 37 % 2033);
+      CHECK((blocks[i] = zk_malloc(size)) != NULL);
+      made[size_to_class(size)]++;
+    }
+    for (int i = 0; i < TASK_BLOCKS; i += 2) /* to the bins, by their owner */
+      zk_free(blocks[i]);
+    for (int i = 0; i < TASK_BLOCKS; i += 2) {
+      size_t size = 16 + (size_t)(i * 37 % 2033);
+      CHECK((blocks[i] = zk_malloc(size)) != NULL);
+      made[size_to_class(size)]++;
+    }
+    CHECK(zk_heap_enter(previous) == heap);
+    zk_heap_destroy(heap);
+    zk_stats_get(&after);
+    for (unsigned c = 0; c < ZK_STATS_CLASSES; c++) {
+      CHECK_EQ(after.classes[c].live, before.classes[c].live);
+      CHECK_EQ(after.classes[c].allocations - before.classes[c].allocations,
+               made[c]);
+      CHECK_EQ(after.classes[c].frees - before.classes[c].frees, made[c]);
+    }
+  }
+}
+
 /* Inside a task heap, blocks of the thread's own heap (allocated before
  * entering) go back to that heap's bins, as outside: reused after leaving,
  * nothing charged to the task heap. */
@@ -867,6 +909,7 @@ int main(int argc, char **argv) {
   test_limits();
   test_destroy();
   test_arenas();
+  test_arena_class_statistics();
   test_own_blocks_freed_inside();
   test_many_heaps();
   test_review_findings();
