@@ -64,10 +64,11 @@ static ZK_NOINLINE void alloc_free_other(void *p) {
   errno = saved_errno;
 }
 
-/* A small page's block first, the common case (another thread's block,
- * half the frees of a server whose threads free each other's): its page
- * found without the full lookup, and kept without saving errno. NULL and
- * everything else go on to alloc_free_other. */
+/* A small page's block first, the common case (another thread's block:
+ * half the frees of a server whose threads free each other's, all of a
+ * consumer's): its page found without the full lookup, kept or freed
+ * remotely without saving errno. NULL and everything else go on to
+ * alloc_free_other. */
 ZK_NOINLINE void alloc_free_slow(void *p) {
   if (!heap_free_small_block(p))
     alloc_free_other(p);

@@ -1395,14 +1395,15 @@ static void heap_free_remote(page_t *page, block_t *block) {
  * free). */
 static bool heap_bin_keep_foreign(heap_t *heap, page_t *page, block_t *block) {
   bin_t *bin = &heap->bins[page->class_index];
-  /* heap_empty's bins have no room. */
-  if (!bin->refilled || bin->room <= (int32_t)(bin->limit / 2) ||
-      heap->task != NULL || page->task != NULL || page->secure)
-    return false;
+  /* Kept here before (heap_empty's head is NULL). */
   if (unlikely(block == bin->head)) {
     error_report("double free", block, page->block_size);
     return true;
   }
+  /* heap_empty's bins have no room. */
+  if (!bin->refilled || bin->room <= (int32_t)(bin->limit / 2) ||
+      heap->task != NULL || page->task != NULL || page->secure)
+    return false;
   bin_set_next(heap, block, bin->head);
   bin->head = block;
   bin->frees++;
@@ -1418,22 +1419,30 @@ bool heap_free_small_block(void *p) {
   if (__atomic_load_n(&page->kind, __ATOMIC_RELAXED) != PAGE_SMALL)
     return false;
   heap_t *heap = heap_current;
+  heap_t *owner = page_owner(page);
   bin_t *bin = &heap->bins[page->class_index];
-  if (bin->refilled && bin->room > (int32_t)(bin->limit / 2) &&
-      heap->task == NULL && page->task == NULL && !page->secure &&
-      page_owner(page) != heap && p != (void *)bin->head) {
+  /* Another heap's block, not the home heap's of a thread inside a task
+   * heap, nor a secure page's, nor (a double free) this bin's head. */
+  if (owner != heap && !page->secure && p != (void *)bin->head &&
+      (owner == NULL || owner != heap->home)) {
     /* heap_free_small's checks; one division gives both (32 bits: a span
      * is under 4 GiB). */
     uint32_t offset = (uint32_t)((uint8_t *)p - page->start);
     uint32_t index = offset / page->block_size;
     if (offset - index * page->block_size == 0 &&
         page_block_is_carved(page, index)) {
-      block_t *block = p;
-      bin_set_next(heap, block, bin->head);
-      bin->head = block;
-      bin->frees++;
-      bin->room--;
-      return true; /* nothing here sets errno */
+      /* Neither sets errno. */
+      if (bin->refilled && bin->room > (int32_t)(bin->limit / 2) &&
+          heap->task == NULL && page->task == NULL) {
+        block_t *block = p;
+        bin_set_next(heap, block, bin->head);
+        bin->head = block;
+        bin->frees++;
+        bin->room--;
+      } else {
+        heap_free_remote(page, p);
+      }
+      return true;
     }
   }
   int saved_errno = errno;
