@@ -910,6 +910,16 @@ void heap_release_all(heap_t *heap, bool keep_arena) {
   /* Bins and queues of classes never used are empty. */
   page_queue_t *queues[CLASS_COUNT + 1];
   unsigned queue_count = 0;
+  bool used = heap->bin_taken != 0 || heap->full.first != NULL;
+  for (unsigned word = 0; word < (CLASS_COUNT + 63) / 64; word++)
+    used |= heap->classes_used[word] != 0;
+  /* The counters move under heaps_lock, which zk_stats_get holds for its
+   * walk: a reader sees them all before or all after the release. (Moved
+   * one class and one page at a time, a class's frees could read below
+   * their earlier value, by what its bin held, or wrap.) */
+  page_t *released = NULL;
+  if (used)
+    pthread_mutex_lock(&heaps_lock);
   /* The per-task counters restart here, not when the sub-heap serves its
    * next task: one pass over the used classes. */
   FOR_EACH_USED_CLASS(heap, c) {
@@ -961,8 +971,17 @@ void heap_release_all(heap_t *heap, bool keep_arena) {
       page->frees += page->used; /* freed by the release */
       page->used = 0;
       stats_retire_page(&heap->stats, page);
-      page_span_free(page, 0);
+      page->next = released;
+      released = page;
     }
+  }
+  if (used)
+    pthread_mutex_unlock(&heaps_lock);
+  /* The spans go back outside the lock (the segment lock, the purge). */
+  while (released != NULL) {
+    page_t *page = released;
+    released = page->next;
+    page_span_free(page, 0);
   }
   /* The current arena stays, reset, for the task heap its thread uses
    * next (heap_adopt_task): a short task then costs no span. */

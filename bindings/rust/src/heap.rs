@@ -592,8 +592,13 @@ impl Inside {
 /// a frame cost more than entering and leaving the heap themselves (about
 /// 60% of `scope`'s instructions on the request/reply workload).
 enum Within {
-    Direct { previous: *mut ffi::zk_heap_t },
-    Framed(Inside),
+    Direct {
+        previous: *mut ffi::zk_heap_t,
+    },
+    /// The frame, left when this is dropped.
+    Framed {
+        _frame: Inside,
+    },
     Outside,
 }
 
@@ -604,7 +609,9 @@ impl Within {
             Ok(true) => Within::Direct {
                 previous: unsafe { ffi::zk_heap_enter(heap) },
             },
-            Ok(false) => Inside::new(heap).map_or(Within::Outside, Within::Framed),
+            Ok(false) => {
+                Inside::new(heap).map_or(Within::Outside, |frame| Within::Framed { _frame: frame })
+            }
             // The thread's locals are being destroyed.
             Err(_) => Within::Outside,
         }
