@@ -1408,17 +1408,24 @@ static void heap_free_remote(page_t *page, block_t *block) {
  * thread that only frees (a consumer) sends every block straight back, as
  * before (keeping half a bin of them cost the producer/consumer batches
  * 10%, 11 runs side by side). A bin that overflows or decays sends its
- * foreign blocks to their owners (heap_bin_trim). Blocks up to 1 KiB
- * (FOREIGN_KEEP_MAX) only: a larger one is a larger share of its page to
- * keep from its owner, and keeping them measured slower (a Tokio
- * pipeline of 16 B-4 KiB messages ran 0.92x keeping every size,
- * 0.96x keeping up to 1 KiB, with 6.5 and 5.0 MiB peak RSS against 4.8;
- * server churn, 10-1,000 B, 1.82x and 1.67x; 11 rounds against keeping
- * none). Not inside a
+ * foreign blocks to their owners (heap_bin_trim). Blocks of 128 B to
+ * 1 KiB only (FOREIGN_KEEP_MIN, FOREIGN_KEEP_MAX). A smaller block shares
+ * its cache lines with blocks its owner hands out, and handed out here it
+ * has two threads writing one line: a Tokio pipeline of 16 B-4 KiB
+ * messages ran 0.93x the code before keeping 16 B-1 KiB, 0.95x from 64 B,
+ * 0.99x from 128 B (9 rounds each; server churn 2.02x, 1.72x, 1.74x). A
+ * larger one is a larger share of its page kept from its owner, and
+ * keeping those measured slower too (the pipeline 0.92x keeping every
+ * size, 0.96x up to 1 KiB, 11 rounds against keeping none). Not inside a
  * task heap (its bins charge the task), nor for a task heap's block (its
  * heap counts it free when it is) or a secure page's (checked remote
  * free). */
+#define FOREIGN_KEEP_MIN 128
 #define FOREIGN_KEEP_MAX 1024
+ZK_INLINE bool foreign_keep_size(const page_t *page) {
+  return page->block_size >= FOREIGN_KEEP_MIN &&
+         page->block_size <= FOREIGN_KEEP_MAX;
+}
 static bool heap_bin_keep_foreign(heap_t *heap, page_t *page, block_t *block) {
   bin_t *bin = &heap->bins[page->class_index];
   /* Kept here before (heap_empty's head is NULL). */
@@ -1428,8 +1435,8 @@ static bool heap_bin_keep_foreign(heap_t *heap, page_t *page, block_t *block) {
   }
   /* heap_empty's bins have no room. */
   if (!bin->refilled || bin->room <= (int32_t)(bin->limit / 2) ||
-      page->block_size > FOREIGN_KEEP_MAX || heap->task != NULL ||
-      page->task != NULL || page->secure)
+      !foreign_keep_size(page) || heap->task != NULL || page->task != NULL ||
+      page->secure)
     return false;
   bin_set_next(heap, block, bin->head);
   bin->head = block;
@@ -1460,8 +1467,7 @@ bool heap_free_small_block(void *p) {
         page_block_is_carved(page, index)) {
       /* Neither sets errno. */
       if (bin->refilled && bin->room > (int32_t)(bin->limit / 2) &&
-          page->block_size <= FOREIGN_KEEP_MAX && heap->task == NULL &&
-          page->task == NULL) {
+          foreign_keep_size(page) && heap->task == NULL && page->task == NULL) {
         block_t *block = p;
         bin_set_next(heap, block, bin->head);
         bin->head = block;

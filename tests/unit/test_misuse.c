@@ -125,9 +125,10 @@ static void double_free_small_other_class(void) {
  * class: the first free keeps it in this thread's bin, the second finds it
  * at the bin's head. The owner stays alive, so the block stays foreign. */
 static pthread_barrier_t foreign_allocated;
+enum { KEPT_SIZE = 256 }; /* a size another thread's bin keeps */
 
 static void *foreign_owner(void *out) {
-  *(void **)out = zk_malloc(64);
+  *(void **)out = zk_malloc(KEPT_SIZE);
   pthread_barrier_wait(&foreign_allocated);
   for (;;)
     pause(); /* until the child aborts or exits */
@@ -142,9 +143,9 @@ static void double_free_foreign(void) {
   CHECK(pthread_create(&thread, NULL, foreign_owner, &p) == 0);
   pthread_barrier_wait(&foreign_allocated);
   for (int i = 0; i < 600; i++) /* the bin runs empty, ends under half */
-    CHECK((held[i] = zk_malloc(64)) != NULL);
+    CHECK((held[i] = zk_malloc(KEPT_SIZE)) != NULL);
   zk_free(p);
-  expect_report("double free", p, 64);
+  expect_report("double free", p, KEPT_SIZE);
   zk_free(p);
 }
 
@@ -313,7 +314,7 @@ static void double_free_bin_cycle_body(void) {
 static void *free_aba_in_thread(void *blocks) {
   static void *held[600];
   for (int i = 0; i < 600; i++) /* the bin runs empty, ends under half */
-    CHECK((held[i] = zk_malloc(64)) != NULL);
+    CHECK((held[i] = zk_malloc(KEPT_SIZE)) != NULL);
   void **ab = blocks;
   zk_free(ab[0]);
   zk_free(ab[1]);
@@ -321,19 +322,19 @@ static void *free_aba_in_thread(void *blocks) {
   for (int i = 0; i < 3; i++) {
     zk_collect(true);
     for (int j = 0; j < 2000; j++)
-      zk_free(zk_malloc(64));
+      zk_free(zk_malloc(KEPT_SIZE));
   }
   return NULL;
 }
 
 static void double_free_foreign_cycle_body(void) {
   alarm(10);
-  void *ab[2] = {zk_malloc(64), zk_malloc(64)};
+  void *ab[2] = {zk_malloc(KEPT_SIZE), zk_malloc(KEPT_SIZE)};
   pthread_t thread;
   CHECK(pthread_create(&thread, NULL, free_aba_in_thread, ab) == 0);
   pthread_join(thread, NULL);
   for (int j = 0; j < 100000; j++) /* the owner collects what came back */
-    zk_free(zk_malloc(64));
+    zk_free(zk_malloc(KEPT_SIZE));
 }
 
 static void expect_no_hang(const char *name, void (*body)(void)) {
