@@ -848,7 +848,10 @@ void heap_drop_caches(heap_t *heap) {
 }
 
 /* An orphaned task sub-heap: nobody collects its pages' remote frees
- * but this (from the purge, tasks_lock held); pages that empty go back. */
+ * but this (from the purge, tasks_lock held); pages that empty go back.
+ * A page's counters move under heaps_lock, which zk_stats_get holds for
+ * its walk (collected without it, a class's counters read below their
+ * earlier value while nothing allocated); its span goes back after. */
 void heap_collect_orphan(heap_t *heap) {
   page_queue_t *queues[CLASS_COUNT + 1];
   heap_page_queues(heap, queues);
@@ -856,12 +859,24 @@ void heap_collect_orphan(heap_t *heap) {
     page_t *page = queues[q]->first;
     while (page != NULL) {
       page_t *next = page->next;
+      if (page->used != 0 && !page_has_remote(page)) {
+        page = next;
+        continue;
+      }
+      pthread_mutex_lock(&heaps_lock);
       page_collect(page);
-      if (page->used == 0) {
+      bool empty = page->used == 0;
+      if (empty) {
         queue_remove(queues[q], page);
         /* Read by the remote free that just emptied it, after its push. */
         __atomic_store_n(&page->in_full, 0, __ATOMIC_RELAXED);
-        heap_page_release(heap, page, 0);
+        stats_retire_page(&heap->stats, page);
+        heap->page_count--;
+      }
+      pthread_mutex_unlock(&heaps_lock);
+      if (empty) {
+        page_span_free(page, 0);
+        purge_maybe();
       }
       page = next;
     }
@@ -918,6 +933,7 @@ void heap_release_all(heap_t *heap, bool keep_arena) {
    * one class and one page at a time, a class's frees could read below
    * their earlier value, by what its bin held, or wrap.) */
   page_t *released = NULL;
+  size_t released_count = 0;
   if (used)
     pthread_mutex_lock(&heaps_lock);
   /* The per-task counters restart here, not when the sub-heap serves its
@@ -971,14 +987,19 @@ void heap_release_all(heap_t *heap, bool keep_arena) {
       page->frees += page->used; /* freed by the release */
       page->used = 0;
       stats_retire_page(&heap->stats, page);
+      /* A queue torn by a fork (its first page's successor still naming
+       * it as prev) gives the same page twice in a row: listed once. */
+      if (page == released)
+        continue;
       page->next = released;
       released = page;
+      released_count++;
     }
   }
   if (used)
     pthread_mutex_unlock(&heaps_lock);
   /* The spans go back outside the lock (the segment lock, the purge). */
-  while (released != NULL) {
+  for (; released != NULL && released_count > 0; released_count--) {
     page_t *page = released;
     released = page->next;
     page_span_free(page, 0);
