@@ -356,13 +356,7 @@ static uint32_t arena_live(const page_t *arena) {
 }
 
 static void arena_unlink(heap_t *heap, page_t *arena) {
-  if (arena->prev != NULL)
-    arena->prev->next = arena->next;
-  else
-    heap->arenas = arena->next;
-  if (arena->next != NULL)
-    arena->next->prev = arena->prev;
-  arena->next = arena->prev = NULL;
+  page_list_unlink(&heap->arenas, arena);
   heap->arena_count--;
 }
 
@@ -395,10 +389,7 @@ static page_t *arena_new(heap_t *heap) {
   arena->reserved = (uint32_t)(SLICE_SIZE - ARENA_TABLE_BYTES);
   arena->task = atomic_load_explicit(&heap->task, memory_order_relaxed);
   arena->arena_heap = heap;
-  arena->next = heap->arenas;
-  if (heap->arenas != NULL)
-    heap->arenas->prev = arena;
-  heap->arenas = arena;
+  page_list_push(&heap->arenas, arena);
   heap->arena_count++;
   return arena;
 }
@@ -415,11 +406,8 @@ static page_t *arena_with_room(heap_t *heap, size_t size) {
       continue;
     arena_reset(arena);
     if (arena != heap->arenas) { /* to the front: the current one */
-      arena_unlink(heap, arena);
-      arena->next = heap->arenas;
-      heap->arenas->prev = arena;
-      heap->arenas = arena;
-      heap->arena_count++;
+      page_list_unlink(&heap->arenas, arena);
+      page_list_push(&heap->arenas, arena);
     }
     return arena;
   }

@@ -530,6 +530,25 @@ ZK_INLINE heap_t *page_owner(page_t *page) {
                     ~(uintptr_t)1);
 }
 void page_set_owner(page_t *page, heap_t *owner_word, memory_order order);
+/* Pages listed by next/prev from a head, with no tail: a sub-heap's
+ * arenas, a task heap's large blocks. (A heap's page queues keep a tail:
+ * heap.c.) */
+ZK_INLINE void page_list_push(page_t **head, page_t *page) {
+  page->prev = NULL;
+  page->next = *head;
+  if (*head != NULL)
+    (*head)->prev = page;
+  *head = page;
+}
+ZK_INLINE void page_list_unlink(page_t **head, page_t *page) {
+  if (page->prev != NULL)
+    page->prev->next = page->next;
+  else
+    *head = page->next;
+  if (page->next != NULL)
+    page->next->prev = page->prev;
+  page->next = page->prev = NULL;
+}
 ZK_INLINE size_t page_block_index(const page_t *page, const void *block) {
   return (size_t)((const uint8_t *)block - page->start) / page->block_size;
 }

@@ -201,11 +201,7 @@ bool task_large_add(zk_heap_t *task, page_t *page) {
     return false;
   page->task = task;
   pthread_mutex_lock(&tasks_lock);
-  page->prev = NULL;
-  page->next = task->large;
-  if (task->large != NULL)
-    task->large->prev = page;
-  task->large = page;
+  page_list_push(&task->large, page);
   task->large_allocations++;
   pthread_mutex_unlock(&tasks_lock);
   return true;
@@ -214,13 +210,7 @@ bool task_large_add(zk_heap_t *task, page_t *page) {
 void task_large_remove(page_t *page) {
   zk_heap_t *task = page->task;
   pthread_mutex_lock(&tasks_lock);
-  if (page->prev != NULL)
-    page->prev->next = page->next;
-  else
-    task->large = page->next;
-  if (page->next != NULL)
-    page->next->prev = page->prev;
-  page->next = page->prev = NULL;
+  page_list_unlink(&task->large, page);
   task->large_frees++;
   pthread_mutex_unlock(&tasks_lock);
   page->task = NULL;
