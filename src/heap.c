@@ -1435,6 +1435,22 @@ ZK_INLINE bool foreign_keep_size(const page_t *page) {
   return page->block_size >= FOREIGN_KEEP_MIN &&
          page->block_size <= FOREIGN_KEEP_MAX;
 }
+/* Whether `bin` keeps another heap's block of `page` (heap_empty's bins
+ * have no room), and the push that keeps it: both free paths below. */
+ZK_INLINE bool heap_bin_can_keep(const heap_t *heap, const bin_t *bin,
+                                 const page_t *page) {
+  return bin->refilled && bin->room > (int32_t)(bin->limit / 2) &&
+         foreign_keep_size(page) && heap->task == NULL && page->task == NULL &&
+         !page->secure;
+}
+
+ZK_INLINE void heap_bin_keep(heap_t *heap, bin_t *bin, block_t *block) {
+  bin_set_next(heap, block, bin->head);
+  bin->head = block;
+  bin->frees++;
+  bin->room--;
+}
+
 static bool heap_bin_keep_foreign(heap_t *heap, page_t *page, block_t *block) {
   bin_t *bin = &heap->bins[page->class_index];
   /* Kept here before (heap_empty's head is NULL). */
@@ -1442,15 +1458,9 @@ static bool heap_bin_keep_foreign(heap_t *heap, page_t *page, block_t *block) {
     error_report("double free", block, page->block_size);
     return true;
   }
-  /* heap_empty's bins have no room. */
-  if (!bin->refilled || bin->room <= (int32_t)(bin->limit / 2) ||
-      !foreign_keep_size(page) || heap->task != NULL || page->task != NULL ||
-      page->secure)
+  if (!heap_bin_can_keep(heap, bin, page))
     return false;
-  bin_set_next(heap, block, bin->head);
-  bin->head = block;
-  bin->frees++;
-  bin->room--;
+  heap_bin_keep(heap, bin, block);
   return true;
 }
 
@@ -1474,17 +1484,11 @@ bool heap_free_small_block(void *p) {
     uint32_t index = offset / page->block_size;
     if (offset - index * page->block_size == 0 &&
         page_block_is_carved(page, index)) {
-      /* Neither sets errno. */
-      if (bin->refilled && bin->room > (int32_t)(bin->limit / 2) &&
-          foreign_keep_size(page) && heap->task == NULL && page->task == NULL) {
-        block_t *block = p;
-        bin_set_next(heap, block, bin->head);
-        bin->head = block;
-        bin->frees++;
-        bin->room--;
-      } else {
+      /* Neither sets errno. The bin's head was checked above. */
+      if (heap_bin_can_keep(heap, bin, page))
+        heap_bin_keep(heap, bin, p);
+      else
         heap_free_remote(page, p);
-      }
       return true;
     }
   }
