@@ -170,7 +170,7 @@ static void heap_bin_trim(heap_t *heap, bin_t *bin, uint32_t keep,
   }
   bin_set_count(bin, keep);
   zk_heap_t *task = heap->task;
-  uint32_t back = 0;
+  uint32_t back = 0, back_to_arenas = 0;
   uint64_t foreign = 0;
   while (rest != NULL) {
     block_t *block = rest;
@@ -188,13 +188,17 @@ static void heap_bin_trim(heap_t *heap, bin_t *bin, uint32_t keep,
       foreign++;
       continue;
     }
-    back += heap_page_return_block(heap, page, block, free_since_ms);
+    bool to_arena = page->kind == PAGE_ARENA; /* the page may go back */
+    bool returned_block =
+        heap_page_return_block(heap, page, block, free_since_ms);
+    back += returned_block;
+    back_to_arenas += returned_block && to_arena;
   }
   /* The page counts those frees when its owner takes them. */
   bin->frees -= foreign;
   if (unlikely(task != NULL) && back != 0) {
     unsigned class_index = (unsigned)(bin - heap->bins);
-    heap->bin_returned += back;
+    heap->bin_returned += back - back_to_arenas; /* arena_out has those */
     task_uncharge(task, (size_t)back * class_block_size[class_index]);
   }
 }
@@ -317,6 +321,56 @@ _Static_assert(ARENA_BLOCK_MAX <= SLICE_SIZE - ARENA_TABLE_BYTES,
 
 /* Owner frees after which a class leaves the arenas (see heap_t). */
 #define ARENA_HOT_FREES 64
+/* heap_t.arena_carve of a class pages serve: more than an arena holds. */
+#define ARENA_CARVE_NEVER ((uint32_t)1 << 31)
+
+/* The class an arena carve of `class_index` makes: class 0's blocks are
+ * class 1's, since arena blocks start on a 16-byte granule. */
+ZK_INLINE unsigned arena_carved_class(unsigned class_index) {
+  return class_index + (class_index == 0);
+}
+
+_Static_assert(ARENA_CLASSES <= 64, "heap_t.arena_hot has a bit per class");
+
+static void arena_class_carve(heap_t *heap, unsigned class_index) {
+  heap->bins[class_index].arena_carve =
+      class_block_size[arena_carved_class(class_index)];
+}
+
+/* A new heap's bins: the arena classes carved, none hot. */
+static void arena_classes_init(heap_t *heap) {
+  for (unsigned c = 0; c < CLASS_COUNT; c++) {
+    bin_t *bin = &heap->bins[c];
+    bin->arena_code =
+        (uint8_t)(c < ARENA_CLASSES ? arena_carved_class(c) + 1 : 0);
+    bin->arena_carve = ARENA_CARVE_NEVER;
+    if (c < ARENA_CLASSES)
+      arena_class_carve(heap, c);
+  }
+}
+
+/* Pages serve `class_index` from now on (its blocks' owner frees are many:
+ * they should take the fast path), and class 0 with class 1, whose blocks
+ * it carves. */
+static void arena_class_turns_hot(heap_t *heap, unsigned class_index) {
+  heap->arena_owner_frees[class_index] = ARENA_HOT_FREES + 1;
+  heap->arena_hot |= UINT64_C(1) << class_index;
+  heap->bins[class_index].arena_carve = ARENA_CARVE_NEVER;
+  if (class_index == 1)
+    heap->bins[0].arena_carve = ARENA_CARVE_NEVER;
+}
+
+/* A released sub-heap's classes carved again, none hot. */
+static void arena_classes_reset(heap_t *heap) {
+  memset(heap->arena_owner_frees, 0, sizeof(heap->arena_owner_frees));
+  for (uint64_t hot = heap->arena_hot; hot != 0; hot &= hot - 1) {
+    unsigned c = (unsigned)__builtin_ctzll(hot);
+    arena_class_carve(heap, c);
+    if (c == 1)
+      arena_class_carve(heap, 0);
+  }
+  heap->arena_hot = 0;
+}
 
 /* Owner only; read by statistics on other threads. */
 ZK_INLINE void heap_class_used(heap_t *heap, unsigned class_index) {
@@ -419,16 +473,29 @@ static page_t *arena_with_room(heap_t *heap, size_t size) {
  * with *refused true: over a limit. */
 /* A block of `size` (class_index's) from the arena's room and the charge
  * made ahead, both checked by the caller. */
-ZK_INLINE void *arena_carve(heap_t *heap, page_t *arena, unsigned class_index,
+ZK_INLINE void *arena_carve(heap_t *heap, page_t *arena, size_t class_index,
                             size_t size) {
   size_t offset = ARENA_TABLE_BYTES + arena->capacity;
+  uint8_t *block = arena->start + offset; /* read once: the table store */
   arena_table(arena)[offset / 16] = (uint8_t)(class_index + 1);
   arena->capacity += (uint32_t)size;
   arena->used++;
   heap->task_credit -= size;
-  heap->bin_taken++;
-  heap->arena_out[class_index]++;
-  return arena->start + offset;
+  heap->arena_out[class_index]++; /* bin_taken counts pages' blocks only */
+  return block;
+}
+
+/* Charges the task ahead for carves of at least `size` bytes; false when
+ * that would pass a limit. Near a limit the chunk is refused and the block
+ * alone asked for. */
+static bool arena_charge(heap_t *heap, size_t size) {
+  size_t charge = task_charge(heap->task, ARENA_CHARGE_CHUNK)
+                      ? ARENA_CHARGE_CHUNK
+                  : task_charge(heap->task, size) ? size
+                                                  : 0;
+  heap->task_credit += charge;
+  heap->arena_charged = true; /* every carve follows a charge */
+  return charge != 0;
 }
 
 static void *arena_alloc(heap_t *heap, unsigned class_index, bool *refused) {
@@ -440,33 +507,42 @@ static void *arena_alloc(heap_t *heap, unsigned class_index, bool *refused) {
   page_t *arena = arena_with_room(heap, size);
   if (arena == NULL)
     return NULL;
-  if (heap->task_credit < size) {
-    /* Near a limit the chunk is refused and the block alone asked for. */
-    size_t charge = task_charge(heap->task, ARENA_CHARGE_CHUNK)
-                        ? ARENA_CHARGE_CHUNK
-                    : task_charge(heap->task, size) ? size
-                                                    : 0;
-    if (charge == 0) {
-      *refused = true;
-      return NULL;
-    }
-    heap->task_credit += charge;
+  if (heap->task_credit < size && !arena_charge(heap, size)) {
+    *refused = true;
+    return NULL;
   }
   return arena_carve(heap, arena, class_index, size);
 }
 
+/* heap_malloc_bin_empty's carve once the charge made ahead ran out (a few
+ * times a task: a short one took the whole generic path three times, 465
+ * instructions of the 6,500 it costs). */
+static ZK_NOINLINE void *heap_malloc_arena_charge(heap_t *heap, bin_t *bin,
+                                                  size_t size) {
+  size_t block_size = bin->arena_carve;
+  if (option(ZK_OPTION_SECURE)) /* turned on since: pages from now on */
+    return heap_malloc_generic(heap, size, 0);
+  if (!arena_charge(heap, block_size))
+    return task_limit_reached(heap, size, 0);
+  return arena_carve(heap, heap->arenas, (size_t)bin->arena_code - 1,
+                     block_size);
+}
+
 /* The common case of arena_alloc, kept small: room in the current arena
- * and in the charge already made. */
+ * and in the charge already made, for a class the arenas serve (one load
+ * of arena_carve says which and how much). A short task's every block
+ * comes this way: 25 instructions, where the checks written out one by one
+ * took 38. */
 ZK_NOINLINE void *heap_malloc_bin_empty(heap_t *heap, bin_t *bin, size_t size) {
   page_t *arena = heap->arenas; /* only sub-heaps have arenas */
-  unsigned class_index = (unsigned)(bin - heap->bins);
-  if (arena != NULL && class_index < ARENA_CLASSES) {
-    class_index += class_index == 0;
-    size_t block_size = class_block_size[class_index];
-    if (arena->capacity + block_size <= arena->reserved &&
-        heap->task_credit >= block_size &&
-        heap->arena_owner_frees[class_index] <= ARENA_HOT_FREES)
-      return arena_carve(heap, arena, class_index, block_size);
+  if (arena != NULL) {
+    size_t block_size = bin->arena_carve;
+    if (arena->capacity + block_size <= arena->reserved) {
+      if (likely(heap->task_credit >= block_size))
+        return arena_carve(heap, arena, (size_t)bin->arena_code - 1,
+                           block_size);
+      return heap_malloc_arena_charge(heap, bin, size);
+    }
   }
   return heap_malloc_generic(heap, size, 0);
 }
@@ -570,11 +646,10 @@ void heap_free_arena(page_t *page, void *p) {
     if (unlikely(++owner->arena_owner_frees[class_index] > ARENA_HOT_FREES)) {
       /* A hot class: its blocks leave the arena (counted as a bin's push
        * and return), and pages serve it from now on. */
-      owner->arena_owner_frees[class_index] = ARENA_HOT_FREES + 1;
+      arena_class_turns_hot(owner, (unsigned)class_index);
       if (!arena_return_block(owner, page, offset, (unsigned)class_index))
         return;
-      bin->frees++;
-      owner->bin_returned++;
+      bin->frees++; /* the return was arena_out's */
       task_uncharge(owner->task, size);
       return;
     }
@@ -695,6 +770,7 @@ heap_t *heap_create(void) {
   }
   for (size_t i = 0; i < POOL_SLOTS; i++)
     heap->pool_magazines[i] = &pool_magazine_empty;
+  arena_classes_init(heap);
   /* Secure pages' keys: a thread's task sub-heaps draw theirs from its own
    * heap's state, no system call per task heap. */
   heap_t *current = heap_current;
@@ -778,6 +854,9 @@ static void heap_retire(heap_t *heap, heap_t **list) {
     heaps_retired_stats.class_frees_retired[c] +=
         heap->stats.class_frees_retired[c] + bin_frees_total;
   }
+  for (unsigned c = 0; c < ARENA_CLASSES; c++)
+    heaps_retired_stats.class_arena_retired[c] +=
+        heap->stats.class_arena_retired[c];
   if (heap->prev_heap != NULL)
     heap->prev_heap->next_heap = heap->next_heap;
   else
@@ -888,6 +967,8 @@ void heap_release_arenas(heap_t *heap) {
 
 void heap_bin_counts(const heap_t *heap, uint64_t *pushed_less_held,
                      uint64_t *pushed, uint64_t *held_bytes) {
+  for (unsigned c = 0; c < ARENA_CLASSES; c++)
+    *pushed_less_held += __atomic_load_n(&heap->arena_out[c], __ATOMIC_RELAXED);
   FOR_EACH_USED_CLASS(heap, c) {
     const bin_t *bin = &heap->bins[c];
     uint64_t frees = __atomic_load_n(&bin->frees, __ATOMIC_RELAXED);
@@ -913,7 +994,8 @@ void heap_release_all(heap_t *heap, bool keep_arena) {
   /* Bins and queues of classes never used are empty. */
   page_queue_t *queues[CLASS_COUNT + 1];
   unsigned queue_count = 0;
-  bool used = heap->bin_taken != 0 || heap->full.first != NULL;
+  bool used =
+      heap->bin_taken != 0 || heap->arena_charged || heap->full.first != NULL;
   for (unsigned word = 0; word < (CLASS_COUNT + 63) / 64; word++)
     used |= heap->classes_used[word] != 0;
   /* The counters move under heaps_lock, which zk_stats_get holds for its
@@ -945,17 +1027,16 @@ void heap_release_all(heap_t *heap, bool keep_arena) {
   /* The arena counters of every arena class, in one dense pass: a short
    * task carves some 40 of the 49 classes, and finding them bit by bit in
    * classes_used cost more than visiting all (callgrind: a task of 100
-   * blocks' release, 1,990 instructions before). Not for a heap that took
-   * no block. */
-  if (heap->bin_taken != 0) {
+   * blocks' release, 1,990 instructions before). Not for a heap that
+   * carved nothing. */
+  if (heap->arena_charged) {
+    heap->arena_charged = false;
     for (unsigned c = 0; c < ARENA_CLASSES; c++) {
-      uint64_t out = heap->arena_out[c];
-      heap->stats.class_allocs_retired[c] += out;
-      heap->stats.class_frees_retired[c] += out;
+      heap->stats.class_arena_retired[c] += heap->arena_out[c];
       heap->arena_out[c] = 0;
       atomic_store_explicit(&heap->arena_remote[c], 0, memory_order_relaxed);
     }
-    memset(heap->arena_owner_frees, 0, sizeof(heap->arena_owner_frees));
+    arena_classes_reset(heap);
   }
   for (unsigned word = 0; word < (CLASS_COUNT + 63) / 64; word++)
     __atomic_store_n(&heap->classes_used[word], 0, __ATOMIC_RELAXED);
@@ -1623,6 +1704,10 @@ static void stats_add_retired(zk_stats_t *out, const heap_stats_t *stats) {
   for (unsigned c = 0; c < CLASS_COUNT; c++) {
     out->classes[c].allocations += stats->class_allocs_retired[c];
     out->classes[c].frees += stats->class_frees_retired[c];
+  }
+  for (unsigned c = 0; c < ARENA_CLASSES; c++) {
+    out->classes[c].allocations += stats->class_arena_retired[c];
+    out->classes[c].frees += stats->class_arena_retired[c];
   }
 }
 

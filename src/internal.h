@@ -236,6 +236,9 @@ typedef struct page_queue {
 typedef struct heap_stats {
   uint64_t class_frees_retired[CLASS_COUNT]; /* from pages no longer held */
   uint64_t class_allocs_retired[CLASS_COUNT];
+  /* Arena blocks a task heap's release freed, each an allocation and a
+   * free: one array for both, so the release adds once per class. */
+  uint64_t class_arena_retired[ARENA_CLASSES];
 } heap_stats_t;
 
 /* A heap's free blocks of one class (see heap.c). */
@@ -246,8 +249,14 @@ typedef struct bin {
    * free takes one, each a single read-modify-write, and the free that
    * takes it below zero flushes. */
   int32_t room;
-  uint32_t limit;    /* blocks the bin holds at most */
-  uint32_t refilled; /* ran empty since the last decay pass */
+  uint32_t limit;   /* blocks the bin holds at most */
+  uint8_t refilled; /* ran empty since the last decay pass */
+  /* Task sub-heaps' arena carves (heap_malloc_bin_empty), beside the head
+   * the malloc just read: the class's entry in an arena's table (the class
+   * carved, plus one), and the bytes a carve takes, ARENA_CARVE_NEVER for
+   * a class that pages serve (above the arena classes, or hot). */
+  uint8_t arena_code;
+  uint32_t arena_carve;
 } bin_t;
 
 /* Relaxed: the statistics read other threads' bins with it. */
@@ -312,10 +321,12 @@ struct heap {
    * a time), so that a carve seldom touches the task's shared counters;
    * given back with the bins. */
   size_t task_credit;
+  bool arena_charged;      /* since its last release: it may have carved */
   bool has_pool_magazines; /* a pool_magazines slot is not the empty one */
   /* Owner frees of arena blocks by class: a class freed this often is
    * served by pages, whose frees take the fast path. */
   uint16_t arena_owner_frees[ARENA_CLASSES];
+  uint64_t arena_hot; /* bit c: class c turned hot (pages serve it) */
   /* Sub-heaps: classes whose bins or queues were used since the sub-heap
    * last served a new task, so that a release and the reset after it walk
    * those and not all CLASS_COUNT. */
@@ -598,7 +609,9 @@ void heap_adopt_task(heap_t *heap, zk_heap_t *task);
 /* A released sub-heap's arenas (all blocks back) go to the span layer. */
 void heap_release_arenas(heap_t *heap);
 /* A sub-heap's bins, for its task's statistics (any thread, the task lock
- * held): the blocks pushed, less those held, and the bytes held. */
+ * held): the blocks pushed, less those held, plus those carved from arenas
+ * and not back (bin_taken counts only pages' blocks); the blocks pushed;
+ * and the bytes held. */
 void heap_bin_counts(const heap_t *heap, uint64_t *pushed_less_held,
                      uint64_t *pushed, uint64_t *held_bytes);
 void heap_flush_bins(heap_t *heap);

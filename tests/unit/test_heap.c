@@ -944,6 +944,54 @@ static void test_arena_class_statistics(void) {
   }
 }
 
+/* Classes 0 and 1 (8 and 16 B; class 0 carves class 1's blocks) turned
+ * hot by 200 owner frees, in two task heaps one after the other on this
+ * thread, the second on the sub-heap the first released: the heap's and
+ * the process's counts stay exact, the hot classes go to pages, and the
+ * release lets the next task carve them again. */
+static void test_hot_classes_across_tasks(void) {
+  enum { LIVE = 50 };
+  static void *live[LIVE];
+  for (int round = 0; round < 2; round++) {
+    zk_stats_t before, after;
+    zk_stats_get(&before);
+    zk_heap_t *heap = zk_heap_create(NULL);
+    CHECK(zk_heap_enter(heap) == NULL);
+    heap_t *sub = heap_current;
+    /* Carved again: round 1's hot classes were reset by its release. */
+    CHECK(sub->bins[0].arena_carve == class_block_size[1]);
+    CHECK(sub->bins[1].arena_carve == class_block_size[1]);
+    size_t live_bytes = 0;
+    for (int i = 0; i < LIVE; i++) {
+      CHECK((live[i] = zk_malloc(i % 2 ? 16 : 8)) != NULL);
+      live_bytes += zk_usable_size(live[i]);
+    }
+    for (int i = 0; i < 200; i++) {
+      void *p = zk_malloc(i % 3 ? 12 : 5);
+      CHECK(p != NULL);
+      zk_free(p);
+    }
+    /* Hot: both bins' carves refused, class 0's with class 1's. */
+    CHECK(sub->bins[0].arena_carve > SLICE_SIZE);
+    CHECK(sub->bins[1].arena_carve > SLICE_SIZE);
+    CHECK(zk_heap_enter(NULL) == heap);
+    zk_heap_stats_t stats = stats_of(heap);
+    CHECK_EQ(stats.live_bytes, live_bytes);
+    CHECK_EQ(stats.allocations, LIVE + 200);
+    CHECK_EQ(stats.frees, 200);
+    for (int i = 0; i < LIVE; i += 2) /* a bin holds some at the destroy */
+      zk_heap_enter(heap), zk_free(live[i]), zk_heap_enter(NULL);
+    stats = stats_of(heap);
+    CHECK_EQ(stats.frees, 200 + LIVE / 2);
+    zk_heap_destroy(heap);
+    zk_stats_get(&after);
+    CHECK_EQ(after.classes[1].live, before.classes[1].live);
+    CHECK_EQ(after.classes[1].allocations - before.classes[1].allocations,
+             after.classes[1].frees - before.classes[1].frees);
+  }
+  printf("hot classes: exact counts, carved again after a release\n");
+}
+
 /* Inside a task heap, blocks of the thread's own heap (allocated before
  * entering) go back to that heap's bins, as outside: reused after leaving,
  * nothing charged to the task heap. */
@@ -1108,6 +1156,7 @@ int main(int argc, char **argv) {
   test_destroy();
   test_arenas();
   test_arena_class_statistics();
+  test_hot_classes_across_tasks();
   test_own_blocks_freed_inside();
   test_many_heaps();
   test_review_findings();
