@@ -1554,23 +1554,33 @@ bool heap_free_small_block(void *p) {
     return false;
   heap_t *heap = heap_current;
   heap_t *owner = page_owner(page);
-  bin_t *bin = &heap->bins[page->class_index];
-  /* Another heap's block, not the home heap's of a thread inside a task
-   * heap, nor a secure page's, nor (a double free) this bin's head. */
-  if (owner != heap && !page->secure && p != (void *)bin->head &&
-      (owner == NULL || owner != heap->home)) {
+  /* Another heap's block, not a secure page's. Inside a task heap, a block
+   * of the thread's own heap goes to that heap's bin (a runtime's reply
+   * freed by the task it reached: half the cost of a scoped request, on
+   * the full path). The bin's head would be a double free. */
+  if (owner != heap && !page->secure) {
+    bool home = owner != NULL && owner == heap->home;
+    bin_t *bin = &(home ? owner : heap)->bins[page->class_index];
     /* heap_free_small's checks; one division gives both (32 bits: a span
      * is under 4 GiB). */
     uint32_t offset = (uint32_t)((uint8_t *)p - page->start);
     uint32_t index = offset / page->block_size;
-    if (offset - index * page->block_size == 0 &&
+    if (p != (void *)bin->head && offset - index * page->block_size == 0 &&
         page_block_is_carved(page, index)) {
-      /* Neither sets errno. The bin's head was checked above. */
-      if (heap_bin_can_keep(heap, bin, page))
-        heap_bin_keep(heap, bin, p);
-      else
-        heap_free_remote(page, p);
-      return true;
+      /* None of these sets errno; a push that would flush takes the full
+       * path, which saves it. */
+      if (home) {
+        if (bin->room > 0) {
+          heap_bin_keep(owner, bin, p);
+          return true;
+        }
+      } else {
+        if (heap_bin_can_keep(heap, bin, page))
+          heap_bin_keep(heap, bin, p);
+        else
+          heap_free_remote(page, p);
+        return true;
+      }
     }
   }
   int saved_errno = errno;

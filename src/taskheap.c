@@ -595,7 +595,13 @@ ZK_EXPORT zk_heap_t *zk_heap_enter(zk_heap_t *heap) {
       task_invalid(heap, "zk_heap_enter");
       return previous;
     }
-    next = task_subheap(heap, home);
+    /* task_subheap's first check, without the call: a runtime enters the
+     * heap it entered last on this thread again and again. */
+    next = task_last_subheap;
+    if (next == NULL ||
+        atomic_load_explicit(&next->task, memory_order_relaxed) != heap ||
+        __atomic_load_n(&next->home, __ATOMIC_RELAXED) != home)
+      next = task_subheap(heap, home);
     if (next == NULL) { /* no memory for a sub-heap: stay */
       errno = ENOMEM;
       return previous;

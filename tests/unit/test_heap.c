@@ -1022,10 +1022,25 @@ static void test_own_blocks_freed_inside(void) {
   CHECK(reused);
   for (int i = 0; i < COUNT; i++)
     zk_free(again[i]);
+  /* More of one class than its bin holds: the frees that fill it take the
+   * short path, the one that would flush it the full one. */
+  enum { ONE_CLASS = 1500 };
+  static void *same[ONE_CLASS];
+  for (int i = 0; i < ONE_CLASS; i++)
+    CHECK((same[i] = zk_malloc(32)) != NULL);
+  CHECK(zk_heap_enter(heap) == NULL);
+  for (int i = 0; i < ONE_CLASS; i++)
+    zk_free(same[i]);
+  CHECK(zk_heap_enter(NULL) == heap);
+  CHECK_EQ(stats_of(heap).frees, 0);
   zk_heap_destroy(heap);
   zk_collect(false);
   zk_stats_get(&after);
   CHECK_EQ(after.bytes_live, before.bytes_live);
+  unsigned class32 = size_to_class(32);
+  CHECK_EQ(after.classes[class32].allocations -
+               before.classes[class32].allocations,
+           after.classes[class32].frees - before.classes[class32].frees);
   printf("own blocks freed inside a task heap: back to the thread's bins\n");
 }
 

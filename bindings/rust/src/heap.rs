@@ -1,5 +1,5 @@
 use std::alloc::Layout;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
@@ -78,6 +78,12 @@ pub struct Heap {
     inner: Arc<HeapInner>,
 }
 
+/// Aligned to a cache line, so that `raw`, read at every poll of a scoped
+/// future, is not on the line of the `Arc`'s reference counts, which every
+/// task spawned in a shared heap and every one that ends write from any
+/// worker (a cache miss per poll: 2% of the request/reply workload's
+/// samples, `perf`).
+#[repr(align(64))]
 struct HeapInner {
     raw: NonNull<ffi::zk_heap_t>,
     /// Keeps the parent alive: zkmem reports the destruction of a heap that
@@ -330,6 +336,7 @@ impl Heap {
             .expect("zkmem: cannot create a heap")
     }
 
+    #[inline]
     fn raw(&self) -> *mut ffi::zk_heap_t {
         self.inner.raw.as_ptr()
     }
@@ -418,7 +425,6 @@ impl Heap {
     /// ```
     pub fn scope<F: Future>(&self, future: F) -> InHeap<F> {
         InHeap {
-            raw: RawHeap(self.inner.raw),
             heap: self.clone(),
             future: ManuallyDrop::new(future),
         }
@@ -551,6 +557,17 @@ thread_local! {
     };
 }
 
+thread_local! {
+    /// How many frames `ENTERED` holds: what a scoped future's poll asks
+    /// twice, read without `ENTERED`'s borrow flag and destructor state
+    /// (a third of the crate's instructions per poll).
+    static OPEN_FRAMES: Cell<usize> = const { Cell::new(0) };
+}
+
+fn frames_changed(entered: &Entered) {
+    OPEN_FRAMES.with(|open| open.set(entered.frames.len()));
+}
+
 /// A frame of `ENTERED`: the thread is in the frame's heap while it is the
 /// innermost.
 struct Inside {
@@ -573,6 +590,7 @@ impl Inside {
                 let id = entered.next_id;
                 entered.next_id += 1;
                 entered.frames.push(Frame { id, heap });
+                frames_changed(&entered);
                 let previous = unsafe { ffi::zk_heap_enter(heap) };
                 if entered.frames.len() == 1 {
                     entered.base = previous;
@@ -605,16 +623,13 @@ enum Within {
 impl Within {
     #[inline]
     fn new(heap: *mut ffi::zk_heap_t) -> Within {
-        match ENTERED.try_with(|entered| entered.borrow().frames.is_empty()) {
-            Ok(true) => Within::Direct {
+        if OPEN_FRAMES.with(Cell::get) == 0 {
+            return Within::Direct {
                 previous: unsafe { ffi::zk_heap_enter(heap) },
-            },
-            Ok(false) => {
-                Inside::new(heap).map_or(Within::Outside, |frame| Within::Framed { _frame: frame })
-            }
-            // The thread's locals are being destroyed.
-            Err(_) => Within::Outside,
+            };
         }
+        // None: the thread's locals are being destroyed.
+        Inside::new(heap).map_or(Within::Outside, |frame| Within::Framed { _frame: frame })
     }
 }
 
@@ -622,6 +637,10 @@ impl Drop for Within {
     #[inline]
     fn drop(&mut self) {
         if let Within::Direct { previous } = *self {
+            if OPEN_FRAMES.with(Cell::get) == 0 {
+                unsafe { ffi::zk_heap_enter(previous) };
+                return;
+            }
             // A guard entered during the call and still open keeps the
             // thread in its heap; its frame leads back to `previous`.
             let guard_open = ENTERED.try_with(|entered| {
@@ -650,6 +669,7 @@ impl Drop for Inside {
                 None => return,
             };
             entered.frames.remove(index);
+            frames_changed(&entered);
             if index == entered.frames.len() {
                 let next = entered
                     .frames
@@ -699,24 +719,14 @@ impl fmt::Debug for EnterGuard {
 /// `Send` when the future is, and `'static` when it is, since it holds its
 /// own handle to the heap.
 pub struct InHeap<F> {
-    /// The heap's C handle, copied: read at every poll, it would otherwise
-    /// share a cache line with the handle's reference count, which every
-    /// task spawned in a shared heap and every one that ends write from
-    /// any worker (a cache miss per poll: 2% of the request/reply
-    /// workload's samples, `perf`).
-    raw: RawHeap,
+    /// One word beside the future: Tokio moves a task's whole stage by
+    /// `memcpy` a few times in its life, and a second word took the
+    /// request/reply workload's stage past 256 bytes, where glibc's copy
+    /// takes its longer path (callgrind: 52 instructions a copy, not 29).
     heap: Heap,
     // Dropped in place by `Drop`, inside the heap.
     future: ManuallyDrop<F>,
 }
-
-/// A task heap's C handle, kept beside a `Heap` that keeps it alive.
-#[derive(Clone, Copy)]
-struct RawHeap(NonNull<ffi::zk_heap_t>);
-
-// The C heap is thread-safe.
-unsafe impl Send for RawHeap {}
-unsafe impl Sync for RawHeap {}
 
 impl<F> InHeap<F> {
     /// The heap the future runs in.
@@ -733,7 +743,7 @@ impl<F: Future> Future for InHeap<F> {
         // Safety: the future is never moved out: `Drop` drops it where it
         // is, and nothing else takes it.
         let this = unsafe { self.get_unchecked_mut() };
-        let _inside = Within::new(this.raw.0.as_ptr());
+        let _inside = Within::new(this.heap.raw());
         unsafe { Pin::new_unchecked(&mut *this.future) }.poll(context)
     }
 }
@@ -741,7 +751,7 @@ impl<F: Future> Future for InHeap<F> {
 impl<F> Drop for InHeap<F> {
     fn drop(&mut self) {
         // What the future frees and allocates as it drops is the heap's too.
-        let _inside = Within::new(self.raw.0.as_ptr());
+        let _inside = Within::new(self.heap.raw());
         unsafe { ManuallyDrop::drop(&mut self.future) };
     }
 }
