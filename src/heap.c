@@ -493,9 +493,11 @@ static bool arena_charge(heap_t *heap, size_t size) {
                       ? ARENA_CHARGE_CHUNK
                   : task_charge(heap->task, size) ? size
                                                   : 0;
+  if (charge == 0)
+    return false;
   heap->task_credit += charge;
   heap->arena_charged = true; /* every carve follows a charge */
-  return charge != 0;
+  return true;
 }
 
 static void *arena_alloc(heap_t *heap, unsigned class_index, bool *refused) {
@@ -522,10 +524,16 @@ static ZK_NOINLINE void *heap_malloc_arena_charge(heap_t *heap, bin_t *bin,
   size_t block_size = bin->arena_carve;
   if (option(ZK_OPTION_SECURE)) /* turned on since: pages from now on */
     return heap_malloc_generic(heap, size, 0);
+  /* The generic path's pacing: a slow event, which may decay bins (and
+   * give the arena blocks back: read it after). */
+  heap_bins_decay_maybe(heap);
+  page_t *arena = heap->arenas;
+  if (arena == NULL || arena->capacity + block_size > arena->reserved)
+    return heap_malloc_generic(heap, size, 0);
   if (!arena_charge(heap, block_size))
     return task_limit_reached(heap, size, 0);
-  return arena_carve(heap, heap->arenas, (size_t)bin->arena_code - 1,
-                     block_size);
+  bin->refilled = 1;
+  return arena_carve(heap, arena, (size_t)bin->arena_code - 1, block_size);
 }
 
 /* The common case of arena_alloc, kept small: room in the current arena
@@ -618,6 +626,25 @@ size_t heap_arena_usable_size(const page_t *page, const void *p) {
   return 0;
 }
 
+/* The thread heap of the thread `heap` serves: itself, or a sub-heap's
+ * home (an orphan's, once its thread exited, is none: itself). */
+ZK_INLINE const heap_t *heap_thread_of(const heap_t *heap) {
+  const heap_t *home = __atomic_load_n(&heap->home, __ATOMIC_RELAXED);
+  return home != NULL ? home : heap;
+}
+
+/* `owner` is the calling thread's (`current`'s thread heap or one of its
+ * task sub-heaps), so its bins are this thread's to push onto, whichever
+ * heap the thread is in: a task's block freed by its own worker outside
+ * the task's polls (a request freed by the server task that read it) is
+ * an owner's free, not a remote one with four atomic operations, two of
+ * them on the task's shared counters. */
+ZK_INLINE bool heap_is_this_threads(const heap_t *owner,
+                                    const heap_t *current) {
+  return owner == current ||
+         (owner != NULL && heap_thread_of(owner) == heap_thread_of(current));
+}
+
 void heap_free_arena(page_t *page, void *p) {
   size_t offset = (size_t)((uint8_t *)p - page->start);
   int class_index = arena_class_at(page, offset);
@@ -629,7 +656,7 @@ void heap_free_arena(page_t *page, void *p) {
   }
   heap_t *owner = page->arena_heap;
   size_t size = class_block_size[class_index];
-  if (owner == heap_current) {
+  if (heap_is_this_threads(owner, heap_current)) {
     bin_t *bin = &owner->bins[class_index];
     block_t *block = p;
     /* In the bin already (its head), or back in the arena. */
@@ -1554,12 +1581,13 @@ bool heap_free_small_block(void *p) {
     return false;
   heap_t *heap = heap_current;
   heap_t *owner = page_owner(page);
-  /* Another heap's block, not a secure page's. Inside a task heap, a block
-   * of the thread's own heap goes to that heap's bin (a runtime's reply
-   * freed by the task it reached: half the cost of a scoped request, on
-   * the full path). The bin's head would be a double free. */
+  /* Another heap's block, not a secure page's. A heap of this thread's
+   * gets it in its bin: inside a task heap, the thread heap's block (a
+   * runtime's reply freed by the task it reached: half the cost of a
+   * scoped request on the full path), and a task's block freed outside it
+   * (see heap_is_this_threads). The bin's head would be a double free. */
   if (owner != heap && !page->secure) {
-    bool home = owner != NULL && owner == heap->home;
+    bool home = heap_is_this_threads(owner, heap);
     bin_t *bin = &(home ? owner : heap)->bins[page->class_index];
     /* heap_free_small's checks; one division gives both (32 bits: a span
      * is under 4 GiB). */
@@ -1606,10 +1634,10 @@ void heap_free_small(page_t *page, void *p) {
   block_t *block = p;
   heap_t *owner = page_owner(page);
   if (owner != heap) {
-    /* Inside a task heap, a block of this thread's own heap (a runtime's,
-     * a library's): onto its bin, as outside, not a remote free. Only
-     * this thread touches its own heap's bins. */
-    if (owner != NULL && owner == heap->home && !page->secure) {
+    /* A block of another of this thread's heaps (inside a task heap, the
+     * thread heap's: a runtime's, a library's): onto its bin, as in that
+     * heap, not a remote free. Only this thread touches its heaps' bins. */
+    if (heap_is_this_threads(owner, heap) && !page->secure) {
       bin_t *bin = &owner->bins[page->class_index];
       if (unlikely(block == bin->head)) {
         error_report("double free", p, page->block_size);

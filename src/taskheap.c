@@ -491,8 +491,19 @@ ZK_EXPORT zk_heap_t *zk_heap_create(const zk_heap_options_t *options) {
   heap->parent = options->parent;
   heap->on_limit = options->on_limit;
   heap->on_limit_arg = options->on_limit_arg;
-  if (heap->parent != NULL)
+  if (heap->parent != NULL) {
+    /* Checked again where a destroy of the parent cannot come between the
+     * check and the count it refuses on. */
+    if (!task_is_live(heap->parent)) {
+      heap->next_live = task_structs_kept; /* zeroed again on its reuse */
+      task_structs_kept = heap;
+      task_structs_kept_count++;
+      pthread_mutex_unlock(&tasks_lock);
+      task_invalid(options->parent, "zk_heap_create with a parent");
+      return NULL;
+    }
     atomic_fetch_add_explicit(&heap->parent->children, 1, memory_order_relaxed);
+  }
   heap->next_live = tasks_live;
   if (tasks_live != NULL)
     tasks_live->prev_live = heap;

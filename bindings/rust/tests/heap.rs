@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::ptr::{self, NonNull};
-use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::task::{Context, Poll, RawWaker, RawWakerVTable, Waker};
 use std::thread::{self, ThreadId};
@@ -327,6 +327,101 @@ fn a_scoped_future_is_dropped_inside_its_heap() {
     assert!(heap.stats().live_bytes >= 4096);
     drop(unsafe { Box::from_raw(KEPT.load(Ordering::SeqCst)) });
     assert_eq!(heap.stats().live_bytes, 0);
+}
+
+/// A future that is pending once, then ready, holding `held` until it is
+/// dropped (an `async` block would drop it as its body ends, in the poll).
+struct ReadySecondTime<T> {
+    polled: bool,
+    _held: T,
+}
+
+impl<T> Future for ReadySecondTime<T> {
+    type Output = Vec<u8>;
+
+    fn poll(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<Vec<u8>> {
+        let this = unsafe { self.get_unchecked_mut() };
+        if !this.polled {
+            this.polled = true;
+            context.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        Poll::Ready(vec![7u8; 2000])
+    }
+}
+
+/// A scoped future that completes is dropped in its last poll, inside its
+/// heap (what it allocates as it drops is the heap's), and lets go of its
+/// handle then; the block it returned outlives the heap's last handle.
+#[test]
+fn a_completed_future_is_dropped_in_its_last_poll() {
+    static KEPT: AtomicPtr<[u8; 3000]> = AtomicPtr::new(ptr::null_mut());
+    struct AllocatesOnDrop;
+    impl Drop for AllocatesOnDrop {
+        fn drop(&mut self) {
+            KEPT.store(Box::into_raw(Box::new([5; 3000])), Ordering::SeqCst);
+        }
+    }
+    let heap = Heap::new();
+    let mut future = Box::pin(heap.scope(ReadySecondTime {
+        polled: false,
+        _held: AllocatesOnDrop,
+    }));
+    assert!(future.heap().is_some());
+    let waker = noop_waker();
+    let mut context = Context::from_waker(&waker);
+    assert!(future.as_mut().poll(&mut context).is_pending());
+    assert!(KEPT.load(Ordering::SeqCst).is_null());
+    let output = match future.as_mut().poll(&mut context) {
+        Poll::Ready(output) => output,
+        Poll::Pending => panic!("the future should have completed"),
+    };
+    // Dropped already, inside the heap, and its handle with it.
+    assert!(future.heap().is_none());
+    assert!(!KEPT.load(Ordering::SeqCst).is_null());
+    let live = heap.stats().live_bytes;
+    assert!(live >= 3000 + 2000, "live {}", live);
+    drop(future);
+    assert_eq!(heap.stats().live_bytes, live);
+    drop(heap); // the last handle: the blocks stay good
+    assert!(output.iter().all(|&byte| byte == 7));
+    drop(output);
+    drop(unsafe { Box::from_raw(KEPT.load(Ordering::SeqCst)) });
+}
+
+/// A future whose drop panics as it completes is dropped once: the panic
+/// reaches the poller, the thread has left the heap, and dropping the
+/// adapter afterwards does nothing more.
+#[test]
+fn a_future_whose_drop_panics_at_completion_is_dropped_once() {
+    static DROPS: AtomicUsize = AtomicUsize::new(0);
+    struct PanicsOnDrop;
+    impl Drop for PanicsOnDrop {
+        fn drop(&mut self) {
+            DROPS.fetch_add(1, Ordering::SeqCst);
+            panic!("drop panics on purpose");
+        }
+    }
+    let heap = Heap::new();
+    let mut future = Box::pin(heap.scope(ReadySecondTime {
+        polled: true,
+        _held: PanicsOnDrop,
+    }));
+    let waker = noop_waker();
+    let mut context = Context::from_waker(&waker);
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _ = future.as_mut().poll(&mut context);
+    }));
+    assert!(result.is_err());
+    assert_eq!(DROPS.load(Ordering::SeqCst), 1);
+    assert!(future.heap().is_none());
+    drop(future);
+    assert_eq!(DROPS.load(Ordering::SeqCst), 1);
+    // Left: a new allocation is not the heap's.
+    let before = heap.stats().live_bytes;
+    let outside = vec![1u8; 4000];
+    assert_eq!(heap.stats().live_bytes, before);
+    drop(outside);
 }
 
 #[test]
