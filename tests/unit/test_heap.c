@@ -1044,6 +1044,60 @@ static void test_own_blocks_freed_inside(void) {
   printf("own blocks freed inside a task heap: back to the thread's bins\n");
 }
 
+/* A task's blocks freed by their own thread outside the task (a request
+ * freed by the server task that read it) go to the task's bins on this
+ * thread: counted as the task's frees, exactly, reused by the task's next
+ * allocations, and double frees still reported. Also from inside another
+ * task heap. */
+static void test_task_blocks_freed_outside(void) {
+  enum { COUNT = 600 };
+  static void *blocks[COUNT];
+  zk_heap_t *task = zk_heap_create(NULL);
+  zk_heap_t *other = zk_heap_create(NULL);
+  CHECK(zk_heap_enter(task) == NULL);
+  size_t live = 0;
+  for (int i = 0; i < COUNT; i++) { /* arena classes and page classes */
+    CHECK((blocks[i] = zk_malloc(i % 5 == 0 ? 5000 + (size_t)i
+                                            : 24 + (size_t)i * 7 % 3000)) !=
+          NULL);
+    live += zk_usable_size(blocks[i]);
+  }
+  CHECK(zk_heap_enter(NULL) == task);
+  CHECK_EQ(stats_of(task).live_bytes, live);
+  for (int i = 0; i < COUNT / 2; i++) { /* outside any task heap */
+    live -= zk_usable_size(blocks[i]);
+    zk_free(blocks[i]);
+  }
+  CHECK_EQ(stats_of(task).live_bytes, live);
+  CHECK_EQ(stats_of(task).frees, COUNT / 2);
+  CHECK(zk_heap_enter(other) == NULL);
+  for (int i = COUNT / 2; i < COUNT; i++) { /* inside another one */
+    live -= zk_usable_size(blocks[i]);
+    zk_free(blocks[i]);
+  }
+  CHECK(zk_heap_enter(NULL) == other);
+  CHECK_EQ(stats_of(task).live_bytes, 0);
+  CHECK_EQ(live, 0);
+  CHECK_EQ(stats_of(task).frees, COUNT);
+  CHECK_EQ(stats_of(other).allocations, 0);
+  CHECK_EQ(stats_of(other).frees, 0);
+  /* The task's next block of a size it freed comes from its bin. */
+  void *last = blocks[COUNT - 1];
+  size_t last_size = 24 + (size_t)(COUNT - 1) * 7 % 3000;
+  CHECK(zk_heap_malloc(task, last_size) == last);
+  zk_free(last);
+  zk_heap_destroy(other);
+  zk_heap_destroy(task);
+  printf("task blocks freed by their thread outside the task: exact, reused\n");
+}
+
+static void double_free_task_block_outside(void) {
+  zk_heap_t *task = zk_heap_create(NULL);
+  void *p = zk_heap_malloc(task, 40);
+  zk_free(p);
+  zk_free(p);
+}
+
 /* Thousands of heaps, each used and destroyed: nothing accumulates. */
 static void test_many_heaps(void) {
   zk_collect(true);
@@ -1129,6 +1183,8 @@ static void test_misuse(void) {
   test_expect_abort(remote_double_free_arena_block,
                     "zkmem: error: double free");
   test_expect_abort(double_free_own_block_inside, "zkmem: error: double free");
+  test_expect_abort(double_free_task_block_outside,
+                    "zkmem: error: double free");
   test_expect_abort(corrupted_subheap_list,
                     "zkmem: error: corrupted list of task sub-heaps");
   test_expect_abort(free_inside_arena_block,
@@ -1172,6 +1228,7 @@ int main(int argc, char **argv) {
   test_arenas();
   test_arena_class_statistics();
   test_hot_classes_across_tasks();
+  test_task_blocks_freed_outside();
   test_own_blocks_freed_inside();
   test_many_heaps();
   test_review_findings();
