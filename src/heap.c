@@ -645,6 +645,20 @@ ZK_INLINE bool heap_is_this_threads(const heap_t *owner,
          (owner != NULL && heap_thread_of(owner) == heap_thread_of(current));
 }
 
+/* heap_is_this_threads for a small page's block, reading the owner's heap
+ * only for a task page: a page without a task is a thread heap's, this
+ * thread's only when it is the heap the current sub-heap belongs to (a
+ * remote free of another thread's block, the common case, then touches
+ * no other heap's memory). */
+ZK_INLINE bool heap_page_is_this_threads(const page_t *page,
+                                         const heap_t *owner,
+                                         const heap_t *current) {
+  if (page->task == NULL)
+    return owner != NULL &&
+           owner == __atomic_load_n(&current->home, __ATOMIC_RELAXED);
+  return heap_is_this_threads(owner, current);
+}
+
 void heap_free_arena(page_t *page, void *p) {
   size_t offset = (size_t)((uint8_t *)p - page->start);
   int class_index = arena_class_at(page, offset);
@@ -1487,16 +1501,9 @@ static bool heap_page_return_block(heap_t *heap, page_t *page, block_t *block,
  * sequentially consistent: either the owner sees this block in
  * thread_free, or this thread sees in_full and the hint it sets (or finds
  * set) makes the owner rescan after the push. */
-static void heap_free_remote(page_t *page, block_t *block) {
-  if (page->secure) {
-    /* The free bit is exact from any thread: every double free is caught
-     * here, before the list could be linked into a cycle. */
-    if (!page_free_bit_set(page, page_block_index(page, block))) {
-      error_report("double free", block, page->block_size);
-      return;
-    }
-    page_secure_fill(page, block);
-  }
+/* heap_free_remote of a page that is not secure: inlined where the caller
+ * knows it (the free's small-block path). */
+ZK_INLINE void heap_free_remote_checked(page_t *page, block_t *block) {
   /* Set when the page was set up, before any of its blocks was handed out:
    * unlike the owner word, never stale for a block being freed. */
   zk_heap_t *task = page->task;
@@ -1513,6 +1520,19 @@ static void heap_free_remote(page_t *page, block_t *block) {
    * at once (zk_heap_stats), releasing this page. */
   if (unlikely(task != NULL))
     task_remote_free(task, block_size);
+}
+
+static void heap_free_remote(page_t *page, block_t *block) {
+  if (page->secure) {
+    /* The free bit is exact from any thread: every double free is caught
+     * here, before the list could be linked into a cycle. */
+    if (!page_free_bit_set(page, page_block_index(page, block))) {
+      error_report("double free", block, page->block_size);
+      return;
+    }
+    page_secure_fill(page, block);
+  }
+  heap_free_remote_checked(page, block);
 }
 
 /* Another thread heap's block, freed on this thread: onto this thread's
@@ -1587,7 +1607,7 @@ bool heap_free_small_block(void *p) {
    * scoped request on the full path), and a task's block freed outside it
    * (see heap_is_this_threads). The bin's head would be a double free. */
   if (owner != heap && !page->secure) {
-    bool home = heap_is_this_threads(owner, heap);
+    bool home = heap_page_is_this_threads(page, owner, heap);
     bin_t *bin = &(home ? owner : heap)->bins[page->class_index];
     /* heap_free_small's checks; one division gives both (32 bits: a span
      * is under 4 GiB). */
@@ -1606,7 +1626,7 @@ bool heap_free_small_block(void *p) {
         if (heap_bin_can_keep(heap, bin, page))
           heap_bin_keep(heap, bin, p);
         else
-          heap_free_remote(page, p);
+          heap_free_remote_checked(page, p); /* not secure: checked above */
         return true;
       }
     }
@@ -1637,7 +1657,7 @@ void heap_free_small(page_t *page, void *p) {
     /* A block of another of this thread's heaps (inside a task heap, the
      * thread heap's: a runtime's, a library's): onto its bin, as in that
      * heap, not a remote free. Only this thread touches its heaps' bins. */
-    if (heap_is_this_threads(owner, heap) && !page->secure) {
+    if (heap_page_is_this_threads(page, owner, heap) && !page->secure) {
       bin_t *bin = &owner->bins[page->class_index];
       if (unlikely(block == bin->head)) {
         error_report("double free", p, page->block_size);
