@@ -167,12 +167,16 @@ struct page {
     _Atomic(uint64_t) arena_remote_frees;
   };
 
-  /* Cold: shared with other threads or used on slow paths. */
+  /* Read by other threads' frees, written by the owner on slow paths. */
+  uint32_t block_size;  /* small: class size; pool: stride */
+  uint32_t capacity;    /* blocks carved so far, from carve_first on */
+  uint32_t reserved;    /* blocks the span can hold */
+  uint32_t slice_count; /* span length, on the head */
+
+  /* The second line: other threads' frees push here with a CAS, so the
+   * owner's fast path, which reads the first line, does not miss after
+   * each of them. */
   _Atomic(block_t *) thread_free;
-  uint32_t block_size;   /* small: class size; pool: stride */
-  uint32_t capacity;     /* blocks carved so far, from carve_first on */
-  uint32_t reserved;     /* blocks the span can hold */
-  uint32_t slice_count;  /* span length, on the head */
   uint32_t slice_offset; /* slices back to the span head (0 on the head) */
   uint8_t purged;        /* free span: returned to the OS */
   uint8_t huge_pages;    /* backed by huge pages */
@@ -207,6 +211,8 @@ _Static_assert(offsetof(struct page, class_index) % 32 == 31,
                "class_index outside the bins' stores (mod 32)");
 _Static_assert(offsetof(struct page, owner) % 32 == 0,
                "owner outside the bins' stores (mod 32)");
+_Static_assert(offsetof(struct page, thread_free) == 64,
+               "remote frees' CAS off the line the owner's fast path reads");
 
 typedef enum segment_kind { SEGMENT_NORMAL = 1, SEGMENT_HUGE } segment_kind_t;
 
