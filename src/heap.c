@@ -626,37 +626,18 @@ size_t heap_arena_usable_size(const page_t *page, const void *p) {
   return 0;
 }
 
-/* The thread heap of the thread `heap` serves: itself, or a sub-heap's
- * home (an orphan's, once its thread exited, is none: itself). */
-ZK_INLINE const heap_t *heap_thread_of(const heap_t *heap) {
-  const heap_t *home = __atomic_load_n(&heap->home, __ATOMIC_RELAXED);
-  return home != NULL ? home : heap;
-}
-
-/* `owner` is the calling thread's (`current`'s thread heap or one of its
- * task sub-heaps), so its bins are this thread's to push onto, whichever
- * heap the thread is in: a task's block freed by its own worker outside
- * the task's polls (a request freed by the server task that read it) is
- * an owner's free, not a remote one with four atomic operations, two of
- * them on the task's shared counters. */
-ZK_INLINE bool heap_is_this_threads(const heap_t *owner,
+/* Inside a task heap, a block of the thread's own heap: its bin is this
+ * thread's to push onto, as outside (the runtime's reply freed by the task
+ * it reached). Only for the thread heap: a task sub-heap's block freed by
+ * its thread outside the task stays a remote free, which uncharges last
+ * with release order, so that a live count of 0 read by a destroy means
+ * every free is complete; a push onto a sub-heap the thread is not in, and
+ * the flush it may cause, would race with that destroy, and keep freed
+ * blocks charged against the task's limit. */
+ZK_INLINE bool heap_is_current_home(const heap_t *owner,
                                     const heap_t *current) {
-  return owner == current ||
-         (owner != NULL && heap_thread_of(owner) == heap_thread_of(current));
-}
-
-/* heap_is_this_threads for a small page's block, reading the owner's heap
- * only for a task page: a page without a task is a thread heap's, this
- * thread's only when it is the heap the current sub-heap belongs to (a
- * remote free of another thread's block, the common case, then touches
- * no other heap's memory). */
-ZK_INLINE bool heap_page_is_this_threads(const page_t *page,
-                                         const heap_t *owner,
-                                         const heap_t *current) {
-  if (page->task == NULL)
-    return owner != NULL &&
-           owner == __atomic_load_n(&current->home, __ATOMIC_RELAXED);
-  return heap_is_this_threads(owner, current);
+  return owner != NULL &&
+         owner == __atomic_load_n(&current->home, __ATOMIC_RELAXED);
 }
 
 void heap_free_arena(page_t *page, void *p) {
@@ -670,7 +651,7 @@ void heap_free_arena(page_t *page, void *p) {
   }
   heap_t *owner = page->arena_heap;
   size_t size = class_block_size[class_index];
-  if (heap_is_this_threads(owner, heap_current)) {
+  if (owner == heap_current) {
     bin_t *bin = &owner->bins[class_index];
     block_t *block = p;
     /* In the bin already (its head), or back in the arena. */
@@ -1601,13 +1582,12 @@ bool heap_free_small_block(void *p) {
     return false;
   heap_t *heap = heap_current;
   heap_t *owner = page_owner(page);
-  /* Another heap's block, not a secure page's. A heap of this thread's
-   * gets it in its bin: inside a task heap, the thread heap's block (a
-   * runtime's reply freed by the task it reached: half the cost of a
-   * scoped request on the full path), and a task's block freed outside it
-   * (see heap_is_this_threads). The bin's head would be a double free. */
+  /* Another heap's block, not a secure page's. Inside a task heap, the
+   * thread heap's block goes to that heap's bin (heap_is_current_home: half
+   * the cost of a scoped request on the full path). The bin's head would be
+   * a double free. */
   if (owner != heap && !page->secure) {
-    bool home = heap_page_is_this_threads(page, owner, heap);
+    bool home = heap_is_current_home(owner, heap);
     bin_t *bin = &(home ? owner : heap)->bins[page->class_index];
     /* heap_free_small's checks; one division gives both (32 bits: a span
      * is under 4 GiB). */
@@ -1654,10 +1634,10 @@ void heap_free_small(page_t *page, void *p) {
   block_t *block = p;
   heap_t *owner = page_owner(page);
   if (owner != heap) {
-    /* A block of another of this thread's heaps (inside a task heap, the
-     * thread heap's: a runtime's, a library's): onto its bin, as in that
-     * heap, not a remote free. Only this thread touches its heaps' bins. */
-    if (heap_page_is_this_threads(page, owner, heap) && !page->secure) {
+    /* Inside a task heap, a block of the thread's own heap (a runtime's,
+     * a library's): onto its bin, as outside, not a remote free. Only this
+     * thread touches its own heap's bins. */
+    if (heap_is_current_home(owner, heap) && !page->secure) {
       bin_t *bin = &owner->bins[page->class_index];
       if (unlikely(block == bin->head)) {
         error_report("double free", p, page->block_size);

@@ -1045,10 +1045,16 @@ static void test_own_blocks_freed_inside(void) {
 }
 
 /* A task's blocks freed by their own thread outside the task (a request
- * freed by the server task that read it) go to the task's bins on this
- * thread: counted as the task's frees, exactly, reused by the task's next
- * allocations, and double frees still reported. Also from inside another
- * task heap. */
+ * freed by the server task that read it), and inside another task heap:
+ * remote frees, as any other thread's, so counted exactly, uncharged at
+ * once (another thread then has the room under the limit), and a double
+ * free with another free between is reported. */
+static void *allocate_16k_from(void *arg) {
+  void *p = zk_heap_malloc(arg, 16 << 10);
+  zk_free(p);
+  return p;
+}
+
 static void test_task_blocks_freed_outside(void) {
   enum { COUNT = 600 };
   static void *blocks[COUNT];
@@ -1081,20 +1087,36 @@ static void test_task_blocks_freed_outside(void) {
   CHECK_EQ(stats_of(task).frees, COUNT);
   CHECK_EQ(stats_of(other).allocations, 0);
   CHECK_EQ(stats_of(other).frees, 0);
-  /* The task's next block of a size it freed comes from its bin. */
-  void *last = blocks[COUNT - 1];
-  size_t last_size = 24 + (size_t)(COUNT - 1) * 7 % 3000;
-  CHECK(zk_heap_malloc(task, last_size) == last);
-  zk_free(last);
   zk_heap_destroy(other);
   zk_heap_destroy(task);
-  printf("task blocks freed by their thread outside the task: exact, reused\n");
+  /* Under a limit: blocks freed outside no longer count against it. */
+  zk_heap_t *limited =
+      zk_heap_create(&(zk_heap_options_t){.limit_bytes = 64 << 10});
+  void *chunks[7];
+  CHECK(zk_heap_enter(limited) == NULL);
+  for (int i = 0; i < 7; i++)
+    CHECK((chunks[i] = zk_malloc(8192)) != NULL);
+  CHECK(zk_heap_enter(NULL) == limited);
+  for (int i = 0; i < 7; i++)
+    zk_free(chunks[i]);
+  CHECK_EQ(stats_of(limited).live_bytes, 0);
+  pthread_t thread;
+  void *result;
+  CHECK_EQ(pthread_create(&thread, NULL, allocate_16k_from, limited), 0);
+  CHECK_EQ(pthread_join(thread, &result), 0);
+  CHECK(result != NULL);
+  CHECK_EQ(stats_of(limited).limit_refusals, 0);
+  zk_heap_destroy(limited);
+  printf("task blocks freed by their thread outside the task: exact, "
+         "uncharged\n");
 }
 
 static void double_free_task_block_outside(void) {
   zk_heap_t *task = zk_heap_create(NULL);
-  void *p = zk_heap_malloc(task, 40);
+  void *p = zk_heap_malloc(task, 32);
+  void *q = zk_heap_malloc(task, 32);
   zk_free(p);
+  zk_free(q);
   zk_free(p);
 }
 
