@@ -426,7 +426,7 @@ impl Heap {
     pub fn scope<F: Future>(&self, future: F) -> InHeap<F> {
         InHeap {
             heap: Some(self.clone()),
-            future: ManuallyDrop::new(Box::pin(future)),
+            future: Some(Box::pin(future)),
         }
     }
 
@@ -727,8 +727,8 @@ pub struct InHeap<F> {
     /// instructions (callgrind); boxed, they are a sixth of that, and
     /// scoping a request costs about nothing against not scoping it (1.00x
     /// its time, 21 alternating rounds; 1.07x with the future inline).
-    /// Dropped by `poll` or `Drop`, inside the heap.
-    future: ManuallyDrop<Pin<Box<F>>>,
+    /// Dropped by `poll` or `Drop`, inside the heap; `None` after.
+    future: Option<Pin<Box<F>>>,
 }
 
 impl<F> InHeap<F> {
@@ -744,9 +744,8 @@ impl<F: Future> Future for InHeap<F> {
 
     #[inline]
     fn poll(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<F::Output> {
-        // Safety: the future is never moved out: it is dropped where it is,
-        // here or by `Drop`, and nothing else takes it.
-        let this = unsafe { self.get_unchecked_mut() };
+        // The future is pinned in its box: the adapter itself is Unpin.
+        let this = self.get_mut();
         let raw = match &this.heap {
             Some(heap) => heap.raw(),
             None => panic!("zkmem: InHeap polled after it completed"),
@@ -756,14 +755,18 @@ impl<F: Future> Future for InHeap<F> {
         // thread is in it.
         let mut completed_heap = None;
         let inside = Within::new(raw);
-        let poll = this.future.as_mut().poll(context);
+        let future = match &mut this.future {
+            Some(future) => future,
+            None => panic!("zkmem: InHeap polled after it completed"),
+        };
+        let poll = future.as_mut().poll(context);
         if poll.is_ready() {
             // Dropped now, in the heap the poll entered, rather than by a
             // `Drop` that would enter it again (a sixth of what a scoped
             // task cost on the request/reply workload). The handle is taken
             // first, so a drop that panics leaves nothing to drop twice.
             completed_heap = this.heap.take();
-            unsafe { ManuallyDrop::drop(&mut this.future) };
+            drop(this.future.take());
         }
         drop(inside);
         drop(completed_heap);
@@ -775,9 +778,9 @@ impl<F> Drop for InHeap<F> {
     fn drop(&mut self) {
         // Not completed: what the future frees and allocates as it drops is
         // the heap's too.
-        if let Some(heap) = &self.heap {
+        if let (Some(heap), Some(future)) = (&self.heap, self.future.take()) {
             let _inside = Within::new(heap.raw());
-            unsafe { ManuallyDrop::drop(&mut self.future) };
+            drop(future);
         }
     }
 }
