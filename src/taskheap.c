@@ -85,6 +85,17 @@ static unsigned task_quarantine_next;
 static zk_heap_t *task_structs_kept;
 static unsigned task_structs_kept_count;
 
+/* A heap struct no handle may reach any more onto the kept list (tasks_lock
+ * held); false when the list is full and the caller frees it. */
+static bool task_struct_keep(zk_heap_t *heap) {
+  if (task_structs_kept_count >= TASK_STRUCTS_KEPT)
+    return false;
+  heap->next_live = task_structs_kept; /* zeroed again on its reuse */
+  task_structs_kept = heap;
+  task_structs_kept_count++;
+  return true;
+}
+
 /* Lists of sub-heaps that other threads push onto (a task heap's, a
  * thread's dead ones) are walked with a bound: no such list holds more
  * heaps than were ever made, and a longer one is corrupted. The next one,
@@ -339,16 +350,26 @@ static void task_push_dead(heap_t *sub) {
 /* The calling thread's sub-heap for `task`: found in the task's list (as
  * long as threads that ran the task), else a spare or a new one. */
 
+/* The last sub-heap this thread found, when it serves `task` for `home`'s
+ * thread; else NULL. */
+ZK_INLINE heap_t *task_last_subheap_of(const zk_heap_t *task,
+                                       const heap_t *home) {
+  heap_t *last = task_last_subheap;
+  if (last != NULL &&
+      atomic_load_explicit(&last->task, memory_order_relaxed) == task &&
+      __atomic_load_n(&last->home, __ATOMIC_RELAXED) == home)
+    return last;
+  return NULL;
+}
+
 static heap_t *task_subheap(zk_heap_t *task, heap_t *home) {
   if (home == NULL)
     return NULL;
   /* A runtime enters the same few heaps over and over. A sub-heap serves
    * one task heap at a time, and only its own thread: checked, the last
    * one found is the answer when it serves `task` for this thread. */
-  heap_t *last = task_last_subheap;
-  if (last != NULL &&
-      atomic_load_explicit(&last->task, memory_order_relaxed) == task &&
-      __atomic_load_n(&last->home, __ATOMIC_RELAXED) == home)
+  heap_t *last = task_last_subheap_of(task, home);
+  if (last != NULL)
     return last;
   FOR_EACH_SUBHEAP(task, sub)
   if (__atomic_load_n(&sub->home, __ATOMIC_RELAXED) == home)
@@ -495,10 +516,10 @@ ZK_EXPORT zk_heap_t *zk_heap_create(const zk_heap_options_t *options) {
     /* Checked again where a destroy of the parent cannot come between the
      * check and the count it refuses on. */
     if (!task_is_live(heap->parent)) {
-      heap->next_live = task_structs_kept; /* zeroed again on its reuse */
-      task_structs_kept = heap;
-      task_structs_kept_count++;
+      bool kept = task_struct_keep(heap);
       pthread_mutex_unlock(&tasks_lock);
+      if (!kept)
+        os_meta_free(heap, sizeof(zk_heap_t));
       task_invalid(options->parent, "zk_heap_create with a parent");
       return NULL;
     }
@@ -608,10 +629,8 @@ ZK_EXPORT zk_heap_t *zk_heap_enter(zk_heap_t *heap) {
     }
     /* task_subheap's first check, without the call: a runtime enters the
      * heap it entered last on this thread again and again. */
-    next = task_last_subheap;
-    if (next == NULL ||
-        atomic_load_explicit(&next->task, memory_order_relaxed) != heap ||
-        __atomic_load_n(&next->home, __ATOMIC_RELAXED) != home)
+    next = task_last_subheap_of(heap, home);
+    if (next == NULL)
       next = task_subheap(heap, home);
     if (next == NULL) { /* no memory for a sub-heap: stay */
       errno = ENOMEM;
@@ -745,12 +764,8 @@ ZK_EXPORT void zk_heap_destroy(zk_heap_t *heap) {
   zk_heap_t *oldest = task_quarantine[task_quarantine_next];
   task_quarantine[task_quarantine_next] = heap;
   task_quarantine_next = (task_quarantine_next + 1) % TASK_QUARANTINE;
-  if (oldest != NULL && task_structs_kept_count < TASK_STRUCTS_KEPT) {
-    oldest->next_live = task_structs_kept;
-    task_structs_kept = oldest;
-    task_structs_kept_count++;
+  if (oldest != NULL && task_struct_keep(oldest))
     oldest = NULL;
-  }
   pthread_mutex_unlock(&tasks_lock);
   while (large != NULL) {
     page_t *next = large->next;
