@@ -19,7 +19,7 @@ static void alloc_free_checked(void *p) {
     error_report("free of a pointer zkmem does not own", p, 0);
     return;
   }
-  switch ((page_kind_t)__atomic_load_n(&page->kind, __ATOMIC_RELAXED)) {
+  switch (page_kind(page)) {
   case PAGE_SMALL:
     heap_free_small(page, p);
     return;
@@ -121,7 +121,7 @@ ZK_EXPORT size_t zk_usable_size(const void *p) {
   page_t *page = segment_lookup(p);
   if (page == NULL)
     return 0;
-  switch ((page_kind_t)__atomic_load_n(&page->kind, __ATOMIC_RELAXED)) {
+  switch (page_kind(page)) {
   case PAGE_SMALL:
   case PAGE_POOL:
     return page->block_size -

@@ -188,7 +188,7 @@ static void heap_bin_trim(heap_t *heap, bin_t *bin, uint32_t keep,
       foreign++;
       continue;
     }
-    bool to_arena = page->kind == PAGE_ARENA; /* the page may go back */
+    bool to_arena = page_kind(page) == PAGE_ARENA; /* the page may go back */
     bool returned_block =
         heap_page_return_block(heap, page, block, free_since_ms);
     back += returned_block;
@@ -1448,7 +1448,7 @@ void *heap_malloc_generic(heap_t *heap, size_t size, size_t alignment) {
  * reach it directly (secure, remote), a bin those pushed onto it. */
 static bool heap_page_return_block(heap_t *heap, page_t *page, block_t *block,
                                    uint64_t free_since_ms) {
-  if (page->kind == PAGE_ARENA) {
+  if (page_kind(page) == PAGE_ARENA) {
     size_t offset = (size_t)((uint8_t *)block - page->start);
     int class_index = arena_class_at(page, offset);
     if (unlikely(arena_live(page) == 0 || class_index < 0)) {
@@ -1576,7 +1576,7 @@ bool heap_free_small_block(void *p) {
   if (!segment_is_owned(segment))
     return false;
   page_t *page = segment_page_of(segment, p);
-  if (__atomic_load_n(&page->kind, __ATOMIC_RELAXED) != PAGE_SMALL)
+  if (page_kind(page) != PAGE_SMALL)
     return false;
   heap_t *heap = heap_current;
   heap_t *owner = page_owner(page);

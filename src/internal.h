@@ -214,6 +214,14 @@ _Static_assert(offsetof(struct page, owner) % 32 == 0,
 _Static_assert(offsetof(struct page, thread_free) == 64,
                "remote frees' CAS off the line the owner's fast path reads");
 
+/* Read atomically wherever the reader does not hold the span alone: any
+ * thread's purge may try its CAS on a large span's kind (it saw
+ * PAGE_LARGE_CACHED a moment ago; its owner has since taken the span back),
+ * and a failed CAS still counts as a write that races a plain read. */
+ZK_INLINE page_kind_t page_kind(const page_t *page) {
+  return (page_kind_t)__atomic_load_n(&page->kind, __ATOMIC_RELAXED);
+}
+
 typedef enum segment_kind { SEGMENT_NORMAL = 1, SEGMENT_HUGE } segment_kind_t;
 
 struct segment {

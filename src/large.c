@@ -169,7 +169,7 @@ void large_free(heap_t *heap, page_t *page) {
     task_large_remove(page);
   large_unaccount(page);
   /* Atomic: another thread's purge reads the kinds of spans with a CAS. */
-  if (__atomic_load_n(&page->kind, __ATOMIC_RELAXED) == PAGE_HUGE) {
+  if (page_kind(page) == PAGE_HUGE) {
     atomic_fetch_sub_explicit(&huge_live, 1, memory_order_relaxed);
     segment_huge_free(page);
     return;
@@ -221,14 +221,15 @@ void large_cache_flush(heap_t *heap) {
 
 bool large_block_is_zero(const void *p) {
   page_t *page = segment_lookup(p);
-  return (page->kind == PAGE_LARGE || page->kind == PAGE_HUGE) &&
-         page->is_zero && p == page->start;
+  page_kind_t kind = page_kind(page);
+  return (kind == PAGE_LARGE || kind == PAGE_HUGE) && page->is_zero &&
+         p == page->start;
 }
 
 void *large_try_resize(void *p, size_t size) {
   page_t *page = segment_lookup(p);
   /* A task's block is copied: its task lists its descriptor. */
-  if (page->kind != PAGE_HUGE || size <= LARGE_MAX || p != page->start ||
+  if (page_kind(page) != PAGE_HUGE || size <= LARGE_MAX || p != page->start ||
       page->task != NULL)
     return NULL;
   large_unaccount(page);

@@ -335,7 +335,7 @@ static page_t *pool_page_of(const void *object) {
   if (!segment_is_owned(segment))
     return NULL;
   page_t *page = segment_page_of(segment, object);
-  return page->kind == PAGE_POOL ? page : NULL;
+  return page_kind(page) == PAGE_POOL ? page : NULL;
 }
 
 /* What is wrong with `object` as one of `page`'s objects, or NULL. The

@@ -129,8 +129,7 @@ static void span_insert_free(page_t *span) {
   size_t end = index + span->slice_count;
   if (end < SLICES_PER_SEGMENT) {
     page_t *after = &segment->pages[end];
-    if (__atomic_load_n(&after->kind, __ATOMIC_RELAXED) == PAGE_FREE_SPAN &&
-        after->slice_offset == 0) {
+    if (page_kind(after) == PAGE_FREE_SPAN && after->slice_offset == 0) {
       bin_remove(after);
       span_merge_purge_state(span, after);
       span->slice_count += after->slice_count;
@@ -141,7 +140,7 @@ static void span_insert_free(page_t *span) {
   if (index > SEGMENT_FIRST_SLICE) {
     page_t *before = &segment->pages[index - 1];
     before -= before->slice_offset;
-    if (__atomic_load_n(&before->kind, __ATOMIC_RELAXED) == PAGE_FREE_SPAN) {
+    if (page_kind(before) == PAGE_FREE_SPAN) {
       bin_remove(before);
       span_merge_purge_state(before, span);
       before->slice_count += span->slice_count;
@@ -740,7 +739,7 @@ static size_t segment_purge_locked(uint64_t now_ms, bool force) {
     for (size_t index = SEGMENT_FIRST_SLICE; index < SLICES_PER_SEGMENT;) {
       page_t *span = &segment->pages[index];
       size_t slices = span->slice_count ? span->slice_count : 1;
-      uint8_t kind = __atomic_load_n(&span->kind, __ATOMIC_RELAXED);
+      page_kind_t kind = page_kind(span);
       if (kind == PAGE_LARGE_CACHED && segment->huge_pages != 2) {
         purged += span_purge_cached(span, now_ms, delay, force, decommit);
         index += slices;
