@@ -58,8 +58,8 @@ page_t *segment_lookup(const void *p) {
   case SEGMENT_MAP_HEADER:
     return segment_page_of(segment, p);
   case SEGMENT_MAP_AFTER_HEADER:
-    return &((segment_t *)((uint8_t *)segment - SEGMENT_SIZE))
-                ->pages[SEGMENT_FIRST_SLICE];
+    return &segment_pages(
+        (segment_t *)((uint8_t *)segment - SEGMENT_SIZE))[SEGMENT_FIRST_SLICE];
   default:
     return NULL;
   }
@@ -67,7 +67,7 @@ page_t *segment_lookup(const void *p) {
 
 static size_t slice_index(const page_t *page) {
   segment_t *segment = segment_of(page);
-  return (size_t)(page - segment->pages);
+  return (size_t)(page - segment_pages(segment));
 }
 
 static uint8_t *slice_address(const page_t *page) {
@@ -128,7 +128,7 @@ static void span_insert_free(page_t *span) {
   size_t index = slice_index(span);
   size_t end = index + span->slice_count;
   if (end < SLICES_PER_SEGMENT) {
-    page_t *after = &segment->pages[end];
+    page_t *after = &segment_pages(segment)[end];
     if (page_kind(after) == PAGE_FREE_SPAN && after->slice_offset == 0) {
       bin_remove(after);
       span_merge_purge_state(span, after);
@@ -138,7 +138,7 @@ static void span_insert_free(page_t *span) {
     }
   }
   if (index > SEGMENT_FIRST_SLICE) {
-    page_t *before = &segment->pages[index - 1];
+    page_t *before = &segment_pages(segment)[index - 1];
     before -= before->slice_offset;
     if (page_kind(before) == PAGE_FREE_SPAN) {
       bin_remove(before);
@@ -166,7 +166,7 @@ static bool segment_guard(segment_t *segment) {
     os_protect(header_end - OS_PAGE_SIZE, OS_PAGE_SIZE, true);
     return false;
   }
-  page_t *guard = &segment->pages[SLICES_PER_SEGMENT - 1];
+  page_t *guard = &segment_pages(segment)[SLICES_PER_SEGMENT - 1];
   guard->kind = PAGE_HEADER;
   guard->slice_count = 1;
   return true;
@@ -184,14 +184,14 @@ static segment_t *segment_map_new(void) {
   segment->kind = SEGMENT_NORMAL;
   segment->huge_pages = got_huge;
   segment->mapped_size = SEGMENT_SIZE;
-  segment->pages[0].kind = PAGE_HEADER;
-  segment->pages[0].slice_count = 1;
+  segment_pages(segment)[0].kind = PAGE_HEADER;
+  segment_pages(segment)[0].slice_count = 1;
   size_t usable = SEGMENT_USABLE_SLICES;
   if (option(ZK_OPTION_SECURE) && segment_guard(segment)) {
     segment->guarded = 1;
     usable--;
   }
-  page_t *span = &segment->pages[SEGMENT_FIRST_SLICE];
+  page_t *span = &segment_pages(segment)[SEGMENT_FIRST_SLICE];
   span->slice_count = (uint32_t)usable;
   span->is_zero = 1;
   span->huge_pages = got_huge;
@@ -211,7 +211,7 @@ static segment_t *segment_map_new(void) {
 }
 
 static void segment_unmap(segment_t *segment) {
-  page_t *span = &segment->pages[SEGMENT_FIRST_SLICE];
+  page_t *span = &segment_pages(segment)[SEGMENT_FIRST_SLICE];
   bin_remove(span);
   if (!span->purged)
     bytes_free_committed -= span_bytes(span);
@@ -272,8 +272,8 @@ page_t *segment_span_alloc(size_t slices, page_kind_t kind, segment_t **home) {
     if (fresh == NULL && segment_room_for(SEGMENT_SIZE))
       fresh = segment_map_new();
     if (fresh != NULL &&
-        fresh->pages[SEGMENT_FIRST_SLICE].slice_count >= slices)
-      span = &fresh->pages[SEGMENT_FIRST_SLICE];
+        segment_pages(fresh)[SEGMENT_FIRST_SLICE].slice_count >= slices)
+      span = &segment_pages(fresh)[SEGMENT_FIRST_SLICE];
   }
   for (size_t bin = slices; span == NULL && bin < SLICES_PER_SEGMENT; bin++)
     span = span_bins[bin];
@@ -281,12 +281,12 @@ page_t *segment_span_alloc(size_t slices, page_kind_t kind, segment_t **home) {
     segment_t *fresh =
         segment_room_for(SEGMENT_SIZE) ? segment_map_new() : NULL;
     if (fresh == NULL ||
-        fresh->pages[SEGMENT_FIRST_SLICE].slice_count < slices) {
+        segment_pages(fresh)[SEGMENT_FIRST_SLICE].slice_count < slices) {
       pthread_mutex_unlock(&segment_lock);
       errno = ENOMEM; /* only a guarded segment is one slice short */
       return NULL;
     }
-    span = &fresh->pages[SEGMENT_FIRST_SLICE];
+    span = &segment_pages(fresh)[SEGMENT_FIRST_SLICE];
   }
   bin_remove(span);
   if (!span->purged)
@@ -397,6 +397,14 @@ static segment_t *huge_remap(segment_t *segment, size_t new_total) {
     }
     track_header_gone(segment, SLICE_SIZE);
     track_header(moved, SLICE_SIZE);
+    /* The descriptors moved with the header; their colour is the new
+     * address's. */
+    page_t *carried =
+        (page_t *)((uint8_t *)moved +
+                   ((uint8_t *)segment_pages(segment) - (uint8_t *)segment));
+    if (carried != segment_pages(moved))
+      memmove(segment_pages(moved), carried,
+              SLICES_PER_SEGMENT * sizeof(page_t));
     segment = moved;
     segment->cookie = (uintptr_t)segment ^ segment_secret;
     owned_map_set(segment, SEGMENT_MAP_HEADER);
@@ -561,8 +569,13 @@ page_t *segment_huge_alloc(size_t size, size_t alignment, bool zeroed) {
     pthread_mutex_unlock(&segment_lock);
     if (segment != NULL) {
       reused = true;
-      track_undefined(segment, sizeof(segment_t));
-      memset(segment, 0, sizeof(segment_t)); /* old blocks' bytes */
+      /* The old block's bytes: the fields and this segment's descriptors. */
+      page_t *pages = segment_pages(segment);
+      size_t pages_bytes = SLICES_PER_SEGMENT * sizeof(page_t);
+      track_undefined(segment, SEGMENT_PAGES_OFFSET);
+      track_undefined(pages, pages_bytes);
+      memset(segment, 0, SEGMENT_PAGES_OFFSET);
+      memset(pages, 0, pages_bytes);
     }
   }
   int huge_mode = guarded ? 0 : (int)option(ZK_OPTION_HUGE_PAGES);
@@ -612,9 +625,9 @@ page_t *segment_huge_alloc(size_t size, size_t alignment, bool zeroed) {
   segment->huge_pages = got_huge;
   segment->block_after_header = after_header;
   segment->mapped_size = total;
-  segment->pages[0].kind = PAGE_HEADER;
+  segment_pages(segment)[0].kind = PAGE_HEADER;
   size_t index = after_header ? SEGMENT_FIRST_SLICE : offset >> SLICE_SHIFT;
-  page_t *page = &segment->pages[index];
+  page_t *page = &segment_pages(segment)[index];
   page->kind = PAGE_HUGE;
   page->is_zero = !reused;
   page->huge_pages = got_huge;
@@ -623,7 +636,7 @@ page_t *segment_huge_alloc(size_t size, size_t alignment, bool zeroed) {
   page->secure = guarded;
   /* Interior slices of the first 4 MiB resolve to the block. */
   for (size_t i = index + 1; !after_header && i < SLICES_PER_SEGMENT; i++)
-    segment->pages[i].slice_offset = (uint32_t)(i - index);
+    segment_pages(segment)[i].slice_offset = (uint32_t)(i - index);
   owned_map_set(huge_map_address(segment), huge_map_state(segment));
   errno = saved_errno;
   return page;
@@ -677,7 +690,7 @@ page_t *segment_huge_resize(page_t *page, size_t new_size) {
   pthread_mutex_unlock(&segment_lock);
   if (resized == NULL)
     return NULL;
-  page = &resized->pages[offset >> SLICE_SHIFT];
+  page = &segment_pages(resized)[offset >> SLICE_SHIFT];
   page->start = (uint8_t *)resized + offset;
   page->large_size = new_total - offset;
   return page;
@@ -729,7 +742,7 @@ static size_t segment_purge_locked(uint64_t now_ms, bool force) {
     segment_t *next = segment->next;
     if (segment->used_slices == 0 &&
         (force || now_ms - segment->free_since_ms >= 4 * delay)) {
-      page_t *span = &segment->pages[SEGMENT_FIRST_SLICE];
+      page_t *span = &segment_pages(segment)[SEGMENT_FIRST_SLICE];
       if (!span->purged)
         purged += span_bytes(span);
       segment_unmap(segment);
@@ -737,7 +750,7 @@ static size_t segment_purge_locked(uint64_t now_ms, bool force) {
       continue;
     }
     for (size_t index = SEGMENT_FIRST_SLICE; index < SLICES_PER_SEGMENT;) {
-      page_t *span = &segment->pages[index];
+      page_t *span = &segment_pages(segment)[index];
       size_t slices = span->slice_count ? span->slice_count : 1;
       page_kind_t kind = page_kind(span);
       if (kind == PAGE_LARGE_CACHED && segment->huge_pages != 2) {

@@ -97,7 +97,7 @@ static void test_span_split(void) {
   page_t *whole = span_alloc(SEGMENT_USABLE_SLICES);
   CHECK(whole != NULL);
   segment_t *segment = segment_of(whole);
-  CHECK(whole == &segment->pages[SEGMENT_FIRST_SLICE]);
+  CHECK(whole == &segment_pages(segment)[SEGMENT_FIRST_SLICE]);
   CHECK(whole->start == (uint8_t *)segment + SLICE_SIZE);
   CHECK_EQ(segment->used_slices, SEGMENT_USABLE_SLICES);
   segment_span_free(whole);
@@ -135,7 +135,7 @@ static void merge_in_order(const int order[3]) {
     CHECK(spans[i] != NULL);
   }
   segment_t *segment = segment_of(spans[0]);
-  CHECK(spans[0] == &segment->pages[SEGMENT_FIRST_SLICE]);
+  CHECK(spans[0] == &segment_pages(segment)[SEGMENT_FIRST_SLICE]);
   CHECK(spans[1] == spans[0] + 2);
   CHECK(spans[2] == spans[1] + 3);
   uint8_t *a_start = spans[0]->start;
@@ -681,6 +681,27 @@ static void test_realloc_huge(void) {
   CHECK(mremap_moves > moves);
   CHECK_EQ(mremap_moves_still_owned, 0);
   CHECK(zk_usable_size(p) >= 64 * mb);
+  zk_free(p);
+
+  /* Moves in 4 MiB steps land at addresses of every colour (bits 22-23,
+   * segment_pages): the descriptors move with the header to where the new
+   * address looks for them. */
+  p = zk_malloc(4 * mb);
+  CHECK(p != NULL);
+  fill_words(p, 0, 4 * mb, 13);
+  int colour_changes = 0;
+  for (size = 8 * mb; size <= 40 * mb; size += 4 * mb) {
+    uintptr_t colour_before = segment_slice_offset(segment_of(p));
+    p = zk_realloc(p, size);
+    CHECK(p != NULL);
+    colour_changes += segment_slice_offset(segment_of(p)) != colour_before;
+    page_t *page = segment_lookup(p);
+    CHECK(page != NULL && page_kind(page) == PAGE_HUGE && page->start == p);
+    CHECK(zk_usable_size(p) >= size);
+    CHECK(verify_words(p, 0, 4 * mb, 13));
+  }
+  printf("9 moves of a huge block, %d to another descriptor colour\n",
+         colour_changes);
   zk_free(p);
   mremap_refuse_in_place = 0;
   zk_collect(true);
