@@ -23,7 +23,7 @@ ZK_INLINE void *alloc_fast_malloc(size_t size) {
   heap_t *heap = heap_current;
   if (unlikely(size > SMALL_MAX))
     return heap_malloc_generic(heap, size, 0);
-  bin_t *bin = heap_bin(heap, class_by_8[(size + 7) >> 3]);
+  bin_t *bin = heap_bin(heap, class_of_small(size));
   if (likely(bin->head != NULL))
     return bin_pop(heap, bin);
   return heap_malloc_bin_empty(heap, bin, size);

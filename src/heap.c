@@ -863,7 +863,8 @@ static void abandon_page(heap_t *heap, page_t *page) {
   }
   /* The page carries its counters to the abandoned list and on to the heap
    * that reclaims it. */
-  __atomic_store_n(&page->in_full, 0, __ATOMIC_RELAXED);
+  page->in_full = 0;
+  page_leave_full(page);
   page_set_owner(page, NULL, memory_order_release);
   pthread_mutex_lock(&abandoned_lock);
   queue_push_back(&abandoned[page->class_index], page);
@@ -962,8 +963,7 @@ void heap_collect_orphan(heap_t *heap) {
       bool empty = page->used == 0;
       if (empty) {
         queue_remove(queues[q], page);
-        /* Read by the remote free that just emptied it, after its push. */
-        __atomic_store_n(&page->in_full, 0, __ATOMIC_RELAXED);
+        page->in_full = 0;
         stats_retire_page(&heap->stats, page);
         heap->page_count--;
       }
@@ -992,14 +992,15 @@ void heap_release_arenas(heap_t *heap) {
   arena_collect(heap, true);
 }
 
-void heap_bin_counts(const heap_t *heap, uint64_t *pushed_less_held,
-                     uint64_t *pushed, uint64_t *held_bytes) {
+ZK_STATS_READER void heap_bin_counts(const heap_t *heap,
+                                     uint64_t *pushed_less_held,
+                                     uint64_t *pushed, uint64_t *held_bytes) {
   for (unsigned c = 0; c < ARENA_CLASSES; c++)
-    *pushed_less_held += __atomic_load_n(&heap->arena_out[c], __ATOMIC_RELAXED);
+    *pushed_less_held += STATS_LOAD(heap->arena_out[c]);
   FOR_EACH_USED_CLASS(heap, c) {
     const bin_t *bin = &heap->bins[c];
-    uint64_t frees = __atomic_load_n(&bin->frees, __ATOMIC_RELAXED);
-    uint64_t held = bin_count(bin);
+    uint64_t frees = STATS_LOAD(bin->frees);
+    uint64_t held = BIN_COUNT_RACY(bin);
     *pushed_less_held += frees - held;
     *pushed += frees;
     *held_bytes += held * class_block_size[c];
@@ -1078,7 +1079,7 @@ void heap_release_all(heap_t *heap, bool keep_arena) {
     while ((page = queues[q]->first) != NULL && budget > 0) {
       budget--;
       queue_remove(queues[q], page);
-      atomic_store_explicit(&page->thread_free, NULL, memory_order_relaxed);
+      atomic_store_explicit(&page->thread_free, 0, memory_order_relaxed);
       page->in_full = 0;
       page->frees += page->used; /* freed by the release */
       page->used = 0;
@@ -1173,11 +1174,13 @@ void heap_reclaim_abandoned(void) {
 
 static void heap_queue_full(heap_t *heap, page_t *page) {
   queue_push_back(&heap->full, page);
-  /* Dekker with heap_free_remote, both sides sequentially consistent: a
-   * remote free that missed in_full == 1 left its block where this load
-   * sees it. */
-  __atomic_store_n(&page->in_full, 1, __ATOMIC_SEQ_CST);
-  if (atomic_load_explicit(&page->thread_free, memory_order_seq_cst) != NULL)
+  page->in_full = 1;
+  /* One word for the flag and the remote list: a remote free either
+   * pushed before this (seen here) or finds the flag in the word its CAS
+   * replaces (and sets the hint). */
+  uintptr_t word = atomic_fetch_or_explicit(
+      &page->thread_free, PAGE_REMOTE_FULL, memory_order_seq_cst);
+  if ((word & ~PAGE_REMOTE_FULL) != 0)
     atomic_store_explicit(&heap->remote_frees_to_full, 1, memory_order_relaxed);
 }
 
@@ -1192,7 +1195,8 @@ static void heap_move_to_full(heap_t *heap, page_t *page) {
  * peak than putting it at the back). */
 static void heap_unfull(heap_t *heap, page_t *page) {
   queue_remove(&heap->full, page);
-  __atomic_store_n(&page->in_full, 0, __ATOMIC_RELAXED);
+  page->in_full = 0;
+  page_leave_full(page);
   queue_push_front(&heap->queues[page->class_index], page);
 }
 
@@ -1207,7 +1211,8 @@ static void heap_rescan_full(heap_t *heap) {
     page_t *next = page->next;
     /* Not collected here: the refill that takes from the page takes its
      * remote list into the bin in one splice. */
-    if (atomic_load_explicit(&page->thread_free, memory_order_seq_cst) != NULL)
+    if ((atomic_load_explicit(&page->thread_free, memory_order_seq_cst) &
+         ~PAGE_REMOTE_FULL) != 0)
       heap_unfull(heap, page);
     page = next;
   }
@@ -1253,7 +1258,8 @@ static page_t *heap_find_page(heap_t *heap, unsigned class_index) {
   heap->page_count++;
   if (page->free == NULL && !page_extend(page)) {
     /* A reclaimed page that is still full: a remote free racing with this
-     * move must find in_full set, or be found here (heap_queue_full). */
+     * move must find the full flag set, or be found here
+     * (heap_queue_full). */
     heap_queue_full(heap, page);
     return heap_find_page(heap, class_index);
   }
@@ -1483,25 +1489,27 @@ static bool heap_page_return_block(heap_t *heap, page_t *page, block_t *block,
   return true;
 }
 
-/* Dekker with heap_move_to_full and heap_rescan_full, every access
- * sequentially consistent: either the owner sees this block in
- * thread_free, or this thread sees in_full and the hint it sets (or finds
- * set) makes the owner rescan after the push. */
 /* heap_free_remote of a page that is not secure: inlined where the caller
- * knows it (the free's small-block path). */
+ * knows it (the free's small-block path). Everything it needs of the page
+ * is read before the push: once the block is in the list, the owner may
+ * collect it, release the page and the segment may be unmapped. A page in
+ * its owner's full queue gets the owner's hint, with the handshake of
+ * heap_rescan_full: the push, then the hint's load, both sequentially
+ * consistent. The owner read before the push may be stale (the page
+ * abandoned and reclaimed meanwhile): heaps are never unmapped, and a
+ * hint to the wrong heap costs a spare rescan there, while the page waits
+ * in its new owner's full queue for the next remote free, or that
+ * owner's exit. */
 ZK_INLINE void heap_free_remote_checked(page_t *page, block_t *block) {
   /* Set when the page was set up, before any of its blocks was handed out:
    * unlike the owner word, never stale for a block being freed. */
   zk_heap_t *task = page->task;
   uint32_t block_size = page->block_size;
-  page_free_remote(page, block); /* a sequentially consistent CAS */
-  if (__atomic_load_n(&page->in_full, __ATOMIC_SEQ_CST)) {
-    heap_t *owner = page_owner(page);
-    if (owner != NULL && !atomic_load_explicit(&owner->remote_frees_to_full,
-                                               memory_order_seq_cst))
-      atomic_store_explicit(&owner->remote_frees_to_full, 1,
-                            memory_order_relaxed);
-  }
+  heap_t *owner = page_owner(page);
+  if (page_free_remote(page, block) && owner != NULL &&
+      !atomic_load_explicit(&owner->remote_frees_to_full, memory_order_seq_cst))
+    atomic_store_explicit(&owner->remote_frees_to_full, 1,
+                          memory_order_relaxed);
   /* Last: a task heap whose charge shows this block gone may be destroyed
    * at once (zk_heap_stats), releasing this page. */
   if (unlikely(task != NULL))
@@ -1689,11 +1697,12 @@ void heap_collect(heap_t *heap, bool force) {
     large_cache_flush(heap);
 }
 
-static void stats_add_page(zk_stats_t *out, const page_t *page) {
+ZK_STATS_READER static void stats_add_page(zk_stats_t *out,
+                                           const page_t *page) {
   zk_class_stats_t *cls = &out->classes[page->class_index];
-  uint64_t used = __atomic_load_n(&page->used, __ATOMIC_RELAXED);
-  uint64_t frees = __atomic_load_n(&page->frees, __ATOMIC_RELAXED);
-  uint64_t capacity = __atomic_load_n(&page->capacity, __ATOMIC_RELAXED);
+  uint64_t used = STATS_LOAD(page->used);
+  uint64_t frees = STATS_LOAD(page->frees);
+  uint64_t capacity = STATS_LOAD(page->capacity);
   cls->allocations += frees + used;
   cls->frees += frees;
   cls->pages++;
@@ -1707,36 +1716,33 @@ static void stats_add_page(zk_stats_t *out, const page_t *page) {
 /* Another thread's queue, read while it changes: its links are read
  * once each, and the walk stops after `*budget` pages in all (a page that
  * moves between queues as it is read could lead the walk around again). */
-static void stats_add_queue(zk_stats_t *out, const page_queue_t *queue,
-                            size_t *budget) {
-  for (const page_t *page = __atomic_load_n(&queue->first, __ATOMIC_RELAXED);
-       page != NULL && *budget > 0;
-       page = __atomic_load_n(&page->next, __ATOMIC_RELAXED), --*budget)
+ZK_STATS_READER static void
+stats_add_queue(zk_stats_t *out, const page_queue_t *queue, size_t *budget) {
+  for (const page_t *page = STATS_LOAD(queue->first);
+       page != NULL && *budget > 0; page = STATS_LOAD(page->next), --*budget)
     stats_add_page(out, page);
 }
 
 /* A sub-heap's arena blocks by class, and its arenas' carved bytes. */
-static void stats_add_arenas(zk_stats_t *out, const heap_t *heap,
-                             size_t *budget) {
+ZK_STATS_READER static void
+stats_add_arenas(zk_stats_t *out, const heap_t *heap, size_t *budget) {
   for (unsigned c = 0; c < ARENA_CLASSES; c++) {
-    uint64_t carved = __atomic_load_n(&heap->arena_out[c], __ATOMIC_RELAXED);
+    uint64_t carved = STATS_LOAD(heap->arena_out[c]);
     uint64_t remote =
         atomic_load_explicit(&heap->arena_remote[c], memory_order_relaxed);
     out->classes[c].allocations += carved;
     out->classes[c].frees += remote;
     out->bytes_live += (carved - remote) * class_block_size[c];
   }
-  for (const page_t *arena = __atomic_load_n(&heap->arenas, __ATOMIC_RELAXED);
-       arena != NULL && *budget > 0;
-       arena = __atomic_load_n(&arena->next, __ATOMIC_RELAXED), --*budget)
+  for (const page_t *arena = STATS_LOAD(heap->arenas);
+       arena != NULL && *budget > 0; arena = STATS_LOAD(arena->next), --*budget)
     out->bytes_committed +=
-        (ARENA_TABLE_BYTES +
-         __atomic_load_n(&arena->capacity, __ATOMIC_RELAXED) + OS_PAGE_SIZE -
-         1) &
+        (ARENA_TABLE_BYTES + STATS_LOAD(arena->capacity) + OS_PAGE_SIZE - 1) &
         ~(OS_PAGE_SIZE - 1);
 }
 
-static void stats_add_retired(zk_stats_t *out, const heap_stats_t *stats) {
+ZK_STATS_READER static void stats_add_retired(zk_stats_t *out,
+                                              const heap_stats_t *stats) {
   for (unsigned c = 0; c < CLASS_COUNT; c++) {
     out->classes[c].allocations += stats->class_allocs_retired[c];
     out->classes[c].frees += stats->class_frees_retired[c];
@@ -1752,7 +1758,7 @@ static void stats_add_retired(zk_stats_t *out, const heap_stats_t *stats) {
  * mapped while the walk follows other threads' links to page descriptors
  * (a page leaves a queue before its span goes back to the segment layer,
  * under that lock), and each walk is bounded. */
-void heap_collect_stats(zk_stats_t *out) {
+ZK_STATS_READER void heap_collect_stats(zk_stats_t *out) {
   pthread_mutex_lock(&abandoned_lock);
   pthread_mutex_lock(&heaps_lock);
   segment_lock_all();
@@ -1767,22 +1773,19 @@ void heap_collect_stats(zk_stats_t *out) {
     for (unsigned c = 0; c < CLASS_COUNT; c++) {
       /* Pages count a bin's blocks as used: they are free. */
       const bin_t *bin = &heap->bins[c];
-      uint64_t frees = __atomic_load_n(&bin->frees, __ATOMIC_RELAXED);
-      uint64_t held = bin_count(bin);
+      uint64_t frees = STATS_LOAD(bin->frees);
+      uint64_t held = BIN_COUNT_RACY(bin);
       out->classes[c].frees += frees;
       out->classes[c].allocations += frees - held;
       out->bytes_live -= held * class_block_size[c];
     }
-    unsigned cached =
-        __atomic_load_n(&heap->large_cache_count, __ATOMIC_RELAXED);
+    unsigned cached = STATS_LOAD(heap->large_cache_count);
     for (unsigned i = 0; i < cached && i < LARGE_CACHE_ENTRIES; i++) {
       /* Free, and resident until a purge returns it. */
-      const page_t *span =
-          __atomic_load_n(&heap->large_cache[i], __ATOMIC_RELAXED);
-      if (span != NULL && !__atomic_load_n(&span->purged, __ATOMIC_RELAXED))
-        out->bytes_committed +=
-            (size_t)__atomic_load_n(&span->slice_count, __ATOMIC_RELAXED)
-            << SLICE_SHIFT;
+      const page_t *span = STATS_LOAD(heap->large_cache[i]);
+      if (span != NULL && !STATS_LOAD(span->purged))
+        out->bytes_committed += (size_t)STATS_LOAD(span->slice_count)
+                                << SLICE_SHIFT;
     }
   }
   stats_add_retired(out, &heaps_retired_stats);

@@ -43,6 +43,17 @@
 #define unlikely(x) __builtin_expect(!!(x), 0)
 #define ZK_NOINLINE __attribute__((noinline))
 #define ZK_INLINE   static inline __attribute__((always_inline))
+/* Statistics read other threads' counters and page queues while those
+ * threads change them: by design, with relaxed loads, bounded walks and the
+ * segment lock keeping every descriptor mapped (heap_collect_stats), and
+ * exact only once the threads are quiet. The writers are the fast and slow
+ * paths, plain stores that stay so. ThreadSanitizer does not instrument
+ * these readers; every other access stays checked. */
+#define ZK_STATS_READER __attribute__((no_sanitize("thread"), noinline))
+/* Their loads of counters the owners write with plain stores: volatile,
+ * so each is one load the compiler keeps, and plain for the sanitizer
+ * (clang's still checks atomics in such functions). */
+#define STATS_LOAD(lvalue) (*(const volatile __typeof__(lvalue) *)&(lvalue))
 
 /* Memcheck annotations (build option ZKMEM_VALGRIND): blocks handed out are
  * heap blocks to valgrind, free blocks and never-used memory are
@@ -176,7 +187,7 @@ struct page {
   /* The second line: other threads' frees push here with a CAS, so the
    * owner's fast path, which reads the first line, does not miss after
    * each of them. */
-  _Atomic(block_t *) thread_free;
+  _Atomic(uintptr_t) thread_free; /* a block list, and PAGE_REMOTE_FULL */
   uint32_t slice_offset; /* slices back to the span head (0 on the head) */
   uint8_t purged;        /* free span: returned to the OS */
   uint8_t huge_pages;    /* backed by huge pages */
@@ -305,11 +316,12 @@ typedef struct bin {
   uint32_t arena_carve;
 } bin_t;
 
-/* Relaxed: the statistics read other threads' bins with it. */
 ZK_INLINE uint32_t bin_count(const bin_t *bin) {
-  return (uint32_t)((int64_t)bin->limit -
-                    __atomic_load_n(&bin->room, __ATOMIC_RELAXED));
+  return (uint32_t)((int64_t)bin->limit - bin->room);
 }
+/* bin_count of another thread's bin (statistics). */
+#define BIN_COUNT_RACY(bin)                                                    \
+  ((uint32_t)((int64_t)STATS_LOAD((bin)->limit) - STATS_LOAD((bin)->room)))
 
 struct heap {
   /* Fast paths: bins[class], and pool_magazines[] mapping a pool slot to
@@ -514,10 +526,30 @@ block_t *page_take_remote(page_t *page, block_t **tail, uint32_t *count);
 void page_splice_free(page_t *page, block_t *remote, block_t *tail,
                       uint32_t count);
 void page_collect(page_t *page);
+/* thread_free's low bit (blocks are 8-byte aligned): set by the owner
+ * while the page is in its full queue and no remote free is waiting
+ * (heap_queue_full). A remote free reads it in the word its CAS replaces,
+ * and so learns that the owner needs a hint without touching the page
+ * after its push: from then on the owner may collect the block, release
+ * the page, and the segment may be unmapped. The push clears it; the
+ * owner's collect keeps it (a page collected in `full` stays there). */
+#define PAGE_REMOTE_FULL ((uintptr_t)1)
 ZK_INLINE bool page_has_remote(page_t *page) {
-  return atomic_load_explicit(&page->thread_free, memory_order_relaxed) != NULL;
+  return (atomic_load_explicit(&page->thread_free, memory_order_relaxed) &
+          ~PAGE_REMOTE_FULL) != 0;
 }
-void page_free_remote(page_t *page, block_t *block);
+/* The owner takes its page out of `full`: the flag goes, if no push took
+ * it already. */
+ZK_INLINE void page_leave_full(page_t *page) {
+  if (atomic_load_explicit(&page->thread_free, memory_order_relaxed) &
+      PAGE_REMOTE_FULL)
+    atomic_fetch_and_explicit(&page->thread_free, ~PAGE_REMOTE_FULL,
+                              memory_order_relaxed);
+}
+/* Pushes the block (one sequentially consistent CAS); true if the page was
+ * in its owner's full queue, which the caller must then hint. Touches
+ * nothing of the page after the push. */
+bool page_free_remote(page_t *page, block_t *block);
 /* Secure free bits (see page_t): false when no memory for them. */
 bool page_free_bits_init(page_t *page);
 /* Marks block `index` free; false if it already was (a double free). */

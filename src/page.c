@@ -85,7 +85,8 @@ uint8_t class_by_8[CLASS_BY_8_COUNT];
 
 void sizeclass_init(void) {
   for (size_t i = 0; i < CLASS_BY_8_COUNT; i++)
-    class_by_8[i] = (uint8_t)size_to_class(i * 8);
+    __atomic_store_n(&class_by_8[i], (uint8_t)size_to_class(i * 8),
+                     __ATOMIC_RELAXED);
 }
 
 _Static_assert(sizeof(class_block_size) / sizeof(class_block_size[0]) ==
@@ -159,7 +160,7 @@ bool page_init_small(page_t *page, heap_t *heap, unsigned class_index) {
    * own. */
   page->key = page->secure ? random_next(&heap->random_state) : heap->bin_key;
   page->task = atomic_load_explicit(&heap->task, memory_order_relaxed);
-  atomic_store_explicit(&page->thread_free, NULL, memory_order_relaxed);
+  atomic_store_explicit(&page->thread_free, 0, memory_order_relaxed);
   page_set_owner(page, page_owner_word(page, heap), memory_order_relaxed);
   return true;
 }
@@ -311,12 +312,17 @@ static bool page_holds(const page_t *page, const block_t *block) {
  * blocks can be out of the page, and each must lie in it. */
 block_t *page_take_remote(page_t *page, block_t **tail_out,
                           uint32_t *count_out) {
-  if (atomic_load_explicit(&page->thread_free, memory_order_relaxed) == NULL)
+  uintptr_t word =
+      atomic_load_explicit(&page->thread_free, memory_order_relaxed);
+  if ((word & ~PAGE_REMOTE_FULL) == 0)
     return NULL;
-  block_t *remote =
-      atomic_exchange_explicit(&page->thread_free, NULL, memory_order_acquire);
-  if (remote == NULL)
-    return NULL;
+  /* Only the owner takes, so the list stays non-empty; the full flag
+   * stays as it is (see PAGE_REMOTE_FULL). */
+  while (!atomic_compare_exchange_weak_explicit(
+      &page->thread_free, &word, word & PAGE_REMOTE_FULL, memory_order_acquire,
+      memory_order_relaxed))
+    ;
+  block_t *remote = (block_t *)(word & ~PAGE_REMOTE_FULL);
   uint32_t count = 1;
   block_t *tail = remote;
   block_t *next;
@@ -355,12 +361,13 @@ void page_collect(page_t *page) {
 }
 
 /* Any thread but the owner: push with one CAS. */
-void page_free_remote(page_t *page, block_t *block) {
-  block_t *head =
+bool page_free_remote(page_t *page, block_t *block) {
+  uintptr_t word =
       atomic_load_explicit(&page->thread_free, memory_order_relaxed);
   do {
-    block_set_next(page, block, head);
-  } while (!atomic_compare_exchange_weak_explicit(&page->thread_free, &head,
-                                                  block, memory_order_seq_cst,
-                                                  memory_order_relaxed));
+    block_set_next(page, block, (block_t *)(word & ~PAGE_REMOTE_FULL));
+  } while (!atomic_compare_exchange_weak_explicit(
+      &page->thread_free, &word, (uintptr_t)block, memory_order_seq_cst,
+      memory_order_relaxed));
+  return (word & PAGE_REMOTE_FULL) != 0;
 }

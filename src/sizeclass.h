@@ -26,6 +26,13 @@ extern const uint8_t class_page_slices[CLASS_COUNT];
 #define CLASS_BY_8_COUNT (SMALL_MAX / 8 + 1)
 extern uint8_t class_by_8[CLASS_BY_8_COUNT];
 void sizeclass_init(void);
+/* The table's entry for a size up to SMALL_MAX. A relaxed atomic load (the
+ * same single load): another thread's first malloc reads the table while
+ * the first thread's initialisation fills it, and uses what it read only
+ * once its own wait for that initialisation is over. */
+ZK_INLINE unsigned class_of_small(size_t size) {
+  return __atomic_load_n(&class_by_8[(size + 7) >> 3], __ATOMIC_RELAXED);
+}
 
 /* size (<= SMALL_MAX) -> class index, in a few shifts. */
 ZK_INLINE unsigned size_to_class(size_t size) {

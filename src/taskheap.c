@@ -471,7 +471,7 @@ void *task_limit_reached(heap_t *heap, size_t size, size_t alignment) {
 
 static void *task_alloc(heap_t *sub, size_t size, size_t alignment) {
   if (alignment <= 16 && size <= SMALL_MAX) {
-    bin_t *bin = &sub->bins[class_by_8[(size + 7) >> 3]];
+    bin_t *bin = &sub->bins[class_of_small(size)];
     if (bin->head != NULL)
       return bin_pop(sub, bin);
     return heap_malloc_bin_empty(sub, bin, size);
@@ -647,15 +647,16 @@ ZK_EXPORT zk_heap_t *zk_heap_enter(zk_heap_t *heap) {
 /* Blocks a sub-heap handed out and took back: a bin's pops are what it
  * took from pages, plus the frees pushed onto it, less what it gave back
  * and what it holds. Read while the owner runs: exact when it is quiet. */
-static void subheap_counts(const heap_t *sub, uint64_t *allocations,
-                           uint64_t *frees, uint64_t *held_bytes) {
-  *allocations += __atomic_load_n(&sub->bin_taken, __ATOMIC_RELAXED) -
-                  __atomic_load_n(&sub->bin_returned, __ATOMIC_RELAXED);
+ZK_STATS_READER static void subheap_counts(const heap_t *sub,
+                                           uint64_t *allocations,
+                                           uint64_t *frees,
+                                           uint64_t *held_bytes) {
+  *allocations += STATS_LOAD(sub->bin_taken) - STATS_LOAD(sub->bin_returned);
   heap_bin_counts(sub, allocations, frees, held_bytes);
   /* Charged ahead of use: not live either. */
-  *held_bytes += __atomic_load_n(&sub->task_credit, __ATOMIC_RELAXED);
-  *allocations += __atomic_load_n(&sub->secure_allocs, __ATOMIC_RELAXED);
-  *frees += __atomic_load_n(&sub->secure_frees, __ATOMIC_RELAXED);
+  *held_bytes += STATS_LOAD(sub->task_credit);
+  *allocations += STATS_LOAD(sub->secure_allocs);
+  *frees += STATS_LOAD(sub->secure_frees);
 }
 
 ZK_EXPORT int zk_heap_stats(const zk_heap_t *heap, zk_heap_stats_t *out) {
