@@ -230,6 +230,8 @@ static uint32_t heap_charge_blocks(heap_t *heap, unsigned class_index,
  * again, calls zk_collect or exits. */
 #define BIN_DECAY_EVENTS 64
 
+static void heap_rescan_full(heap_t *heap);
+
 void heap_bins_decay(heap_t *heap, uint64_t now) {
   uint64_t delay = (uint64_t)option(ZK_OPTION_PURGE_DELAY_MS);
   if (heap == &heap_empty || heap->bin_decaying ||
@@ -246,6 +248,9 @@ void heap_bins_decay(heap_t *heap, uint64_t now) {
       heap_bin_trim(heap, bin, 0, idle_since);
     bin->refilled = 0;
   }
+  /* A remote free whose owner read was stale hinted the wrong heap; if no
+   * other free into that page followed, this finds it (PAGE_REMOTE_FULL). */
+  heap_rescan_full(heap);
   heap->bin_decaying = false;
 }
 
@@ -789,8 +794,13 @@ heap_t *heap_create(void) {
   }
   /* Heaps are never unmapped: a stale owner pointer in a page read by a
    * remote free still points at some heap, which at worst gets a spurious
-   * rescan hint. */
-  memset(heap, 0, sizeof(*heap));
+   * rescan hint. That hint is the one field other threads may write at any
+   * time: the reset steps around it and clears it atomically. */
+  size_t hint_at = offsetof(heap_t, remote_frees_to_full);
+  size_t after_hint = hint_at + sizeof(heap->remote_frees_to_full);
+  memset(heap, 0, hint_at);
+  memset((char *)heap + after_hint, 0, sizeof(*heap) - after_hint);
+  atomic_store_explicit(&heap->remote_frees_to_full, 0, memory_order_relaxed);
   for (size_t i = 0; i < CLASS_COUNT; i++) {
     heap->bins[i].limit = bin_limit[i];
     bin_set_count(&heap->bins[i], 0);
@@ -1498,8 +1508,9 @@ static bool heap_page_return_block(heap_t *heap, page_t *page, block_t *block,
  * consistent. The owner read before the push may be stale (the page
  * abandoned and reclaimed meanwhile): heaps are never unmapped, and a
  * hint to the wrong heap costs a spare rescan there, while the page waits
- * in its new owner's full queue for the next remote free, or that
- * owner's exit. */
+ * in its new owner's full queue for the next remote free (the flag stays
+ * set until the owner takes the page out of `full`) or the owner's next
+ * bin decay pass. */
 ZK_INLINE void heap_free_remote_checked(page_t *page, block_t *block) {
   /* Set when the page was set up, before any of its blocks was handed out:
    * unlike the owner word, never stale for a block being freed. */
@@ -1699,18 +1710,22 @@ void heap_collect(heap_t *heap, bool force) {
 
 ZK_STATS_READER static void stats_add_page(zk_stats_t *out,
                                            const page_t *page) {
-  zk_class_stats_t *cls = &out->classes[page->class_index];
+  unsigned class_index = STATS_LOAD(page->class_index);
+  if (class_index >= CLASS_COUNT)
+    return; /* a descriptor being set up for another span */
+  zk_class_stats_t *cls = &out->classes[class_index];
+  uint64_t block_size = STATS_LOAD(page->block_size);
   uint64_t used = STATS_LOAD(page->used);
   uint64_t frees = STATS_LOAD(page->frees);
   uint64_t capacity = STATS_LOAD(page->capacity);
   cls->allocations += frees + used;
   cls->frees += frees;
   cls->pages++;
-  out->bytes_live += used * page->block_size;
+  out->bytes_live += used * block_size;
   /* Blocks are carved 4 KiB at a time: the carved part is what can be
    * resident. */
   out->bytes_committed +=
-      (capacity * page->block_size + OS_PAGE_SIZE - 1) & ~(OS_PAGE_SIZE - 1);
+      (capacity * block_size + OS_PAGE_SIZE - 1) & ~(OS_PAGE_SIZE - 1);
 }
 
 /* Another thread's queue, read while it changes: its links are read
@@ -1744,12 +1759,13 @@ stats_add_arenas(zk_stats_t *out, const heap_t *heap, size_t *budget) {
 ZK_STATS_READER static void stats_add_retired(zk_stats_t *out,
                                               const heap_stats_t *stats) {
   for (unsigned c = 0; c < CLASS_COUNT; c++) {
-    out->classes[c].allocations += stats->class_allocs_retired[c];
-    out->classes[c].frees += stats->class_frees_retired[c];
+    out->classes[c].allocations += STATS_LOAD(stats->class_allocs_retired[c]);
+    out->classes[c].frees += STATS_LOAD(stats->class_frees_retired[c]);
   }
   for (unsigned c = 0; c < ARENA_CLASSES; c++) {
-    out->classes[c].allocations += stats->class_arena_retired[c];
-    out->classes[c].frees += stats->class_arena_retired[c];
+    uint64_t retired = STATS_LOAD(stats->class_arena_retired[c]);
+    out->classes[c].allocations += retired;
+    out->classes[c].frees += retired;
   }
 }
 

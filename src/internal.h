@@ -339,8 +339,11 @@ struct heap {
   magazine_t *pool_magazines[POOL_SLOTS];
   page_queue_t queues[CLASS_COUNT]; /* pages that may have free blocks */
   page_queue_t full;                /* pages found without free blocks */
-  atomic_int remote_frees_to_full;  /* hint: scan `full` */
-  uint64_t random_state;
+  /* Hint: scan `full`. Other threads load it on every free into a full
+   * page of this heap: on a line of its own, which the owner writes only
+   * to clear it, not beside the queues it updates on every page move. */
+  _Alignas(64) atomic_int remote_frees_to_full;
+  _Alignas(64) uint64_t random_state;
   uint32_t page_colour;    /* the colour the next small page starts at */
   segment_t *home_segment; /* where this heap's spans come from first */
   page_t *large_cache[LARGE_CACHE_ENTRIES];
@@ -527,19 +530,21 @@ void page_splice_free(page_t *page, block_t *remote, block_t *tail,
                       uint32_t count);
 void page_collect(page_t *page);
 /* thread_free's low bit (blocks are 8-byte aligned): set by the owner
- * while the page is in its full queue and no remote free is waiting
- * (heap_queue_full). A remote free reads it in the word its CAS replaces,
- * and so learns that the owner needs a hint without touching the page
- * after its push: from then on the owner may collect the block, release
- * the page, and the segment may be unmapped. The push clears it; the
- * owner's collect keeps it (a page collected in `full` stays there). */
+ * while the page is in its full queue (heap_queue_full). A remote free
+ * reads it in the word its CAS replaces, and so learns that the owner
+ * needs a hint without touching the page after its push: from then on the
+ * owner may collect the block, release the page, and the segment may be
+ * unmapped. Pushes and collects keep it; only the owner clears it, when
+ * the page leaves `full`. So every push into a full page hints the owner
+ * it read, and one whose owner read was stale (the page abandoned and
+ * reclaimed meanwhile) is made good by the next push, or by the owner's
+ * rescan of `full` in each bin decay pass. */
 #define PAGE_REMOTE_FULL ((uintptr_t)1)
 ZK_INLINE bool page_has_remote(page_t *page) {
   return (atomic_load_explicit(&page->thread_free, memory_order_relaxed) &
           ~PAGE_REMOTE_FULL) != 0;
 }
-/* The owner takes its page out of `full`: the flag goes, if no push took
- * it already. */
+/* The owner takes its page out of `full`: the flag goes. */
 ZK_INLINE void page_leave_full(page_t *page) {
   if (atomic_load_explicit(&page->thread_free, memory_order_relaxed) &
       PAGE_REMOTE_FULL)

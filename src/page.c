@@ -367,7 +367,7 @@ bool page_free_remote(page_t *page, block_t *block) {
   do {
     block_set_next(page, block, (block_t *)(word & ~PAGE_REMOTE_FULL));
   } while (!atomic_compare_exchange_weak_explicit(
-      &page->thread_free, &word, (uintptr_t)block, memory_order_seq_cst,
-      memory_order_relaxed));
+      &page->thread_free, &word, (uintptr_t)block | (word & PAGE_REMOTE_FULL),
+      memory_order_seq_cst, memory_order_relaxed));
   return (word & PAGE_REMOTE_FULL) != 0;
 }

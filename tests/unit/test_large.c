@@ -366,6 +366,98 @@ static void test_reclaimed_pages_feed_bins(void) {
     zk_free(left[i]);
 }
 
+/* A remote free reads the page's owner before its push. If the page is
+ * abandoned and reclaimed into its new owner's full queue in between, the
+ * push hints the old owner (here: none). The page must still come back to
+ * its new owner: through the next remote free into it, which finds the
+ * full flag still set and hints the right heap, or, when no other free
+ * follows, through the owner's rescan of `full` in its bin decay pass. */
+enum { STALE_BLOCKS = 20000, STALE_TRIES = 200000 };
+
+typedef struct stale_owner_case {
+  size_t size;
+  bool more_remote_frees; /* after the stale push */
+  void **blocks;          /* the exited thread's, all live */
+  page_t *page;           /* the first block's */
+  pthread_barrier_t barrier;
+  size_t from_page; /* blocks the reclaiming thread got from it */
+} stale_owner_case_t;
+
+static void *allocate_all_and_exit(void *arg) {
+  stale_owner_case_t *test = arg;
+  for (int i = 0; i < STALE_BLOCKS; i++)
+    CHECK((test->blocks[i] = zk_malloc(test->size)) != NULL);
+  return NULL; /* its full pages are abandoned */
+}
+
+static void *reclaim_then_allocate(void *arg) {
+  stale_owner_case_t *test = arg;
+  void **mine = zk_malloc(STALE_TRIES * sizeof(void *));
+  CHECK(mine != NULL);
+  int count = 0;
+  while (page_owner(test->page) != heap_current) {
+    CHECK(count < STALE_TRIES);
+    CHECK((mine[count++] = zk_malloc(test->size)) != NULL);
+  }
+  CHECK(test->page->in_full);
+  pthread_barrier_wait(&test->barrier); /* the stale push and the frees */
+  pthread_barrier_wait(&test->barrier);
+  if (!test->more_remote_frees)
+    sleep_ms(zk_option_get(ZK_OPTION_PURGE_DELAY_MS) / 4 + 5);
+  while (test->from_page == 0 && count < STALE_TRIES) {
+    CHECK((mine[count] = zk_malloc(test->size)) != NULL);
+    test->from_page += segment_lookup(mine[count++]) == test->page;
+  }
+  for (int i = 0; i < count; i++)
+    zk_free(mine[i]);
+  zk_free(mine);
+  return NULL;
+}
+
+static void stale_owner_case(size_t size, bool more_remote_frees) {
+  stale_owner_case_t test = {.size = size,
+                             .more_remote_frees = more_remote_frees};
+  CHECK((test.blocks = zk_malloc(STALE_BLOCKS * sizeof(void *))) != NULL);
+  pthread_t thread;
+  CHECK(pthread_create(&thread, NULL, allocate_all_and_exit, &test) == 0);
+  CHECK(pthread_join(thread, NULL) == 0);
+  test.page = segment_lookup(test.blocks[0]);
+  CHECK(test.page != NULL && page_owner(test.page) == NULL);
+  CHECK(test.page->used == test.page->reserved); /* no free block */
+  heap_t *owner_read = page_owner(test.page);    /* the free's first step */
+  CHECK(pthread_barrier_init(&test.barrier, NULL, 2) == 0);
+  CHECK(pthread_create(&thread, NULL, reclaim_then_allocate, &test) == 0);
+  pthread_barrier_wait(&test.barrier);
+  /* The rest of that free, as heap_free_remote_checked does it. */
+  if (page_free_remote(test.page, (block_t *)test.blocks[0]) &&
+      owner_read != NULL)
+    atomic_store(&owner_read->remote_frees_to_full, 1);
+  int freed = 1;
+  if (more_remote_frees)
+    for (int i = 1; i < STALE_BLOCKS; i++)
+      if (segment_lookup(test.blocks[i]) == test.page) {
+        zk_free(test.blocks[i]);
+        test.blocks[i] = NULL;
+        freed++;
+      }
+  pthread_barrier_wait(&test.barrier);
+  CHECK(pthread_join(thread, NULL) == 0);
+  printf("%zu B, %d blocks freed into a reclaimed full page, first with a "
+         "stale owner: %s; its owner got %zu back\n",
+         size, freed, more_remote_frees ? "more frees" : "decay pass",
+         test.from_page);
+  CHECK(test.from_page > 0);
+  for (int i = 1; i < STALE_BLOCKS; i++)
+    zk_free(test.blocks[i]);
+  zk_free(test.blocks);
+  pthread_barrier_destroy(&test.barrier);
+}
+
+static void test_stale_owner_remote_free(void) {
+  stale_owner_case(48, true);
+  stale_owner_case(80, false);
+}
+
 /* ---- RSS ---- */
 
 /* Random 1 KB - 64 KB blocks, every byte written, until `total` bytes;
@@ -1303,6 +1395,7 @@ int main(int argc, char **argv) {
   RUN(test_huge_pages_purge);
   RUN(test_thread_churn_reuse);
   RUN(test_reclaimed_pages_feed_bins);
+  RUN(test_stale_owner_remote_free);
   printf("test_large: ok\n");
   return 0;
 }
