@@ -794,8 +794,9 @@ heap_t *heap_create(void) {
   }
   /* Heaps are never unmapped: a stale owner pointer in a page read by a
    * remote free still points at some heap, which at worst gets a spurious
-   * rescan hint. That hint is the one field other threads may write at any
-   * time: the reset steps around it and clears it atomically. */
+   * rescan hint. That hint is the one field a stale reader may write while
+   * the heap is reset here (others are written under the task lock, or
+   * only while the heap lives): the reset steps around it. */
   size_t hint_at = offsetof(heap_t, remote_frees_to_full);
   size_t after_hint = hint_at + sizeof(heap->remote_frees_to_full);
   memset(heap, 0, hint_at);
@@ -1256,6 +1257,10 @@ static page_t *heap_find_page(heap_t *heap, unsigned class_index) {
   page = heap->task == NULL ? heap_reclaim_page(heap, class_index) : NULL;
   if (page == NULL) {
     purge_maybe();
+    /* Its decay pass may have put a page with free blocks back here (bin
+     * blocks returned, a page out of `full`): that page before a new one. */
+    if (queue->first != NULL)
+      return heap_find_page(heap, class_index);
     page = segment_span_alloc(class_page_slices[class_index], PAGE_SMALL,
                               heap_home_segment(heap));
     if (page == NULL)
