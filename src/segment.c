@@ -27,19 +27,18 @@ static size_t segments_mapped, bytes_mapped, bytes_huge_backed;
 /* Of segments_mapped and bytes_mapped: the mappings of huge blocks. */
 static size_t huge_blocks_mapped, bytes_huge_blocks_mapped;
 
-/* Freed huge mappings, cut into pieces of whole OS pages: kept mapped
+/* Freed huge mappings, cut into pieces of whole segments: kept mapped
  * with their pages committed, so that a later huge block is assembled from
  * them (a piece split, or several moved side by side with mremap, which
  * moves pages without copying or faulting them) instead of faulting every
  * page in again; the purge delay unmaps them. Under segment_lock. */
 typedef struct huge_piece {
-  uint8_t *base; /* the rest of a split piece is not segment-aligned */
-  size_t size;   /* a multiple of OS_PAGE_SIZE */
+  uint8_t *base; /* segment-aligned */
+  size_t size;   /* a multiple of SEGMENT_SIZE */
   uint64_t free_since_ms;
 } huge_piece_t;
-#define HUGE_CACHE_PIECES  32
-#define HUGE_CACHE_FLOOR   ((size_t)128 << 20)
-#define HUGE_CACHE_CEILING ((size_t)512 << 20)
+#define HUGE_CACHE_PIECES 16
+#define HUGE_CACHE_BYTES  ((size_t)128 << 20)
 static huge_piece_t huge_pieces[HUGE_CACHE_PIECES];
 static unsigned huge_piece_count;
 static size_t huge_cache_bytes;
@@ -466,15 +465,13 @@ static void huge_piece_release(unsigned index) {
 }
 
 /* A mapping of `total` bytes, segment-aligned, built from cached pieces:
- * the smallest piece that holds it and starts on a segment boundary (its
- * header goes there), split; else the largest pieces moved side by side
- * into a fresh range, whose remaining pages stay fresh. NULL when the
- * cache is empty. segment_lock held. */
+ * the smallest piece that holds it, split; else the largest pieces moved
+ * side by side into a fresh range, whose remaining pages stay fresh. NULL
+ * when the cache is empty. segment_lock held. */
 static segment_t *huge_pieces_assemble(size_t total) {
   unsigned best = HUGE_CACHE_PIECES;
   for (unsigned i = 0; i < huge_piece_count; i++)
     if (huge_pieces[i].size >= total &&
-        ((uintptr_t)huge_pieces[i].base & SEGMENT_MASK) == 0 &&
         (best == HUGE_CACHE_PIECES ||
          huge_pieces[i].size < huge_pieces[best].size))
       best = i;
@@ -508,20 +505,6 @@ static segment_t *huge_pieces_assemble(size_t total) {
   return (segment_t *)target;
 }
 
-/* The cache holds as many bytes as the huge blocks still live, within a
- * floor and a ceiling: a program that replaces its big blocks finds the
- * last ones' pages (20 live blocks of 5-25 MiB replaced at random: with a
- * fixed 128 MiB and 16 pieces, a quarter of the time went to unmapping
- * evicted pieces and faulting their pages in again), and one that frees
- * them all keeps little. The purge delay returns them in any case.
- * segment_lock held. */
-static size_t huge_cache_limit(void) {
-  size_t live = bytes_huge_blocks_mapped;
-  return live < HUGE_CACHE_FLOOR     ? HUGE_CACHE_FLOOR
-         : live > HUGE_CACHE_CEILING ? HUGE_CACHE_CEILING
-                                     : live;
-}
-
 /* A freed huge block's mapping joins the pieces, the oldest making room;
  * one too large for the cache is unmapped. segment_lock held. */
 static void huge_pieces_add(segment_t *segment) {
@@ -534,14 +517,13 @@ static void huge_pieces_add(segment_t *segment) {
   /* Not a block any more: a second free of it finds no owner. */
   owned_map_set(segment, SEGMENT_MAP_NONE);
   track_header_gone(segment, SLICE_SIZE);
-  size_t limit = huge_cache_limit();
-  if (size > limit / 2) {
+  if (size > HUGE_CACHE_BYTES / 2) {
     bytes_mapped -= size;
     os_release(segment, size);
     return;
   }
   while (huge_piece_count == HUGE_CACHE_PIECES ||
-         huge_cache_bytes + size > limit) {
+         huge_cache_bytes + size > HUGE_CACHE_BYTES) {
     unsigned oldest = 0;
     for (unsigned i = 1; i < huge_piece_count; i++)
       if (huge_pieces[i].free_since_ms < huge_pieces[oldest].free_since_ms)
@@ -567,17 +549,10 @@ page_t *segment_huge_alloc(size_t size, size_t alignment, bool zeroed) {
    * page begins (16-byte alignment at most; huge pages would make the
    * guard 2 MiB). */
   bool guarded = option(ZK_OPTION_SECURE) && alignment <= 16;
-  int huge_mode = guarded ? 0 : (int)option(ZK_OPTION_HUGE_PAGES);
-  /* The mapping ends on the OS page the block ends on: freed and cached,
-   * it holds no page the block could not have touched. Whole segments
-   * left up to 4 MiB past a block's end that the next block to reuse the
-   * mapping faulted in (big blocks: 12% fewer faults, 9% less peak RSS).
-   * Huge pages want whole segments (2 MiB multiples, aligned). */
-  size_t granule = huge_mode != 0 ? SEGMENT_SIZE : OS_PAGE_SIZE;
   size_t rounded = (size + 15) & ~(size_t)15;
   size_t total =
       guarded ? (offset + rounded + 2 * OS_PAGE_SIZE - 1) & ~(OS_PAGE_SIZE - 1)
-              : (offset + size + granule - 1) & ~(granule - 1);
+              : (offset + size + SEGMENT_MASK) & ~SEGMENT_MASK;
   if (total < size || rounded < size) {
     errno = ENOMEM;
     return NULL;
@@ -603,6 +578,7 @@ page_t *segment_huge_alloc(size_t size, size_t alignment, bool zeroed) {
       memset(pages, 0, pages_bytes);
     }
   }
+  int huge_mode = guarded ? 0 : (int)option(ZK_OPTION_HUGE_PAGES);
   if (segment == NULL && option(ZK_OPTION_LIMIT) != 0) {
     pthread_mutex_lock(&segment_lock);
     bool room = segment_room_for(total);
@@ -700,7 +676,6 @@ static size_t huge_cache_purge(uint64_t now_ms, uint64_t delay, bool force) {
 page_t *segment_huge_resize(page_t *page, size_t new_size) {
   segment_t *segment = segment_of(page);
   size_t offset = (size_t)(page->start - (uint8_t *)segment);
-  size_t needed = (offset + new_size + OS_PAGE_SIZE - 1) & ~(OS_PAGE_SIZE - 1);
   size_t new_total = (offset + new_size + SEGMENT_MASK) & ~SEGMENT_MASK;
   /* hugetlb mappings cannot be remapped piecewise; a guarded block moves
    * (the caller copies it into a fresh guarded one), and so does one
@@ -708,11 +683,7 @@ page_t *segment_huge_resize(page_t *page, size_t new_size) {
   if (new_total < new_size || segment->huge_pages == 2 || page->secure ||
       segment->block_after_header)
     return NULL;
-  /* A mapping that holds the block with less than a segment to spare
-   * stays; one that changes takes whole segments, so that a block grown
-   * a little at a time is remapped once every 4 MiB, not every page. */
-  if (needed <= segment->mapped_size &&
-      segment->mapped_size - needed < SEGMENT_SIZE)
+  if (new_total == segment->mapped_size)
     return page;
   pthread_mutex_lock(&segment_lock);
   segment_t *resized = huge_remap(segment, new_total);

@@ -860,50 +860,6 @@ static void test_huge_reuse(void) {
   CHECK(zk_option_set(ZK_OPTION_PURGE_DELAY_MS, 1000) == 0);
 }
 
-/* A huge block's mapping ends on the OS page its block ends on, not on a
- * whole segment, so the pages a freed mapping keeps are ones its block
- * could touch. A realloc that grows it takes whole segments, so that
- * growing a little at a time remaps once per segment. Freed mappings stay
- * cached up to the bytes of huge blocks still live, at least 128 MiB. */
-static size_t bytes_mapped_now(void) {
-  zk_stats_t stats;
-  zk_stats_get(&stats);
-  return stats.bytes_mapped;
-}
-
-static void test_huge_mapping_fits_block(void) {
-  const size_t mb = (size_t)1 << 20, header = (size_t)64 << 10;
-  zk_collect(true);
-  size_t before = bytes_mapped_now();
-  uint8_t *p = zk_malloc(5 * mb + 1);
-  CHECK(p != NULL);
-  size_t mapped = bytes_mapped_now() - before;
-  printf("a 5 MiB + 1 B block maps %zu KiB\n", mapped >> 10);
-  CHECK_EQ(mapped, header + 5 * mb + 4096);
-  CHECK_EQ(zk_usable_size(p), 5 * mb + 4096);
-  p[5 * mb] = 7;
-  /* Grown by a byte: to the next segment; by another: in place, no remap. */
-  p = zk_realloc(p, 5 * mb + 4097);
-  CHECK(p != NULL && p[5 * mb] == 7);
-  size_t grown = bytes_mapped_now() - before;
-  CHECK_EQ(grown, 8 * mb);
-  uint8_t *same = zk_realloc(p, 6 * mb);
-  CHECK(same == p && bytes_mapped_now() - before == grown);
-  zk_free(p);
-  /* With nothing else live, the cache keeps its floor of 128 MiB. */
-  enum { COUNT = 20 };
-  uint8_t *blocks[COUNT];
-  for (int i = 0; i < COUNT; i++)
-    CHECK((blocks[i] = zk_malloc(10 * mb)) != NULL);
-  for (int i = 0; i < COUNT; i++)
-    zk_free(blocks[i]);
-  size_t cached = bytes_mapped_now() - before;
-  printf("20 freed 10 MiB blocks: %zu MiB kept mapped\n", cached >> 20);
-  CHECK(cached <= ((size_t)128 << 20));
-  zk_collect(true);
-  CHECK_EQ(bytes_mapped_now(), before);
-}
-
 /* Aligned large and huge blocks: alignments above a slice get a mapping of
  * their own at that offset. */
 static void test_aligned_large(void) {
@@ -1429,7 +1385,6 @@ int main(int argc, char **argv) {
   RUN(test_large_cache_decays);
   RUN(test_realloc_huge);
   RUN(test_huge_reuse);
-  RUN(test_huge_mapping_fits_block);
   RUN(test_process_limit);
   RUN(test_aligned_large);
   RUN(test_huge_pages);
