@@ -29,8 +29,10 @@ void *os_reserve_aligned(size_t size, size_t alignment, int huge_pages,
  * huge pages. */
 void *os_reserve_aligned_at(size_t size, size_t alignment, size_t offset);
 /* Moves the pages of [from, from + size) to `to`, replacing what was
- * mapped there, without copying them; false (nothing moved) on failure. */
-bool os_move_to(void *from, size_t size, void *to);
+ * mapped there, without copying them; the range may span several kernel
+ * mappings. Returns the bytes moved from the front of the range: `size`,
+ * or less on failure (the rest stays where it was). */
+size_t os_move_to(void *from, size_t size, void *to);
 /* Give the mapping back. */
 void os_release(void *address, size_t size);
 /* Tell the kernel the range's contents are not needed. decommit = true:
@@ -39,10 +41,12 @@ void os_release(void *address, size_t size);
 bool os_purge(void *address, size_t size, bool decommit);
 /* Make a range inaccessible (a guard page) or accessible again. */
 bool os_protect(void *address, size_t size, bool accessible);
-/* Grow or shrink a mapping in place; false if the neighbours are taken. */
+/* Grow or shrink a mapping (or adjacent mappings) in place; false if the
+ * neighbours are taken. */
 bool os_resize_in_place(void *address, size_t old_size, size_t new_size);
-/* Move a mapping to a fresh region aligned to `alignment` without copying
- * pages; NULL on failure (the old mapping is left intact). */
+/* Move a mapping (or adjacent mappings) to a fresh region aligned to
+ * `alignment` without copying pages; NULL on failure (the old mapping is
+ * left intact). */
 void *os_move_aligned(void *address, size_t old_size, size_t new_size,
                       size_t alignment);
 

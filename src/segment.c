@@ -37,8 +37,9 @@ typedef struct huge_piece {
   size_t size;   /* a multiple of SEGMENT_SIZE */
   uint64_t free_since_ms;
 } huge_piece_t;
-#define HUGE_CACHE_PIECES 16
-#define HUGE_CACHE_BYTES  ((size_t)128 << 20)
+#define HUGE_CACHE_PIECES  32
+#define HUGE_CACHE_FLOOR   ((size_t)128 << 20)
+#define HUGE_CACHE_CEILING ((size_t)512 << 20)
 static huge_piece_t huge_pieces[HUGE_CACHE_PIECES];
 static unsigned huge_piece_count;
 static size_t huge_cache_bytes;
@@ -496,13 +497,36 @@ static segment_t *huge_pieces_assemble(size_t total) {
     size_t move = total - filled;
     if (move > huge_pieces[largest].size)
       move = huge_pieces[largest].size;
-    if (!os_move_to(huge_pieces[largest].base, move, target + filled))
+    uint8_t *from = huge_pieces[largest].base;
+    size_t moved = os_move_to(from, move, target + filled);
+    if (moved == 0)
       break;
-    huge_piece_take(largest, move); /* its pages now back the target */
+    /* Its pages now back the target; a move that stopped part way (the
+     * kernel out of mappings) gives the rest of the range back, so that
+     * what the piece keeps still starts on a segment boundary. */
+    huge_piece_take(largest, move);
     bytes_mapped -= move;
+    if (moved < move) {
+      os_release(from + moved, move - moved);
+      break;
+    }
     filled += move;
   }
   return (segment_t *)target;
+}
+
+/* The cache holds as many bytes as the huge blocks still live, within a
+ * floor and a ceiling: a program that replaces its big blocks finds the
+ * pages of the last ones (20 live blocks of 5-25 MiB replaced at random:
+ * with a fixed 128 MiB and 16 pieces, evicted pieces were unmapped and
+ * their pages faulted in again by the next blocks, 35 faults a replacement
+ * against 16), and one that frees them all keeps little. The purge delay
+ * returns them in any case. segment_lock held. */
+static size_t huge_cache_limit(void) {
+  size_t live = bytes_huge_blocks_mapped;
+  return live < HUGE_CACHE_FLOOR     ? HUGE_CACHE_FLOOR
+         : live > HUGE_CACHE_CEILING ? HUGE_CACHE_CEILING
+                                     : live;
 }
 
 /* A freed huge block's mapping joins the pieces, the oldest making room;
@@ -517,13 +541,14 @@ static void huge_pieces_add(segment_t *segment) {
   /* Not a block any more: a second free of it finds no owner. */
   owned_map_set(segment, SEGMENT_MAP_NONE);
   track_header_gone(segment, SLICE_SIZE);
-  if (size > HUGE_CACHE_BYTES / 2) {
+  size_t limit = huge_cache_limit();
+  if (size > limit / 2) {
     bytes_mapped -= size;
     os_release(segment, size);
     return;
   }
   while (huge_piece_count == HUGE_CACHE_PIECES ||
-         huge_cache_bytes + size > HUGE_CACHE_BYTES) {
+         huge_cache_bytes + size > limit) {
     unsigned oldest = 0;
     for (unsigned i = 1; i < huge_piece_count; i++)
       if (huge_pieces[i].free_since_ms < huge_pieces[oldest].free_since_ms)

@@ -7,6 +7,7 @@
  * The span tests come first in main: they need the first segment of the
  * process to themselves, so that the addresses spans get are predictable. */
 #include "internal.h"
+#include "os.h"
 #include "sizeclass.h"
 #include "test_util.h"
 #include "zkmem.h"
@@ -17,6 +18,10 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/mman.h>
+
+#ifndef MAP_FIXED_NOREPLACE
+#define MAP_FIXED_NOREPLACE 0x100000
+#endif
 #include <sys/resource.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -860,6 +865,227 @@ static void test_huge_reuse(void) {
   CHECK(zk_option_set(ZK_OPTION_PURGE_DELAY_MS, 1000) == 0);
 }
 
+static size_t bytes_mapped_now(void) {
+  zk_stats_t stats;
+  zk_stats_get(&stats);
+  return stats.bytes_mapped;
+}
+
+/* Freed huge mappings stay cached up to the bytes of huge blocks still
+ * live: at least 128 MiB, more while more is live. */
+static void test_huge_cache_follows_live(void) {
+  const size_t mb = (size_t)1 << 20;
+  enum { COUNT = 20, LIVE = 24 };
+  uint8_t *blocks[COUNT], *live[LIVE];
+  zk_collect(true);
+  size_t before = bytes_mapped_now();
+  for (int i = 0; i < COUNT; i++)
+    CHECK((blocks[i] = zk_malloc(10 * mb)) != NULL);
+  for (int i = 0; i < COUNT; i++)
+    zk_free(blocks[i]);
+  size_t cached_alone = bytes_mapped_now() - before;
+  zk_collect(true);
+  CHECK_EQ(bytes_mapped_now(), before);
+  for (int i = 0; i < LIVE; i++)
+    CHECK((live[i] = zk_malloc(10 * mb)) != NULL);
+  size_t with_live = bytes_mapped_now();
+  for (int i = 0; i < COUNT; i++)
+    CHECK((blocks[i] = zk_malloc(10 * mb)) != NULL);
+  for (int i = 0; i < COUNT; i++)
+    zk_free(blocks[i]);
+  size_t cached_beside = bytes_mapped_now() - with_live;
+  printf("20 freed 10 MiB blocks keep %zu MiB mapped alone, %zu MiB beside "
+         "%d live ones\n",
+         cached_alone >> 20, cached_beside >> 20, LIVE);
+  CHECK(cached_alone >= 100 * mb && cached_alone <= 128 * mb);
+  CHECK(cached_beside > 128 * mb && cached_beside <= with_live - before);
+  for (int i = 0; i < LIVE; i++)
+    zk_free(live[i]);
+  zk_collect(true);
+  CHECK_EQ(bytes_mapped_now(), before);
+}
+
+/* The OS layer moves and resizes a range that spans several kernel
+ * mappings (a block assembled from moved pieces; kernels before 6.17
+ * refuse such a range in one mremap call), and a move that meets a hole
+ * reports the part it moved. */
+static void test_os_ranges_of_mappings(void) {
+  const size_t page = 4096;
+  uint8_t *area = mmap(NULL, 16 * page, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  CHECK(area != MAP_FAILED);
+  uint8_t *from = area, *to = area + 8 * page;
+  for (size_t i = 0; i < 5; i++)
+    from[i * page] = (uint8_t)(i + 1);
+  CHECK(madvise(from + page, page, MADV_DONTFORK) == 0); /* two mappings */
+  CHECK(munmap(from + 2 * page, page) == 0);             /* then a hole */
+  /* Kernels from 6.17 move the mappings around a hole; older ones stop
+   * at it. */
+  size_t moved = os_move_to(from, 5 * page, to);
+  CHECK(moved == 2 * page || moved == 5 * page);
+  CHECK(to[0] == 1 && to[page] == 2);
+  if (moved == 2 * page) {
+    CHECK(from[3 * page] == 4 && from[4 * page] == 5); /* left in place */
+    CHECK(madvise(from + 3 * page, page, MADV_DONTFORK) == 0);
+    CHECK_EQ(os_move_to(from + 3 * page, 2 * page, to + 3 * page), 2 * page);
+  }
+  CHECK(to[3 * page] == 4 && to[4 * page] == 5);
+  CHECK(munmap(area, 16 * page) == 0);
+
+  uint8_t *pair = mmap(NULL, 8 * page, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  CHECK(pair != MAP_FAILED);
+  CHECK(munmap(pair + 2 * page, 6 * page) == 0);
+  CHECK(madvise(pair, page, MADV_DONTFORK) == 0);
+  pair[0] = 1;
+  pair[page] = 2;
+  CHECK(os_resize_in_place(pair, 2 * page, 5 * page));
+  pair[4 * page] = 3;
+  CHECK(pair[0] == 1 && pair[page] == 2);
+  CHECK(os_resize_in_place(pair, 5 * page, page));
+  CHECK(pair[0] == 1);
+  CHECK(munmap(pair, page) == 0);
+}
+
+/* A block assembled from several freed mappings is several kernel
+ * mappings side by side, which one mremap call refuses to grow or move: a
+ * growing realloc must still move its pages, not copy them into fresh
+ * ones (which faults every page in again). */
+static void test_huge_assembled_grows(void) {
+  const size_t mb = (size_t)1 << 20;
+  zk_collect(true);
+  size_t before = bytes_mapped_now();
+  uint8_t *a = zk_malloc(20 * mb), *b = zk_malloc(10 * mb);
+  CHECK(a && b);
+  memset(a, 0xa1, 20 * mb);
+  memset(b, 0xb2, 10 * mb);
+  zk_free(a);
+  zk_free(b);
+  uint8_t *d = zk_malloc(30 * mb); /* no single piece holds it */
+  CHECK(d != NULL);
+  memset(d, 0xd4, 30 * mb);
+  long faults = minor_faults();
+  uint8_t *grown = zk_realloc(d, 40 * mb);
+  long grow_faults = minor_faults() - faults;
+  CHECK(grown != NULL);
+  faults = minor_faults();
+  uint8_t *moved = zk_realloc(grown, 60 * mb);
+  long move_faults = minor_faults() - faults;
+  CHECK(moved != NULL);
+  printf("an assembled 30 MiB block grown to 40 MiB: %ld faults; to 60 MiB: "
+         "%ld faults (a copy: 7680)\n",
+         grow_faults, move_faults);
+  CHECK(grow_faults < 1000 && move_faults < 1000);
+  for (size_t i = 0; i < 30 * mb; i += 4096)
+    CHECK(moved[i] == 0xd4 && moved[i + 4095] == 0xd4);
+  memset(moved + 30 * mb, 0x11, 30 * mb);
+  zk_free(moved);
+  zk_collect(true);
+  CHECK_EQ(bytes_mapped_now(), before);
+
+  /* Kernels that merge moved mappings make the block above one mapping;
+   * a flag on the block's middle keeps it three on any kernel. */
+  uint8_t *p = zk_malloc(30 * mb);
+  CHECK(p != NULL);
+  memset(p, 0x5c, 30 * mb);
+  CHECK(madvise(p + 8 * mb, 4 * mb, MADV_DONTFORK) == 0);
+  uint8_t *segment = p - ((uintptr_t)p & (4 * mb - 1));
+  uint8_t *blocker =
+      mmap(segment + 32 * mb, 4096, PROT_READ | PROT_WRITE,
+           MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+  bool blocked = blocker == segment + 32 * mb;
+  faults = minor_faults();
+  uint8_t *q = zk_realloc(p, 40 * mb); /* moved: its neighbour is taken */
+  move_faults = minor_faults() - faults;
+  CHECK(q != NULL);
+  faults = minor_faults();
+  uint8_t *r = zk_realloc(q, 44 * mb); /* grown where it is, or moved */
+  grow_faults = minor_faults() - faults;
+  CHECK(r != NULL);
+  printf("a 30 MiB block of three mappings grown to 40 MiB%s: %ld faults; "
+         "to 44 MiB: %ld faults\n",
+         blocked ? " past a taken neighbour" : "", move_faults, grow_faults);
+  CHECK(move_faults < 1000 && grow_faults < 1000);
+  for (size_t i = 0; i < 30 * mb; i += 4096)
+    CHECK(r[i] == 0x5c && r[i + 4095] == 0x5c);
+  memset(r + 30 * mb, 0x22, 14 * mb);
+  uint8_t *shrunk = zk_realloc(r, 10 * mb);
+  CHECK(shrunk != NULL);
+  for (size_t i = 0; i < 10 * mb; i += 4096)
+    CHECK(shrunk[i] == 0x5c);
+  zk_free(shrunk);
+  if (blocker != MAP_FAILED)
+    munmap(blocker, 4096);
+  zk_collect(true);
+  CHECK_EQ(bytes_mapped_now(), before);
+}
+
+/* Pieces of freed mappings, split and moved side by side over and over,
+ * must still give blocks that a growing realloc extends a segment at a
+ * time: a block assembled from several moved pieces is several kernel
+ * mappings, which mremap cannot move, and a split remainder that starts
+ * off a segment boundary cannot take a header. Growing one block page by
+ * page after such churn must move it rarely, and keep its bytes. */
+static void test_huge_churn_then_grow(void) {
+  const size_t mb = (size_t)1 << 20, page = 4096;
+  zk_collect(true);
+  size_t before = bytes_mapped_now();
+  enum { SLOTS = 12 };
+  uint8_t *slots[SLOTS] = {0};
+  size_t sizes[SLOTS] = {0};
+  uint32_t seed = 12345;
+  for (int step = 0; step < 300; step++) {
+    seed = seed * 1103515245u + 12345u;
+    unsigned slot = (seed >> 16) % SLOTS;
+    if (slots[slot] != NULL) {
+      CHECK(slots[slot][0] == (uint8_t)slot &&
+            slots[slot][sizes[slot] - 1] == (uint8_t)slot);
+      zk_free(slots[slot]);
+    }
+    seed = seed * 1103515245u + 12345u;
+    /* 2-14 MiB and a few pages: never a whole number of segments. */
+    sizes[slot] = 2 * mb + ((seed >> 8) % (12 * mb / page)) * page + 100;
+    slots[slot] = zk_malloc(sizes[slot]);
+    CHECK(slots[slot] != NULL);
+    CHECK(((uintptr_t)slots[slot] & 15) == 0);
+    slots[slot][0] = slots[slot][sizes[slot] - 1] = (uint8_t)slot;
+    slots[slot][sizes[slot] / 2] = (uint8_t)slot;
+  }
+  for (int i = 0; i < SLOTS; i += 2) { /* leave pieces of every shape */
+    zk_free(slots[i]);
+    slots[i] = NULL;
+  }
+  size_t size = 3 * mb + 123;
+  uint8_t *grown = zk_malloc(size);
+  CHECK(grown != NULL);
+  memset(grown, 0x5a, size);
+  unsigned moves = 0;
+  while (size < 16 * mb) {
+    size_t next = size + page;
+    uint8_t *p = zk_realloc(grown, next);
+    CHECK(p != NULL);
+    CHECK(p[0] == 0x5a && p[size - 1] == 0x5a && p[size / 2] == 0x5a);
+    memset(p + size, 0x5a, next - size);
+    moves += p != grown;
+    grown = p;
+    size = next;
+  }
+  printf("grown 3 to 16 MiB a page at a time after churn: moved %u times\n",
+         moves);
+  CHECK(moves <= 8);
+  for (size_t i = 0; i < size; i += page)
+    CHECK(grown[i] == 0x5a);
+  zk_free(grown);
+  for (int i = 0; i < SLOTS; i++)
+    if (slots[i] != NULL) {
+      CHECK(slots[i][0] == (uint8_t)i && slots[i][sizes[i] / 2] == (uint8_t)i &&
+            slots[i][sizes[i] - 1] == (uint8_t)i);
+      zk_free(slots[i]);
+    }
+  zk_collect(true);
+  CHECK_EQ(bytes_mapped_now(), before);
+}
+
 /* Aligned large and huge blocks: alignments above a slice get a mapping of
  * their own at that offset. */
 static void test_aligned_large(void) {
@@ -1385,6 +1611,10 @@ int main(int argc, char **argv) {
   RUN(test_large_cache_decays);
   RUN(test_realloc_huge);
   RUN(test_huge_reuse);
+  RUN(test_huge_cache_follows_live);
+  RUN(test_os_ranges_of_mappings);
+  RUN(test_huge_assembled_grows);
+  RUN(test_huge_churn_then_grow);
   RUN(test_process_limit);
   RUN(test_aligned_large);
   RUN(test_huge_pages);
