@@ -1334,12 +1334,20 @@ static uint32_t heap_bin_take(heap_t *heap, bin_t *bin, page_t *page,
  * then taking them from there walked every block twice: with blocks freed
  * by other threads in batches, 16% and 34% of the time in the two walks.) */
 static uint32_t heap_bin_take_remote(heap_t *heap, bin_t *bin, page_t *page) {
-  block_t *tail;
+  block_t *tail = NULL;
   uint32_t count;
-  block_t *remote = page_take_remote(page, &tail, &count);
+  zk_heap_t *task = heap->task;
+  block_t *remote = bin->head == NULL && task == NULL && !page->secure
+                        ? page_take_remote_unwalked(page, &count)
+                        : page_take_remote(page, &tail, &count);
   if (remote == NULL)
     return 0;
-  zk_heap_t *task = heap->task;
+  if (tail == NULL) { /* the list ends the bin as it ends itself */
+    bin->head = remote;
+    page->frees += count;
+    bin_set_count(bin, count);
+    return count;
+  }
   if (unlikely(task != NULL)) {
     if (!task_charge(task,
                      (size_t)count * class_block_size[page->class_index])) {

@@ -525,6 +525,9 @@ ZK_INLINE bool page_block_is_carved(const page_t *page, size_t index) {
 void page_secure_fill(const page_t *page, block_t *block);
 bool page_secure_intact(const page_t *page, const block_t *block);
 block_t *page_take_remote(page_t *page, block_t **tail, uint32_t *count);
+/* The same list without the walk: its first block and its count, checked
+ * against the page; the caller gives it a tail-less home (an empty bin). */
+block_t *page_take_remote_unwalked(page_t *page, uint32_t *count);
 /* A list taken from the page's remote frees goes into its `free`. */
 void page_splice_free(page_t *page, block_t *remote, block_t *tail,
                       uint32_t count);
@@ -540,6 +543,12 @@ void page_collect(page_t *page);
  * reclaimed meanwhile) is made good by the next push, or by the owner's
  * rescan of `full` in each bin decay pass. */
 #define PAGE_REMOTE_FULL ((uintptr_t)1)
+/* The rest of the word: the list's first block (bits 3-47) and how many
+ * blocks it holds (bits 48-63; a page holds at most 8,192), so that the
+ * owner can take the list without walking it. */
+#define PAGE_REMOTE_COUNT_SHIFT 48
+#define PAGE_REMOTE_ONE         ((uintptr_t)1 << PAGE_REMOTE_COUNT_SHIFT)
+#define PAGE_REMOTE_LIST        ((PAGE_REMOTE_ONE - 1) & ~PAGE_REMOTE_FULL)
 ZK_INLINE bool page_has_remote(page_t *page) {
   return (atomic_load_explicit(&page->thread_free, memory_order_relaxed) &
           ~PAGE_REMOTE_FULL) != 0;

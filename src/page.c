@@ -308,8 +308,9 @@ static bool page_holds(const page_t *page, const block_t *block) {
 
 /* Owner only: takes the page's remote frees; *tail and *count describe
  * the list, NULL when there is none (or it was corrupted and reported).
- * Other threads wrote the list, so the walk trusts nothing: at most `used`
- * blocks can be out of the page, and each must lie in it. */
+ * Other threads wrote the list, so the walk trusts nothing: it holds the
+ * count the pushes left, no more than the `used` blocks out of the page,
+ * and each block must lie in the page. */
 block_t *page_take_remote(page_t *page, block_t **tail_out,
                           uint32_t *count_out) {
   uintptr_t word =
@@ -322,23 +323,47 @@ block_t *page_take_remote(page_t *page, block_t **tail_out,
       &page->thread_free, &word, word & PAGE_REMOTE_FULL, memory_order_acquire,
       memory_order_relaxed))
     ;
-  block_t *remote = (block_t *)(word & ~PAGE_REMOTE_FULL);
+  block_t *remote = (block_t *)(word & PAGE_REMOTE_LIST);
+  uint32_t pushed = (uint32_t)(word >> PAGE_REMOTE_COUNT_SHIFT);
   uint32_t count = 1;
   block_t *tail = remote;
   block_t *next;
-  if (unlikely(page->used == 0 || !page_holds(page, remote))) {
+  if (unlikely(pushed > page->used || !page_holds(page, remote))) {
     page_remote_list_corrupted(page, remote);
     return NULL;
   }
   while ((next = block_next(page, tail)) != NULL) {
-    if (unlikely(count >= page->used || !page_holds(page, next))) {
+    if (unlikely(count >= pushed || !page_holds(page, next))) {
       page_remote_list_corrupted(page, tail);
       return NULL;
     }
     tail = next;
     count++;
   }
+  if (unlikely(count != pushed)) {
+    page_remote_list_corrupted(page, tail);
+    return NULL;
+  }
   *tail_out = tail;
+  *count_out = count;
+  return remote;
+}
+
+block_t *page_take_remote_unwalked(page_t *page, uint32_t *count_out) {
+  uintptr_t word =
+      atomic_load_explicit(&page->thread_free, memory_order_relaxed);
+  if ((word & ~PAGE_REMOTE_FULL) == 0)
+    return NULL;
+  while (!atomic_compare_exchange_weak_explicit(
+      &page->thread_free, &word, word & PAGE_REMOTE_FULL, memory_order_acquire,
+      memory_order_relaxed))
+    ;
+  block_t *remote = (block_t *)(word & PAGE_REMOTE_LIST);
+  uint32_t count = (uint32_t)(word >> PAGE_REMOTE_COUNT_SHIFT);
+  if (unlikely(count == 0 || count > page->used || !page_holds(page, remote))) {
+    page_remote_list_corrupted(page, remote);
+    return NULL;
+  }
   *count_out = count;
   return remote;
 }
@@ -365,9 +390,16 @@ bool page_free_remote(page_t *page, block_t *block) {
   uintptr_t word =
       atomic_load_explicit(&page->thread_free, memory_order_relaxed);
   do {
-    block_set_next(page, block, (block_t *)(word & ~PAGE_REMOTE_FULL));
+    /* A block freed twice in a row: the owner takes the list without
+     * walking it (page_take_remote_unwalked), so this is where it shows. */
+    if (unlikely((word & PAGE_REMOTE_LIST) == (uintptr_t)block)) {
+      page_remote_list_corrupted(page, block);
+      return false;
+    }
+    block_set_next(page, block, (block_t *)(word & PAGE_REMOTE_LIST));
   } while (!atomic_compare_exchange_weak_explicit(
-      &page->thread_free, &word, (uintptr_t)block | (word & PAGE_REMOTE_FULL),
+      &page->thread_free, &word,
+      (uintptr_t)block | ((word & ~PAGE_REMOTE_LIST) + PAGE_REMOTE_ONE),
       memory_order_seq_cst, memory_order_relaxed));
   return (word & PAGE_REMOTE_FULL) != 0;
 }

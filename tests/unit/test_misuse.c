@@ -347,9 +347,40 @@ static void expect_no_hang(const char *name, void (*body)(void)) {
   printf("%-28s no hang (status %#x)\n", name, status);
 }
 
+/* free(a), free(b), free(a) by another thread, of 64 B blocks (freed
+ * remotely, not kept): the page's remote list holds a cycle and counts
+ * three blocks. An owner with an empty bin takes such a list without
+ * walking it, as its bin; the walk of a trim, a collect or a reclaim stops
+ * at the count. */
+static void *free_aba_remote_in_thread(void *blocks) {
+  void **ab = blocks;
+  zk_free(ab[0]);
+  zk_free(ab[1]);
+  zk_free(ab[0]);
+  return NULL;
+}
+
+static void double_free_remote_cycle_body(void) {
+  alarm(10);
+  enum { COUNT = 2000 };
+  static void *held[COUNT];
+  for (int i = 0; i < COUNT; i++) /* the page of a and b full, the bin empty */
+    CHECK((held[i] = zk_malloc(64)) != NULL);
+  void *ab[2] = {held[COUNT - 2], held[COUNT - 1]};
+  pthread_t thread;
+  CHECK(pthread_create(&thread, NULL, free_aba_remote_in_thread, ab) == 0);
+  pthread_join(thread, NULL);
+  for (int i = 0; i < 3; i++) {
+    for (int j = 0; j < 5000; j++)
+      zk_free(zk_malloc(64));
+    zk_collect(true);
+  }
+}
+
 static void double_free_bin_cycle(void) {
   expect_no_hang("double free, bin cycle", double_free_bin_cycle_body);
   expect_no_hang("double free, foreign cycle", double_free_foreign_cycle_body);
+  expect_no_hang("double free, remote cycle", double_free_remote_cycle_body);
 }
 
 static void interior_large(void) {
