@@ -1530,7 +1530,10 @@ ZK_INLINE void heap_free_remote_checked(page_t *page, block_t *block) {
   zk_heap_t *task = page->task;
   uint32_t block_size = page->block_size;
   heap_t *owner = page_owner(page);
-  if (page_free_remote(page, block) && owner != NULL &&
+  remote_push_t pushed = page_free_remote(page, block);
+  if (unlikely(pushed == REMOTE_REFUSED))
+    return; /* reported; ZKMEM_ON_ERROR=warn: the task keeps its charge */
+  if (pushed == REMOTE_PUSHED_TO_FULL && owner != NULL &&
       !atomic_load_explicit(&owner->remote_frees_to_full, memory_order_seq_cst))
     atomic_store_explicit(&owner->remote_frees_to_full, 1,
                           memory_order_relaxed);

@@ -245,6 +245,9 @@ struct segment {
   /* HUGE: the block starts one segment on (alignment >= SEGMENT_SIZE), its
    * descriptor is segment_pages(segment)[SEGMENT_FIRST_SLICE]. */
   uint8_t block_after_header;
+  /* HUGE: the block was assembled from several freed mappings, moved side
+   * by side, and is as many kernel mappings. */
+  uint8_t several_mappings;
   uint32_t used_slices;
   size_t mapped_size;
   uint64_t free_since_ms; /* all slices free since (NORMAL) */
@@ -560,10 +563,14 @@ ZK_INLINE void page_leave_full(page_t *page) {
     atomic_fetch_and_explicit(&page->thread_free, ~PAGE_REMOTE_FULL,
                               memory_order_relaxed);
 }
-/* Pushes the block (one sequentially consistent CAS); true if the page was
- * in its owner's full queue, which the caller must then hint. Touches
- * nothing of the page after the push. */
-bool page_free_remote(page_t *page, block_t *block);
+/* Pushes the block (one sequentially consistent CAS). Touches nothing of
+ * the page after the push. */
+typedef enum remote_push {
+  REMOTE_PUSHED,
+  REMOTE_PUSHED_TO_FULL, /* the owner must be hinted */
+  REMOTE_REFUSED,        /* a double free, reported: nothing pushed */
+} remote_push_t;
+remote_push_t page_free_remote(page_t *page, block_t *block);
 /* Secure free bits (see page_t): false when no memory for them. */
 bool page_free_bits_init(page_t *page);
 /* Marks block `index` free; false if it already was (a double free). */

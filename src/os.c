@@ -5,15 +5,11 @@
 
 #include <errno.h>
 #include <pthread.h>
-#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 
 #ifndef MAP_HUGETLB
 #define MAP_HUGETLB 0x40000
-#endif
-#ifndef MAP_FIXED_NOREPLACE
-#define MAP_FIXED_NOREPLACE 0x100000
 #endif
 #ifndef MADV_FREE
 #define MADV_FREE 8
@@ -116,50 +112,48 @@ bool os_protect(void *address, size_t size, bool accessible) {
   return done;
 }
 
-/* mremap works within one kernel mapping; a range that spans several (a
- * huge block assembled from moved pieces) is refused with EFAULT, and is
- * moved in halves, each boundary costing a few refused calls. Returns the
- * bytes moved from the front of the range. */
-static size_t os_move_mappings(uint8_t *from, size_t size, uint8_t *to) {
-  if (mremap(from, size, size, MREMAP_MAYMOVE | MREMAP_FIXED, to) != MAP_FAILED)
-    return size;
-  if (errno != EFAULT || size <= OS_PAGE_SIZE)
-    return 0;
-  size_t half = (size / 2) & ~(OS_PAGE_SIZE - 1);
-  size_t moved = os_move_mappings(from, half, to);
-  if (moved < half)
-    return moved;
-  return half + os_move_mappings(from + half, size - half, to + half);
-}
-
 bool os_resize_in_place(void *address, size_t old_size, size_t new_size) {
   int saved_errno = errno;
-  bool resized = mremap(address, old_size, new_size, 0) != MAP_FAILED;
-  if (!resized && errno == EFAULT) {
-    /* Several mappings: the growth becomes a mapping of its own where the
-     * address space after the range is free; a shrink unmaps the tail. */
-    uint8_t *end = (uint8_t *)address + old_size;
-    if (new_size > old_size) {
-      void *grown = mmap(end, new_size - old_size, PROT_READ | PROT_WRITE,
-                         MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE |
-                             MAP_FIXED_NOREPLACE,
-                         -1, 0);
-      resized = grown == end;
-      if (grown != MAP_FAILED && !resized) /* a kernel before the flag */
-        munmap(grown, new_size - old_size);
-    } else {
-      resized = munmap((uint8_t *)address + new_size, old_size - new_size) == 0;
-    }
-  }
+  void *moved = mremap(address, old_size, new_size, 0);
   errno = saved_errno;
-  return resized;
+  return moved != MAP_FAILED;
 }
 
-size_t os_move_to(void *from, size_t size, void *to) {
+bool os_move_to(void *from, size_t size, void *to) {
   int saved_errno = errno;
-  size_t moved = os_move_mappings(from, size, to);
+  bool moved =
+      mremap(from, size, size, MREMAP_MAYMOVE | MREMAP_FIXED, to) != MAP_FAILED;
   errno = saved_errno;
   return moved;
+}
+
+/* A range whose pages sit in two mappings (the first page's flags
+ * differ), moved with one call into a range of the probe's own. */
+static bool os_probe_moves_mappings(void) {
+  int saved_errno = errno;
+  uint8_t *area = mmap(NULL, 4 * OS_PAGE_SIZE, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  bool moved = false;
+  if (area != MAP_FAILED) {
+    area[0] = area[OS_PAGE_SIZE] = 1;
+    moved = madvise(area, OS_PAGE_SIZE, MADV_DONTFORK) == 0 &&
+            mremap(area, 2 * OS_PAGE_SIZE, 2 * OS_PAGE_SIZE,
+                   MREMAP_MAYMOVE | MREMAP_FIXED,
+                   area + 2 * OS_PAGE_SIZE) != MAP_FAILED;
+    munmap(area, 4 * OS_PAGE_SIZE);
+  }
+  errno = saved_errno;
+  return moved;
+}
+
+bool os_moves_mappings(void) {
+  static int known; /* 0: not probed yet, 1: no, 2: yes */
+  int state = __atomic_load_n(&known, __ATOMIC_RELAXED);
+  if (state == 0) { /* two threads may both probe: same answer */
+    state = os_probe_moves_mappings() ? 2 : 1;
+    __atomic_store_n(&known, state, __ATOMIC_RELAXED);
+  }
+  return state == 2;
 }
 
 void *os_move_aligned(void *address, size_t old_size, size_t new_size,
@@ -170,23 +164,14 @@ void *os_move_aligned(void *address, size_t old_size, size_t new_size,
   if (target != NULL) {
     moved = mremap(address, old_size, new_size, MREMAP_MAYMOVE | MREMAP_FIXED,
                    target);
-    if (moved == MAP_FAILED && errno == EFAULT) {
-      /* Several mappings: each moved into the fresh range, whose pages past
-       * them stay fresh. */
-      size_t keep = old_size < new_size ? old_size : new_size;
-      size_t done = os_move_mappings(address, keep, target);
-      if (done == keep) {
-        if (old_size > keep)
-          munmap((uint8_t *)address + keep, old_size - keep);
-        moved = target;
-      } else if (done > 0 && os_move_mappings(target, done, address) != done) {
-        /* Neither here nor there: the block cannot be made whole. */
-        error_warning("zkmem: fatal: a huge block at %p was half moved and "
-                      "cannot be moved back (mremap failed)\n",
-                      address);
-        abort();
-      }
-    }
+    /* Several mappings (an assembled huge block): no kernel resizes them in
+     * one call, but one that moves them (os_moves_mappings, which also
+     * checks before it unmaps the destination) moves them as they are
+     * into the target's front, the rest of the target staying fresh. */
+    if (moved == MAP_FAILED && errno == EFAULT && old_size < new_size &&
+        os_moves_mappings())
+      moved = mremap(address, old_size, old_size, MREMAP_MAYMOVE | MREMAP_FIXED,
+                     target);
     if (moved == MAP_FAILED)
       munmap(target, new_size);
   }

@@ -29,10 +29,13 @@ void *os_reserve_aligned(size_t size, size_t alignment, int huge_pages,
  * huge pages. */
 void *os_reserve_aligned_at(size_t size, size_t alignment, size_t offset);
 /* Moves the pages of [from, from + size) to `to`, replacing what was
- * mapped there, without copying them; the range may span several kernel
- * mappings. Returns the bytes moved from the front of the range: `size`,
- * or less on failure (the rest stays where it was). */
-size_t os_move_to(void *from, size_t size, void *to);
+ * mapped there, without copying them; false (nothing moved) on failure. */
+bool os_move_to(void *from, size_t size, void *to);
+/* Whether the kernel moves a range that spans several mappings in one
+ * mremap call (Linux 6.17 on). Before, it refuses with EFAULT, and before
+ * 6.12 only after it has unmapped the destination, so such a range must
+ * never be handed to the calls above there. Probed once. */
+bool os_moves_mappings(void);
 /* Give the mapping back. */
 void os_release(void *address, size_t size);
 /* Tell the kernel the range's contents are not needed. decommit = true:
@@ -41,12 +44,10 @@ void os_release(void *address, size_t size);
 bool os_purge(void *address, size_t size, bool decommit);
 /* Make a range inaccessible (a guard page) or accessible again. */
 bool os_protect(void *address, size_t size, bool accessible);
-/* Grow or shrink a mapping (or adjacent mappings) in place; false if the
- * neighbours are taken. */
+/* Grow or shrink a mapping in place; false if the neighbours are taken. */
 bool os_resize_in_place(void *address, size_t old_size, size_t new_size);
-/* Move a mapping (or adjacent mappings) to a fresh region aligned to
- * `alignment` without copying pages; NULL on failure (the old mapping is
- * left intact). */
+/* Move a mapping to a fresh region aligned to `alignment` without copying
+ * pages; NULL on failure (the old mapping is left intact). */
 void *os_move_aligned(void *address, size_t old_size, size_t new_size,
                       size_t alignment);
 

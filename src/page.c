@@ -386,7 +386,7 @@ void page_collect(page_t *page) {
 }
 
 /* Any thread but the owner: push with one CAS. */
-bool page_free_remote(page_t *page, block_t *block) {
+remote_push_t page_free_remote(page_t *page, block_t *block) {
   uintptr_t word =
       atomic_load_explicit(&page->thread_free, memory_order_relaxed);
   do {
@@ -394,12 +394,12 @@ bool page_free_remote(page_t *page, block_t *block) {
      * walking it (page_take_remote_unwalked), so this is where it shows. */
     if (unlikely((word & PAGE_REMOTE_LIST) == (uintptr_t)block)) {
       page_remote_list_corrupted(page, block);
-      return false;
+      return REMOTE_REFUSED;
     }
     block_set_next(page, block, (block_t *)(word & PAGE_REMOTE_LIST));
   } while (!atomic_compare_exchange_weak_explicit(
       &page->thread_free, &word,
       (uintptr_t)block | ((word & ~PAGE_REMOTE_LIST) + PAGE_REMOTE_ONE),
       memory_order_seq_cst, memory_order_relaxed));
-  return (word & PAGE_REMOTE_FULL) != 0;
+  return (word & PAGE_REMOTE_FULL) != 0 ? REMOTE_PUSHED_TO_FULL : REMOTE_PUSHED;
 }

@@ -469,7 +469,7 @@ static void huge_piece_release(unsigned index) {
  * the smallest piece that holds it, split; else the largest pieces moved
  * side by side into a fresh range, whose remaining pages stay fresh. NULL
  * when the cache is empty. segment_lock held. */
-static segment_t *huge_pieces_assemble(size_t total) {
+static segment_t *huge_pieces_assemble(size_t total, bool *several_mappings) {
   unsigned best = HUGE_CACHE_PIECES;
   for (unsigned i = 0; i < huge_piece_count; i++)
     if (huge_pieces[i].size >= total &&
@@ -497,21 +497,13 @@ static segment_t *huge_pieces_assemble(size_t total) {
     size_t move = total - filled;
     if (move > huge_pieces[largest].size)
       move = huge_pieces[largest].size;
-    uint8_t *from = huge_pieces[largest].base;
-    size_t moved = os_move_to(from, move, target + filled);
-    if (moved == 0)
+    if (!os_move_to(huge_pieces[largest].base, move, target + filled))
       break;
-    /* Its pages now back the target; a move that stopped part way (the
-     * kernel out of mappings) gives the rest of the range back, so that
-     * what the piece keeps still starts on a segment boundary. */
-    huge_piece_take(largest, move);
+    huge_piece_take(largest, move); /* its pages now back the target */
     bytes_mapped -= move;
-    if (moved < move) {
-      os_release(from + moved, move - moved);
-      break;
-    }
     filled += move;
   }
+  *several_mappings = true;
   return (segment_t *)target;
 }
 
@@ -584,13 +576,13 @@ page_t *segment_huge_alloc(size_t size, size_t alignment, bool zeroed) {
   }
   segment_t *segment = NULL;
   int got_huge = 0;
-  bool reused = false;
+  bool reused = false, several_mappings = false;
   /* A zeroed block wants fresh pages: zero until written, where reused
    * ones would have to be cleared. */
   if (!guarded && !zeroed && offset == SLICE_SIZE &&
       __atomic_load_n(&huge_piece_count, __ATOMIC_RELAXED) != 0) {
     pthread_mutex_lock(&segment_lock);
-    segment = huge_pieces_assemble(total);
+    segment = huge_pieces_assemble(total, &several_mappings);
     pthread_mutex_unlock(&segment_lock);
     if (segment != NULL) {
       reused = true;
@@ -649,6 +641,7 @@ page_t *segment_huge_alloc(size_t size, size_t alignment, bool zeroed) {
   segment->kind = SEGMENT_HUGE;
   segment->huge_pages = got_huge;
   segment->block_after_header = after_header;
+  segment->several_mappings = several_mappings;
   segment->mapped_size = total;
   segment_pages(segment)[0].kind = PAGE_HEADER;
   size_t index = after_header ? SEGMENT_FIRST_SLICE : offset >> SLICE_SHIFT;
@@ -667,10 +660,18 @@ page_t *segment_huge_alloc(size_t size, size_t alignment, bool zeroed) {
   return page;
 }
 
+/* Whether mremap can move or resize the block's mapping: a block
+ * assembled from several pieces is several kernel mappings, which kernels
+ * before 6.17 move in no single call (see os_moves_mappings). */
+static bool huge_remappable(const segment_t *segment) {
+  return segment->huge_pages != 2 &&
+         (!segment->several_mappings || os_moves_mappings());
+}
+
 /* A mapping the cache can take: no guard page, pages that can move. */
 static bool huge_cacheable(const segment_t *segment, const page_t *page) {
   return !page->secure && !segment->block_after_header &&
-         segment->huge_pages != 2;
+         huge_remappable(segment);
 }
 
 void segment_huge_free(page_t *page) {
@@ -702,10 +703,11 @@ page_t *segment_huge_resize(page_t *page, size_t new_size) {
   segment_t *segment = segment_of(page);
   size_t offset = (size_t)(page->start - (uint8_t *)segment);
   size_t new_total = (offset + new_size + SEGMENT_MASK) & ~SEGMENT_MASK;
-  /* hugetlb mappings cannot be remapped piecewise; a guarded block moves
+  /* hugetlb mappings cannot be remapped piecewise, nor on older kernels
+   * an assembled block (huge_remappable); a guarded block moves
    * (the caller copies it into a fresh guarded one), and so does one
    * aligned beyond a segment (a move would lose the alignment). */
-  if (new_total < new_size || segment->huge_pages == 2 || page->secure ||
+  if (new_total < new_size || !huge_remappable(segment) || page->secure ||
       segment->block_after_header)
     return NULL;
   if (new_total == segment->mapped_size)
