@@ -74,6 +74,13 @@ ZK_NOINLINE void alloc_free_slow(void *p) {
     alloc_free_other(p);
 }
 
+/* A foreign free (alloc_fast_free): the page found, no errno to save. */
+ZK_NOINLINE void alloc_free_foreign(heap_t *heap, const page_t *slice,
+                                    void *p) {
+  if (!heap_free_foreign(heap, slice, p))
+    alloc_free_slow(p);
+}
+
 /* A sized free's size is the program's claim about the block; only secure
  * mode pays for checking it, so the normal path stays a plain free. A size
  * below the usable size is not caught: blocks are rounded up to their

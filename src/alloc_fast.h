@@ -50,6 +50,12 @@ ZK_INLINE void alloc_fast_free(void *p) {
           heap_bin_flush(heap, bin);
         return;
       }
+    } else {
+      /* Another heap's block: the slow path, first trying to keep it in
+       * this thread's bin. A kept block handed out again stays its page's,
+       * so its every free comes this way. */
+      alloc_free_foreign(heap, slice, p);
+      return;
     }
   }
   alloc_free_slow(p);

@@ -1606,6 +1606,28 @@ static bool heap_bin_keep_foreign(heap_t *heap, page_t *page, block_t *block) {
   return true;
 }
 
+bool heap_free_foreign(heap_t *heap, const page_t *slice, void *p) {
+  /* The block's slice is its page's head (always so for the classes a bin
+   * keeps, one slice each); anything else takes the full path. */
+  page_t *page = (page_t *)slice;
+  if (page_kind(page) != PAGE_SMALL || page->slice_offset != 0 ||
+      page->secure || heap->task != NULL)
+    return false;
+  /* heap_free_small_block's checks, where a failure takes its path, which
+   * reports it: one division gives both (32 bits: a span is under 4 GiB). */
+  uint32_t offset = (uint32_t)((uint8_t *)p - page->start);
+  uint32_t index = offset / page->block_size;
+  bin_t *bin = &heap->bins[page->class_index];
+  if (offset != index * page->block_size ||
+      !page_block_is_carved(page, index) || p == (void *)bin->head)
+    return false;
+  if (heap_bin_can_keep(heap, bin, page))
+    heap_bin_keep(heap, bin, p);
+  else
+    heap_free_remote_checked(page, p); /* not secure: checked above */
+  return true;
+}
+
 bool heap_free_small_block(void *p) {
   segment_t *segment = segment_of(p);
   if (!segment_is_owned(segment))

@@ -682,6 +682,12 @@ void heap_free_small(page_t *page, void *p);
  * anything else goes through heap_free_small's checks, errno kept. False
  * when p is not in a small page. */
 bool heap_free_small_block(void *p);
+/* heap_free_small_block for a block whose slice descriptor the free fast
+ * path has found, and whose page is another heap's: kept in this thread's
+ * bin or freed to its page's remote list, with the same checks. False
+ * (nothing done) sends the free on to alloc_free_slow: a task sub-heap's
+ * free, a secure or multi-slice page, a failed check. */
+bool heap_free_foreign(heap_t *heap, const page_t *slice, void *p);
 /* An arena block's free, from any thread; its usable size (0: not a
  * block's start or interior). */
 void heap_free_arena(page_t *page, void *p);
@@ -744,6 +750,9 @@ void process_init(void);
  * of the block's page: NULL, foreign pointers, remote and secure frees,
  * large, huge and pool blocks. Leaves errno alone. */
 void alloc_free_slow(void *p);
+/* Free's path for a block of another heap's page: heap_free_foreign, else
+ * alloc_free_slow. */
+void alloc_free_foreign(heap_t *heap, const page_t *slice, void *p);
 /* Secure mode: a sized free whose size exceeds the block (reported). */
 bool alloc_sized_free_misuse(const char *what, void *p, size_t size);
 void *alloc_realloc(zk_heap_t *heap, void *p, size_t size);
