@@ -51,9 +51,10 @@ ZK_INLINE void alloc_fast_free(void *p) {
         return;
       }
     } else {
-      /* Another heap's block: the slow path, first trying to keep it in
-       * this thread's bin. A kept block handed out again stays its page's,
-       * so its every free comes this way. */
+      /* Another heap's block, with the descriptor found here: kept in
+       * this thread's bin or pushed to its page's remote list. A kept
+       * block handed out again stays its page's, so its every free comes
+       * this way. */
       alloc_free_foreign(heap, slice, p);
       return;
     }
