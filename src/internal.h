@@ -683,7 +683,9 @@ void heap_free_small(page_t *page, void *p);
  * when p is not in a small page. */
 bool heap_free_small_block(void *p);
 /* heap_free_small_block for a block whose slice descriptor the free fast
- * path has found, and whose page is another heap's: kept in this thread's
+ * path has found, and whose page is another heap's (the caller has seen
+ * another owner: a block of this heap's own would be pushed onto its
+ * page's remote list): kept in this thread's
  * bin or freed to its page's remote list, with the same checks. False
  * (nothing done) sends the free on to alloc_free_slow: a task sub-heap's
  * free, a secure or multi-slice page, a failed check. */
