@@ -255,6 +255,17 @@ static void interior_small_remote(void) {
   pthread_join(thread, NULL);
 }
 
+/* The same for a class another thread's bin keeps (heap_free_foreign's
+ * checks, before the full path reports). */
+static void interior_kept_class_remote(void) {
+  char *p = zk_malloc(512);
+  expect_report("free of a pointer inside a block (not its start)", p + 16,
+                512);
+  pthread_t thread;
+  CHECK(pthread_create(&thread, NULL, free_in_thread, p + 16) == 0);
+  pthread_join(thread, NULL);
+}
+
 /* A block of a page that was never carved was never handed out: with
  * pages carving from a colour onwards, that can be the block before the
  * first one carved. */
@@ -702,6 +713,7 @@ int main(int argc, char **argv) {
   expect_abort("segment header", segment_header);
   expect_abort("interior, secure", interior_small_secure);
   expect_abort("interior, other thread", interior_small_remote);
+  expect_abort("interior, other thread, 512 B", interior_kept_class_remote);
   expect_abort("block never handed out, other thread", uncarved_small_remote);
   expect_abort("interior, large", interior_large);
   expect_abort("interior, huge", interior_huge);
