@@ -1606,21 +1606,30 @@ static bool heap_bin_keep_foreign(heap_t *heap, page_t *page, block_t *block) {
   return true;
 }
 
+/* heap_free_small's checks, without its reports (a failure takes its
+ * path, which reports): p starts a carved block of the page, and is not
+ * the head of `bin` (a double free). One division gives both block checks
+ * (32 bits: a span is under 4 GiB). */
+ZK_INLINE bool heap_block_freeable(const page_t *page, const void *p,
+                                   const bin_t *bin) {
+  uint32_t offset = (uint32_t)((const uint8_t *)p - page->start);
+  uint32_t index = offset / page->block_size;
+  return offset == index * page->block_size &&
+         page_block_is_carved(page, index) && p != (const void *)bin->head;
+}
+
 bool heap_free_foreign(heap_t *heap, const page_t *slice, void *p) {
   /* The block's slice is its page's head (always so for the classes a bin
-   * keeps, one slice each); anything else takes the full path. */
+   * keeps, one slice each); anything else takes the full path, and so does
+   * a block of the thread's own heap freed inside a task heap. */
   page_t *page = (page_t *)slice;
   if (page_kind(page) != PAGE_SMALL || page->slice_offset != 0 ||
-      page->secure || heap->task != NULL)
+      page->secure || heap_is_current_home(page_owner(page), heap))
     return false;
-  /* heap_free_small_block's checks, where a failure takes its path, which
-   * reports it: one division gives both (32 bits: a span is under 4 GiB). */
-  uint32_t offset = (uint32_t)((uint8_t *)p - page->start);
-  uint32_t index = offset / page->block_size;
   bin_t *bin = &heap->bins[page->class_index];
-  if (offset != index * page->block_size ||
-      !page_block_is_carved(page, index) || p == (void *)bin->head)
+  if (!heap_block_freeable(page, p, bin))
     return false;
+  /* Neither sets errno. */
   if (heap_bin_can_keep(heap, bin, page))
     heap_bin_keep(heap, bin, p);
   else
@@ -1639,31 +1648,17 @@ bool heap_free_small_block(void *p) {
   heap_t *owner = page_owner(page);
   /* Another heap's block, not a secure page's. Inside a task heap, the
    * thread heap's block goes to that heap's bin (heap_is_current_home: half
-   * the cost of a scoped request on the full path). The bin's head would be
-   * a double free. */
+   * the cost of a scoped request on the full path); a push that would
+   * flush takes the full path, which saves errno. */
   if (owner != heap && !page->secure) {
-    bool home = heap_is_current_home(owner, heap);
-    bin_t *bin = &(home ? owner : heap)->bins[page->class_index];
-    /* heap_free_small's checks; one division gives both (32 bits: a span
-     * is under 4 GiB). */
-    uint32_t offset = (uint32_t)((uint8_t *)p - page->start);
-    uint32_t index = offset / page->block_size;
-    if (p != (void *)bin->head && offset - index * page->block_size == 0 &&
-        page_block_is_carved(page, index)) {
-      /* None of these sets errno; a push that would flush takes the full
-       * path, which saves it. */
-      if (home) {
-        if (bin->room > 0) {
-          heap_bin_keep(owner, bin, p);
-          return true;
-        }
-      } else {
-        if (heap_bin_can_keep(heap, bin, page))
-          heap_bin_keep(heap, bin, p);
-        else
-          heap_free_remote_checked(page, p); /* not secure: checked above */
+    if (heap_is_current_home(owner, heap)) {
+      bin_t *bin = &owner->bins[page->class_index];
+      if (bin->room > 0 && heap_block_freeable(page, p, bin)) {
+        heap_bin_keep(owner, bin, p);
         return true;
       }
+    } else if (heap_free_foreign(heap, page, p)) {
+      return true;
     }
   }
   int saved_errno = errno;

@@ -528,8 +528,10 @@ ZK_INLINE bool page_block_is_carved(const page_t *page, size_t index) {
 void page_secure_fill(const page_t *page, block_t *block);
 bool page_secure_intact(const page_t *page, const block_t *block);
 block_t *page_take_remote(page_t *page, block_t **tail, uint32_t *count);
-/* The same list without the walk: its first block and its count, checked
- * against the page; the caller gives it a tail-less home (an empty bin). */
+/* The same list without the walk: its first block and the count its
+ * pushes left, checked against the page (the block lies in it, the count
+ * is at most the blocks out of it); the caller gives it a tail-less home
+ * (an empty bin), or walks it (page_take_remote). */
 block_t *page_take_remote_unwalked(page_t *page, uint32_t *count);
 /* A list taken from the page's remote frees goes into its `free`. */
 void page_splice_free(page_t *page, block_t *remote, block_t *tail,
@@ -685,10 +687,10 @@ bool heap_free_small_block(void *p);
 /* heap_free_small_block for a block whose slice descriptor the free fast
  * path has found, and whose page is another heap's (the caller has seen
  * another owner: a block of this heap's own would be pushed onto its
- * page's remote list): kept in this thread's
- * bin or freed to its page's remote list, with the same checks. False
- * (nothing done) sends the free on to alloc_free_slow: a task sub-heap's
- * free, a secure or multi-slice page, a failed check. */
+ * page's remote list): kept in this thread's bin or freed to its page's
+ * remote list, with the same checks. False (nothing done) sends the free
+ * on to alloc_free_slow: a block of the thread's heap freed inside a task
+ * heap, a secure or multi-slice page, a failed check. */
 bool heap_free_foreign(heap_t *heap, const page_t *slice, void *p);
 /* An arena block's free, from any thread; its usable size (0: not a
  * block's start or interior). */

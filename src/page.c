@@ -306,32 +306,41 @@ static bool page_holds(const page_t *page, const block_t *block) {
          (uintptr_t)page->reserved * page->block_size;
 }
 
-/* Owner only: takes the page's remote frees; *tail and *count describe
- * the list, NULL when there is none (or it was corrupted and reported).
- * Other threads wrote the list, so the walk trusts nothing: it holds the
- * count the pushes left, no more than the `used` blocks out of the page,
- * and each block must lie in the page. */
-block_t *page_take_remote(page_t *page, block_t **tail_out,
-                          uint32_t *count_out) {
+/* The full flag stays as it is (see PAGE_REMOTE_FULL). */
+block_t *page_take_remote_unwalked(page_t *page, uint32_t *pushed_out) {
   uintptr_t word =
       atomic_load_explicit(&page->thread_free, memory_order_relaxed);
   if ((word & ~PAGE_REMOTE_FULL) == 0)
     return NULL;
-  /* Only the owner takes, so the list stays non-empty; the full flag
-   * stays as it is (see PAGE_REMOTE_FULL). */
+  /* Only the owner takes, so the list stays non-empty. */
   while (!atomic_compare_exchange_weak_explicit(
       &page->thread_free, &word, word & PAGE_REMOTE_FULL, memory_order_acquire,
       memory_order_relaxed))
     ;
   block_t *remote = (block_t *)(word & PAGE_REMOTE_LIST);
   uint32_t pushed = (uint32_t)(word >> PAGE_REMOTE_COUNT_SHIFT);
-  uint32_t count = 1;
-  block_t *tail = remote;
-  block_t *next;
-  if (unlikely(pushed > page->used || !page_holds(page, remote))) {
+  if (unlikely(pushed == 0 || pushed > page->used ||
+               !page_holds(page, remote))) {
     page_remote_list_corrupted(page, remote);
     return NULL;
   }
+  *pushed_out = pushed;
+  return remote;
+}
+
+/* Owner only: takes the page's remote frees; *tail and *count describe
+ * the list, NULL when there is none (or it was corrupted and reported).
+ * Other threads wrote the list, so the walk trusts nothing: it holds the
+ * count the pushes left, and each block must lie in the page. */
+block_t *page_take_remote(page_t *page, block_t **tail_out,
+                          uint32_t *count_out) {
+  uint32_t pushed;
+  block_t *remote = page_take_remote_unwalked(page, &pushed);
+  if (remote == NULL)
+    return NULL;
+  uint32_t count = 1;
+  block_t *tail = remote;
+  block_t *next;
   while ((next = block_next(page, tail)) != NULL) {
     if (unlikely(count >= pushed || !page_holds(page, next))) {
       page_remote_list_corrupted(page, tail);
@@ -345,25 +354,6 @@ block_t *page_take_remote(page_t *page, block_t **tail_out,
     return NULL;
   }
   *tail_out = tail;
-  *count_out = count;
-  return remote;
-}
-
-block_t *page_take_remote_unwalked(page_t *page, uint32_t *count_out) {
-  uintptr_t word =
-      atomic_load_explicit(&page->thread_free, memory_order_relaxed);
-  if ((word & ~PAGE_REMOTE_FULL) == 0)
-    return NULL;
-  while (!atomic_compare_exchange_weak_explicit(
-      &page->thread_free, &word, word & PAGE_REMOTE_FULL, memory_order_acquire,
-      memory_order_relaxed))
-    ;
-  block_t *remote = (block_t *)(word & PAGE_REMOTE_LIST);
-  uint32_t count = (uint32_t)(word >> PAGE_REMOTE_COUNT_SHIFT);
-  if (unlikely(count == 0 || count > page->used || !page_holds(page, remote))) {
-    page_remote_list_corrupted(page, remote);
-    return NULL;
-  }
   *count_out = count;
   return remote;
 }

@@ -867,6 +867,14 @@ static size_t bytes_mapped_now(void) {
   return stats.bytes_mapped;
 }
 
+/* Maps `count` blocks of `size` into `blocks`, then frees them all. */
+static void huge_blocks_churn(uint8_t **blocks, int count, size_t size) {
+  for (int i = 0; i < count; i++)
+    CHECK((blocks[i] = zk_malloc(size)) != NULL);
+  for (int i = 0; i < count; i++)
+    zk_free(blocks[i]);
+}
+
 /* Freed huge mappings stay cached up to the bytes of huge blocks still
  * live: at least 128 MiB, more while more is live. */
 static void test_huge_cache_follows_live(void) {
@@ -875,20 +883,14 @@ static void test_huge_cache_follows_live(void) {
   uint8_t *blocks[COUNT], *live[LIVE];
   zk_collect(true);
   size_t before = bytes_mapped_now();
-  for (int i = 0; i < COUNT; i++)
-    CHECK((blocks[i] = zk_malloc(10 * mb)) != NULL);
-  for (int i = 0; i < COUNT; i++)
-    zk_free(blocks[i]);
+  huge_blocks_churn(blocks, COUNT, 10 * mb);
   size_t cached_alone = bytes_mapped_now() - before;
   zk_collect(true);
   CHECK_EQ(bytes_mapped_now(), before);
   for (int i = 0; i < LIVE; i++)
     CHECK((live[i] = zk_malloc(10 * mb)) != NULL);
   size_t with_live = bytes_mapped_now();
-  for (int i = 0; i < COUNT; i++)
-    CHECK((blocks[i] = zk_malloc(10 * mb)) != NULL);
-  for (int i = 0; i < COUNT; i++)
-    zk_free(blocks[i]);
+  huge_blocks_churn(blocks, COUNT, 10 * mb);
   size_t cached_beside = bytes_mapped_now() - with_live;
   printf("20 freed 10 MiB blocks keep %zu MiB mapped alone, %zu MiB beside "
          "%d live ones\n",

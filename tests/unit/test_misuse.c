@@ -247,23 +247,23 @@ static void *free_in_thread(void *p) {
   return NULL;
 }
 
-static void interior_small_remote(void) {
-  char *p = zk_malloc(64);
-  expect_report("free of a pointer inside a block (not its start)", p + 16, 64);
+static void interior_remote(size_t size) {
+  char *p = zk_malloc(size);
+  expect_report("free of a pointer inside a block (not its start)", p + 16,
+                size);
   pthread_t thread;
   CHECK(pthread_create(&thread, NULL, free_in_thread, p + 16) == 0);
   pthread_join(thread, NULL);
 }
 
+static void interior_small_remote(void) {
+  interior_remote(64);
+}
+
 /* The same for a class another thread's bin keeps (heap_free_foreign's
  * checks, before the full path reports). */
 static void interior_kept_class_remote(void) {
-  char *p = zk_malloc(512);
-  expect_report("free of a pointer inside a block (not its start)", p + 16,
-                512);
-  pthread_t thread;
-  CHECK(pthread_create(&thread, NULL, free_in_thread, p + 16) == 0);
-  pthread_join(thread, NULL);
+  interior_remote(512);
 }
 
 /* A block of a page that was never carved was never handed out: with
