@@ -123,6 +123,21 @@ static void bin_limits_init(void) {
   }
 }
 
+/* Another heap's blocks a bin keeps (see heap_free_foreign): 128 B to
+ * 1 KiB, in a thread heap's bin that ran empty since the last decay pass,
+ * while it is under half full. The foreign free reads the bin's part as
+ * one field, set here whenever it changes. */
+#define FOREIGN_KEEP_MIN 128
+#define FOREIGN_KEEP_MAX 1024
+static void bin_set_refilled(const heap_t *heap, bin_t *bin, bool refilled) {
+  uint32_t size = class_block_size[bin - heap->bins];
+  bin->refilled = refilled;
+  bin->keep_above = refilled && heap->task == NULL &&
+                            size >= FOREIGN_KEEP_MIN && size <= FOREIGN_KEEP_MAX
+                        ? (int16_t)(bin->limit / 2)
+                        : BIN_KEEPS_NONE;
+}
+
 static bool heap_page_return_block(heap_t *heap, page_t *page, block_t *block,
                                    uint64_t free_since_ms);
 static void heap_free_remote(page_t *page, block_t *block);
@@ -246,7 +261,7 @@ void heap_bins_decay(heap_t *heap, uint64_t now) {
     bin_t *bin = &heap->bins[c];
     if (!bin->refilled || thread_was_idle)
       heap_bin_trim(heap, bin, 0, idle_since);
-    bin->refilled = 0;
+    bin_set_refilled(heap, bin, false);
   }
   /* A remote free whose owner read was stale hinted the wrong heap; if no
    * other free into that page followed, this finds it (PAGE_REMOTE_FULL). */
@@ -542,7 +557,7 @@ static ZK_NOINLINE void *heap_malloc_arena_charge(heap_t *heap, bin_t *bin,
     return heap_malloc_generic(heap, size, 0);
   if (!arena_charge(heap, block_size))
     return task_limit_reached(heap, size, 0);
-  bin->refilled = 1;
+  bin_set_refilled(heap, bin, true);
   return arena_carve(heap, arena, (size_t)bin->arena_code - 1, block_size);
 }
 
@@ -804,6 +819,7 @@ heap_t *heap_create(void) {
   atomic_store_explicit(&heap->remote_frees_to_full, 0, memory_order_relaxed);
   for (size_t i = 0; i < CLASS_COUNT; i++) {
     heap->bins[i].limit = bin_limit[i];
+    heap->bins[i].keep_above = BIN_KEEPS_NONE;
     bin_set_count(&heap->bins[i], 0);
   }
   for (size_t i = 0; i < POOL_SLOTS; i++)
@@ -1023,6 +1039,8 @@ void heap_adopt_task(heap_t *heap, zk_heap_t *task) {
   for (page_t *arena = heap->arenas; arena != NULL; arena = arena->next)
     arena->task = task;
   atomic_store_explicit(&heap->task, task, memory_order_release);
+  for (unsigned c = 0; c < CLASS_COUNT; c++)
+    heap->bins[c].keep_above = BIN_KEEPS_NONE; /* see bin_set_refilled */
 }
 
 /* A task sub-heap no thread uses (its task is being destroyed): every page
@@ -1447,7 +1465,7 @@ void *heap_malloc_generic(heap_t *heap, size_t size, size_t alignment) {
       bool refused = false;
       void *block = arena_alloc(heap, class_index, &refused);
       if (block != NULL) {
-        bin->refilled = 1;
+        bin_set_refilled(heap, bin, true);
         return block;
       }
       if (refused)
@@ -1465,7 +1483,7 @@ void *heap_malloc_generic(heap_t *heap, size_t size, size_t alignment) {
       return task_limit_reached(heap, size, alignment);
     if (unlikely(bin->head == NULL)) /* the page's list was corrupted */
       return heap_malloc_generic(heap, size, alignment);
-    bin->refilled = 1;
+    bin_set_refilled(heap, bin, true);
   }
   return bin_pop(heap, bin);
 }
@@ -1577,20 +1595,14 @@ static void heap_free_remote(page_t *page, block_t *block) {
  * size, 0.96x up to 1 KiB, 11 rounds against keeping none). Not inside a
  * task heap (its bins charge the task), nor for a task heap's block (its
  * heap counts it free when it is) or a secure page's (checked remote
- * free). */
-#define FOREIGN_KEEP_MIN 128
-#define FOREIGN_KEEP_MAX 1024
-ZK_INLINE bool foreign_keep_size(const page_t *page) {
-  return page->block_size >= FOREIGN_KEEP_MIN &&
-         page->block_size <= FOREIGN_KEEP_MAX;
-}
-/* Whether `bin` keeps another heap's block of `page` (heap_empty's bins
- * have no room), and the push that keeps it: both free paths below. */
-ZK_INLINE bool heap_bin_can_keep(const heap_t *heap, const bin_t *bin,
-                                 const page_t *page) {
-  return bin->refilled && bin->room > (int32_t)(bin->limit / 2) &&
-         foreign_keep_size(page) && heap->task == NULL && page->task == NULL &&
-         !page->secure;
+ * free). The bin's side of these conditions is one field, keep_above,
+ * set by bin_set_refilled. */
+
+/* Whether `bin` keeps another heap's block of `page`, not a secure page's
+ * (heap_empty's bins have no room), and the push that keeps it: both free
+ * paths below. */
+ZK_INLINE bool heap_bin_can_keep(const bin_t *bin, const page_t *page) {
+  return bin->room > bin->keep_above && page->task == NULL;
 }
 
 static bool heap_bin_keep_foreign(heap_t *heap, page_t *page, block_t *block) {
@@ -1600,7 +1612,7 @@ static bool heap_bin_keep_foreign(heap_t *heap, page_t *page, block_t *block) {
     error_report("double free", block, page->block_size);
     return true;
   }
-  if (!heap_bin_can_keep(heap, bin, page))
+  if (page->secure || !heap_bin_can_keep(bin, page))
     return false;
   heap_bin_keep(heap, bin, block);
   return true;
@@ -1618,6 +1630,13 @@ ZK_INLINE bool heap_block_freeable(const page_t *page, const void *p,
          page_block_is_carved(page, index) && p != (const void *)bin->head;
 }
 
+/* heap_free_foreign's push, out of line: the kept path then saves no
+ * registers (6 instructions of its 57). Not a secure page's block. */
+static ZK_NOINLINE bool heap_free_foreign_remote(page_t *page, block_t *block) {
+  heap_free_remote_checked(page, block);
+  return true;
+}
+
 bool heap_free_foreign(heap_t *heap, const page_t *slice, void *p) {
   /* The block's slice is its page's head (always so for the classes a bin
    * keeps, one slice each); anything else takes the full path, and so does
@@ -1630,11 +1649,11 @@ bool heap_free_foreign(heap_t *heap, const page_t *slice, void *p) {
   if (!heap_block_freeable(page, p, bin))
     return false;
   /* Neither sets errno. */
-  if (heap_bin_can_keep(heap, bin, page))
+  if (heap_bin_can_keep(bin, page)) {
     heap_bin_keep(heap, bin, p);
-  else
-    heap_free_remote_checked(page, p); /* not secure: checked above */
-  return true;
+    return true;
+  }
+  return heap_free_foreign_remote(page, p);
 }
 
 bool heap_free_small_block(void *p) {

@@ -316,8 +316,13 @@ typedef struct bin {
    * carved, plus one), and the bytes a carve takes, ARENA_CARVE_NEVER for
    * a class that pages serve (above the arena classes, or hot). */
   uint8_t arena_code;
+  /* Another heap's block is kept here while room > keep_above (heap.c,
+   * heap_bin_can_keep): half the limit while the bin is refilled and keeps
+   * its class, else BIN_KEEPS_NONE. One compare on the foreign free. */
+  int16_t keep_above;
   uint32_t arena_carve;
 } bin_t;
+#define BIN_KEEPS_NONE INT16_MAX /* above any room (BIN_MAX_COUNT) */
 
 ZK_INLINE uint32_t bin_count(const bin_t *bin) {
   return (uint32_t)((int64_t)bin->limit - bin->room);
