@@ -11,19 +11,11 @@
 #include "internal.h"
 #include "sizeclass.h"
 
-/* The bin's address in one register: without the barrier GCC computes it
- * again after a store into the block, three instructions. */
-ZK_INLINE bin_t *heap_bin(heap_t *heap, unsigned class_index) {
-  bin_t *bin = &heap->bins[class_index];
-  __asm__("" : "+r"(bin));
-  return bin;
-}
-
 ZK_INLINE void *alloc_fast_malloc(size_t size) {
   heap_t *heap = heap_current;
   if (unlikely(size > SMALL_MAX))
     return heap_malloc_generic(heap, size, 0);
-  bin_t *bin = heap_bin(heap, class_of_small(size));
+  bin_t *bin = heap_bin_at(heap, bin_offset_of_small(size));
   if (likely(bin->head != NULL))
     return bin_pop(heap, bin);
   return heap_malloc_bin_empty(heap, bin, size);
@@ -34,27 +26,34 @@ ZK_INLINE void alloc_fast_free(void *p) {
   if (likely(segment_is_owned(segment))) {
     const page_t *slice = segment_slice_of(segment, p); /* see page_set_owner */
     heap_t *heap = heap_current;
-    /* Owner's free (secure pages never match), not the head of the bin
-     * (an O(1) double-free check). LIFO: the next malloc of the class gets
-     * this block while it is still in cache. */
-    if (likely(atomic_load_explicit(&slice->owner, memory_order_relaxed) ==
-               heap)) {
-      bin_t *bin = heap_bin(heap, slice->class_index);
-      block_t *block = p;
-      block_t *head = bin->head;
-      if (likely(block != head)) {
-        bin_set_next(heap, block, head);
-        bin->head = block;
-        bin->frees++;
-        if (unlikely(--bin->room < 0))
-          heap_bin_flush(heap, bin);
-        return;
-      }
-    } else {
-      /* Another heap's block, with the descriptor found here: kept in
-       * this thread's bin or pushed to its page's remote list. A kept
-       * block handed out again stays its page's, so its every free comes
-       * this way. */
+    uintptr_t foreign =
+        (uintptr_t)atomic_load_explicit(&slice->owner, memory_order_relaxed) ^
+        (uintptr_t)heap;
+    __asm__("" : "+r"(foreign)); /* tested as is, not the owner kept too */
+    bin_t *bin = heap_bin_at(heap, slice->bin_offset);
+    block_t *block = p;
+    block_t *head = bin->head;
+    /* The owner's block, or another thread heap's that the bin keeps (see
+     * heap_free_foreign), one test for both (bin_takes); never the head of
+     * the bin (an O(1) double-free check). LIFO: the next malloc of the
+     * class gets this block while it is still in cache. */
+    int8_t keep_mask =
+        atomic_load_explicit(&slice->keep_mask, memory_order_relaxed);
+    if (likely(bin_takes(bin, keep_mask, foreign) && block != head)) {
+      /* The room read again: one read-modify-write, not a load kept from
+       * the test and a store (an instruction). */
+      __asm__("" : "+r"(bin));
+      bin_set_next(heap, block, head);
+      bin->head = block;
+      bin->frees++;
+      if (unlikely(--bin->room < 0))
+        heap_bin_flush(heap, bin);
+      return;
+    }
+    if (foreign != 0) {
+      /* Another heap's block the bin does not keep, with the descriptor
+       * found here: pushed to its page's remote list, or on to the checks
+       * of the full path. */
       alloc_free_foreign(heap, slice, p);
       return;
     }

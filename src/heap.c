@@ -40,6 +40,7 @@ extern magazine_t pool_magazine_empty;
  * which gives the thread a heap of its own. */
 #define ALL_POOLS(value) [0 ... POOL_SLOTS - 1] = (value)
 heap_t heap_empty = {
+    .bins = {[0 ... CLASS_COUNT - 1] = {.keep_from = BIN_KEEPS_NONE}},
     .pool_magazines = {ALL_POOLS(&pool_magazine_empty)},
 };
 
@@ -125,17 +126,15 @@ static void bin_limits_init(void) {
 
 /* Another heap's blocks a bin keeps (see heap_free_foreign): 128 B to
  * 1 KiB, in a thread heap's bin that ran empty since the last decay pass,
- * while it is under half full. The foreign free reads the bin's part as
- * one field, set here whenever it changes. */
-#define FOREIGN_KEEP_MIN 128
-#define FOREIGN_KEEP_MAX 1024
+ * while it is under half full. The free fast path reads the bin's part as
+ * one field, set here whenever it changes (the page's: page->keepable). */
 static void bin_set_refilled(const heap_t *heap, bin_t *bin, bool refilled) {
   uint32_t size = class_block_size[bin - heap->bins];
   bin->refilled = refilled;
-  bin->keep_above = refilled && heap->task == NULL &&
-                            size >= FOREIGN_KEEP_MIN && size <= FOREIGN_KEEP_MAX
-                        ? (int16_t)(bin->limit / 2)
-                        : BIN_KEEPS_NONE;
+  bin->keep_from = refilled && heap->task == NULL && size >= FOREIGN_KEEP_MIN &&
+                           size <= FOREIGN_KEEP_MAX
+                       ? (uint16_t)(bin->limit / 2 + 1)
+                       : BIN_KEEPS_NONE;
 }
 
 static bool heap_page_return_block(heap_t *heap, page_t *page, block_t *block,
@@ -195,7 +194,7 @@ static void heap_bin_trim(heap_t *heap, bin_t *bin, uint32_t keep,
       break; /* ZKMEM_ON_ERROR=warn: leak the rest */
     }
     page_t *page = segment_page_of(segment_of(block), block);
-    /* Another heap's block, kept by heap_bin_keep_foreign: to its page's
+    /* Another heap's block, kept by the free fast path: to its page's
      * owner now. Only this thread makes a page its own, so the check holds
      * while the block is handed over. */
     if (task == NULL && page_owner(page) != heap) {
@@ -819,7 +818,7 @@ heap_t *heap_create(void) {
   atomic_store_explicit(&heap->remote_frees_to_full, 0, memory_order_relaxed);
   for (size_t i = 0; i < CLASS_COUNT; i++) {
     heap->bins[i].limit = bin_limit[i];
-    heap->bins[i].keep_above = BIN_KEEPS_NONE;
+    heap->bins[i].keep_from = BIN_KEEPS_NONE;
     bin_set_count(&heap->bins[i], 0);
   }
   for (size_t i = 0; i < POOL_SLOTS; i++)
@@ -1040,7 +1039,7 @@ void heap_adopt_task(heap_t *heap, zk_heap_t *task) {
     arena->task = task;
   atomic_store_explicit(&heap->task, task, memory_order_release);
   for (unsigned c = 0; c < CLASS_COUNT; c++)
-    heap->bins[c].keep_above = BIN_KEEPS_NONE; /* see bin_set_refilled */
+    heap->bins[c].keep_from = BIN_KEEPS_NONE; /* see bin_set_refilled */
 }
 
 /* A task sub-heap no thread uses (its task is being destroyed): every page
@@ -1595,28 +1594,11 @@ static void heap_free_remote(page_t *page, block_t *block) {
  * size, 0.96x up to 1 KiB, 11 rounds against keeping none). Not inside a
  * task heap (its bins charge the task), nor for a task heap's block (its
  * heap counts it free when it is) or a secure page's (checked remote
- * free). The bin's side of these conditions is one field, keep_above,
- * set by bin_set_refilled. */
-
-/* Whether `bin` keeps another heap's block of `page`, not a secure page's
- * (heap_empty's bins have no room), and the push that keeps it: both free
- * paths below. */
-ZK_INLINE bool heap_bin_can_keep(const bin_t *bin, const page_t *page) {
-  return bin->room > bin->keep_above && page->task == NULL;
-}
-
-static bool heap_bin_keep_foreign(heap_t *heap, page_t *page, block_t *block) {
-  bin_t *bin = &heap->bins[page->class_index];
-  /* Kept here before (heap_empty's head is NULL). */
-  if (unlikely(block == bin->head)) {
-    error_report("double free", block, page->block_size);
-    return true;
-  }
-  if (page->secure || !heap_bin_can_keep(bin, page))
-    return false;
-  heap_bin_keep(heap, bin, block);
-  return true;
-}
+ * free). The bin's side of these conditions is one field, keep_from,
+ * set by bin_set_refilled; the page's is its keep mask (page_set_owner).
+ * The free fast path alone keeps blocks, testing both (bin_takes) with the
+ * owner's test: what it leaves to the paths below, they check and push to
+ * the block's page. */
 
 /* heap_free_small's checks, without its reports (a failure takes its
  * path, which reports): p starts a carved block of the page, and is not
@@ -1630,13 +1612,6 @@ ZK_INLINE bool heap_block_freeable(const page_t *page, const void *p,
          page_block_is_carved(page, index) && p != (const void *)bin->head;
 }
 
-/* heap_free_foreign's push, out of line: the kept path then saves no
- * registers (6 instructions of its 57). Not a secure page's block. */
-static ZK_NOINLINE bool heap_free_foreign_remote(page_t *page, block_t *block) {
-  heap_free_remote_checked(page, block);
-  return true;
-}
-
 bool heap_free_foreign(heap_t *heap, const page_t *slice, void *p) {
   /* The block's slice is its page's head (always so for the classes a bin
    * keeps, one slice each); anything else takes the full path, and so does
@@ -1645,15 +1620,10 @@ bool heap_free_foreign(heap_t *heap, const page_t *slice, void *p) {
   if (page_kind(page) != PAGE_SMALL || page->slice_offset != 0 ||
       page->secure || heap_is_current_home(page_owner(page), heap))
     return false;
-  bin_t *bin = &heap->bins[page->class_index];
-  if (!heap_block_freeable(page, p, bin))
+  if (!heap_block_freeable(page, p, &heap->bins[page->class_index]))
     return false;
-  /* Neither sets errno. */
-  if (heap_bin_can_keep(bin, page)) {
-    heap_bin_keep(heap, bin, p);
-    return true;
-  }
-  return heap_free_foreign_remote(page, p);
+  heap_free_remote_checked(page, p); /* no errno set */
+  return true;
 }
 
 bool heap_free_small_block(void *p) {
@@ -1715,8 +1685,12 @@ void heap_free_small(page_t *page, void *p) {
       heap_bin_push(owner, bin, block);
       return;
     }
-    if (!heap_bin_keep_foreign(heap, page, block))
-      heap_free_remote(page, block);
+    /* Kept here before (heap_empty's head is NULL). */
+    if (unlikely(block == heap->bins[page->class_index].head)) {
+      error_report("double free", p, page->block_size);
+      return;
+    }
+    heap_free_remote(page, block);
     return;
   }
   /* A page that is not secure is here only because the fast path found

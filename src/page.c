@@ -81,11 +81,12 @@ const uint8_t class_page_slices[CLASS_COUNT] = {
     QUARTERS_SLICES(KIB(32)),
 };
 
-uint8_t class_by_8[CLASS_BY_8_COUNT];
+uint16_t bin_offset_by_8[CLASS_BY_8_COUNT];
 
 void sizeclass_init(void) {
   for (size_t i = 0; i < CLASS_BY_8_COUNT; i++)
-    __atomic_store_n(&class_by_8[i], (uint8_t)size_to_class(i * 8),
+    __atomic_store_n(&bin_offset_by_8[i],
+                     (uint16_t)(size_to_class(i * 8) * sizeof(bin_t)),
                      __ATOMIC_RELAXED);
 }
 
@@ -137,6 +138,7 @@ static uint32_t page_colour_first_block(const page_t *page, heap_t *heap,
 bool page_init_small(page_t *page, heap_t *heap, unsigned class_index) {
   uint32_t block_size = class_block_size[class_index];
   page->class_index = (uint8_t)class_index;
+  page->bin_offset = (uint16_t)(class_index * sizeof(bin_t));
   page->block_size = block_size;
   size_t span_bytes = (size_t)page->slice_count << SLICE_SHIFT;
   page->secure = option(ZK_OPTION_SECURE) != 0;
@@ -165,13 +167,27 @@ bool page_init_small(page_t *page, heap_t *heap, unsigned class_index) {
   return true;
 }
 
-/* The owner's free fast path reads the descriptor of the block's own slice
- * (one load less than going back to the span head): every slice of a small
- * page carries the owner word and the class. The head's store comes last,
- * with the caller's ordering; the slow paths read only the head's. */
+/* The free fast path reads the descriptor of the block's own slice (one
+ * load less than going back to the span head): every slice of a small page
+ * carries the owner word, the class and the keep mask. The head's owner
+ * store comes last, with the caller's ordering; the slow paths read only
+ * the head's. */
 void page_set_owner(page_t *page, heap_t *owner_word, memory_order order) {
+  uint32_t size = page->block_size;
+  int8_t keep_mask = owner_word != NULL && !page->secure &&
+                             page->task == NULL && size >= FOREIGN_KEEP_MIN &&
+                             size <= FOREIGN_KEEP_MAX
+                         ? -1
+                         : 0;
+  atomic_store_explicit(&page->keep_mask, keep_mask, memory_order_relaxed);
   for (uint32_t i = 1; i < page->slice_count; i++) {
-    page[i].class_index = page->class_index;
+    atomic_store_explicit(&page[i].keep_mask, keep_mask, memory_order_relaxed);
+    /* Written only where it changes: the free fast path reads it on any
+     * thread, and an abandoned or reclaimed page has blocks out. */
+    if (page[i].class_index != page->class_index) {
+      page[i].class_index = page->class_index;
+      page[i].bin_offset = page->bin_offset;
+    }
     atomic_store_explicit(&page[i].owner, owner_word, memory_order_relaxed);
   }
   atomic_store_explicit(&page->owner, owner_word, order);

@@ -85,6 +85,7 @@ static void span_mark(page_t *head, size_t slices) {
     head[i].slice_count = 0;
     head[i].kind = head->kind;
     atomic_store_explicit(&head[i].owner, NULL, memory_order_relaxed);
+    atomic_store_explicit(&head[i].keep_mask, 0, memory_order_relaxed);
   }
 }
 
@@ -346,6 +347,7 @@ void segment_span_free_since(page_t *span, uint64_t now) {
   span->is_zero = purged && span->is_zero;
   span->free_since_ms = now;
   atomic_store_explicit(&span->owner, NULL, memory_order_relaxed);
+  atomic_store_explicit(&span->keep_mask, 0, memory_order_relaxed);
   span->pool = NULL;
   if (!purged)
     bytes_free_committed += slices << SLICE_SHIFT;

@@ -16,22 +16,24 @@ extern const uint32_t class_block_size[CLASS_COUNT];
 /* Slices of a page of this class: enough for several blocks. */
 extern const uint8_t class_page_slices[CLASS_COUNT];
 
-/* The fast path's size -> class table, one load: by 8-byte granule up to
- * SMALL_MAX (8 KiB of table, of which a program touches the lines of the
- * sizes it asks for). A second, coarser table above 1 KiB cost the sizes
- * there a second branch and two taken jumps: 1-5 KB blocks allocated and
- * freed in a loop ran 16% slower than smaller ones. Filled by
- * sizeclass_init before any heap exists; all zero before, which sends
- * malloc to its slow path. */
+/* The fast path's size -> bin table, one load: by 8-byte granule up to
+ * SMALL_MAX, the offset of the size's class's bin in a heap's bins (the
+ * class index times the bin's size, no shift to do; 16 KiB of table, of
+ * which a program touches the lines of the sizes it asks for). A second,
+ * coarser table above 1 KiB cost the sizes there a second branch and two
+ * taken jumps: 1-5 KB blocks allocated and freed in a loop ran 16% slower
+ * than smaller ones. Filled by sizeclass_init before any heap exists; all
+ * zero before, which sends malloc to its slow path (the first bin of
+ * heap_empty). */
 #define CLASS_BY_8_COUNT (SMALL_MAX / 8 + 1)
-extern uint8_t class_by_8[CLASS_BY_8_COUNT];
+extern uint16_t bin_offset_by_8[CLASS_BY_8_COUNT];
 void sizeclass_init(void);
 /* The table's entry for a size up to SMALL_MAX. A relaxed atomic load (the
  * same single load): another thread's first malloc reads the table while
  * the first thread's initialisation fills it, and uses what it read only
  * once its own wait for that initialisation is over. */
-ZK_INLINE unsigned class_of_small(size_t size) {
-  return __atomic_load_n(&class_by_8[(size + 7) >> 3], __ATOMIC_RELAXED);
+ZK_INLINE unsigned bin_offset_of_small(size_t size) {
+  return __atomic_load_n(&bin_offset_by_8[(size + 7) >> 3], __ATOMIC_RELAXED);
 }
 
 /* size (<= SMALL_MAX) -> class index, in a few shifts. */

@@ -471,7 +471,7 @@ void *task_limit_reached(heap_t *heap, size_t size, size_t alignment) {
 
 static void *task_alloc(heap_t *sub, size_t size, size_t alignment) {
   if (alignment <= 16 && size <= SMALL_MAX) {
-    bin_t *bin = &sub->bins[class_of_small(size)];
+    bin_t *bin = heap_bin_at(sub, bin_offset_of_small(size));
     if (bin->head != NULL)
       return bin_pop(sub, bin);
     return heap_malloc_bin_empty(sub, bin, size);

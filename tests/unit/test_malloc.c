@@ -33,7 +33,7 @@ static void test_size_classes(void) {
   /* The fast path's table agrees. */
   zk_free(zk_malloc(1)); /* initializes the process */
   for (size_t size = 0; size <= SMALL_MAX; size++)
-    CHECK_EQ(class_by_8[(size + 7) >> 3], size_to_class(size));
+    CHECK_EQ(bin_offset_of_small(size), size_to_class(size) * sizeof(bin_t));
   CHECK_EQ(class_block_size[CLASS_COUNT - 1], SMALL_MAX);
 }
 
