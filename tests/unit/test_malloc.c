@@ -523,6 +523,85 @@ static void test_foreign_frees_every_class(void) {
          n, (size_t)EVERY_CLASS_SIZES);
 }
 
+/* What the free fast path keeps of another thread's frees: a block of a
+ * class from 128 B to 1 KiB, into a bin that ran empty and is under half
+ * full, is handed out again by the freeing thread (LIFO: at once); a
+ * smaller class, and a task heap's block (its heap counts it free only
+ * when its page has it), go back to their page. */
+#define KEEP_SIZE      256
+#define KEEP_SMALL     64
+#define KEEP_COUNT     600
+#define KEEP_TASK_HELD 8
+static void *keep_blocks[KEEP_COUNT], *keep_small, *keep_task[KEEP_TASK_HELD];
+static zk_heap_t *keep_task_heap;
+
+static void *foreign_keep_thread(void *unused) {
+  (void)unused;
+  void *own = zk_malloc(KEEP_SIZE), *own_small = zk_malloc(KEEP_SMALL);
+  CHECK(own != NULL && own_small != NULL); /* both bins refilled */
+  zk_free(keep_blocks[0]);
+  void *again = zk_malloc(KEEP_SIZE);
+  CHECK(again == keep_blocks[0]);
+  CHECK(((unsigned char *)again)[KEEP_SIZE - 1] == 0xa5); /* untouched */
+  zk_free(keep_small);
+  void *small_again = zk_malloc(KEEP_SMALL);
+  CHECK(small_again != NULL && small_again != keep_small);
+  for (int i = 0; i < KEEP_TASK_HELD; i++)
+    zk_free(keep_task[i]);
+  void *after_task = zk_malloc(KEEP_SIZE);
+  for (int i = 0; i < KEEP_TASK_HELD; i++)
+    CHECK(after_task != keep_task[i]);
+  zk_heap_stats_t task_stats;
+  CHECK(zk_heap_stats(keep_task_heap, &task_stats) == 0);
+  CHECK_EQ(task_stats.live_bytes, 0); /* every push uncharged it */
+  /* The rest: kept until the bin is half full, then sent back. */
+  zk_free(again);
+  for (int i = 1; i < KEEP_COUNT; i++)
+    zk_free(keep_blocks[i]);
+  static void *taken[KEEP_COUNT];
+  size_t kept = 0;
+  for (int i = 0; i < KEEP_COUNT; i++) {
+    CHECK((taken[i] = zk_malloc(KEEP_SIZE)) != NULL);
+    for (int j = 0; j < KEEP_COUNT; j++)
+      if (taken[i] == keep_blocks[j]) {
+        kept++;
+        break;
+      }
+  }
+  CHECK(kept > 1 && kept < KEEP_COUNT);
+  for (int i = 0; i < KEEP_COUNT; i++)
+    zk_free(taken[i]);
+  zk_free(after_task);
+  zk_free(small_again);
+  zk_free(own_small);
+  zk_free(own);
+  printf("kept %zu of %d foreign %d B blocks; %d B and task blocks sent "
+         "back\n",
+         kept, KEEP_COUNT, KEEP_SIZE, KEEP_SMALL);
+  return NULL;
+}
+
+static void test_foreign_keep(void) {
+  for (int i = 0; i < KEEP_COUNT; i++) {
+    CHECK((keep_blocks[i] = zk_malloc(KEEP_SIZE)) != NULL);
+    memset(keep_blocks[i], 0xa5, KEEP_SIZE);
+  }
+  CHECK((keep_small = zk_malloc(KEEP_SMALL)) != NULL);
+  /* The class hot in the task heap (its owner frees many of them), so
+   * that its blocks come from pages of the task's, not from an arena. */
+  CHECK((keep_task_heap = zk_heap_create(NULL)) != NULL);
+  CHECK(zk_heap_enter(keep_task_heap) == NULL);
+  for (int i = 0; i < 1000; i++)
+    zk_free(zk_malloc(KEEP_SIZE));
+  for (int i = 0; i < KEEP_TASK_HELD; i++)
+    CHECK((keep_task[i] = zk_malloc(KEEP_SIZE)) != NULL);
+  CHECK(zk_heap_enter(NULL) == keep_task_heap);
+  pthread_t thread;
+  CHECK(pthread_create(&thread, NULL, foreign_keep_thread, NULL) == 0);
+  CHECK(pthread_join(thread, NULL) == 0);
+  zk_heap_destroy(keep_task_heap);
+}
+
 int main(void) {
   test_size_classes();
   test_alignment_and_usable_size();
@@ -537,6 +616,7 @@ int main(void) {
   test_page_colours();
   test_foreign_frees();
   test_foreign_frees_every_class();
+  test_foreign_keep();
   printf("test_malloc: ok\n");
   return 0;
 }
