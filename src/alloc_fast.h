@@ -33,8 +33,9 @@ ZK_INLINE void alloc_fast_free(void *p) {
     bin_t *bin = heap_bin_at(heap, slice->bin_offset);
     block_t *block = p;
     block_t *head = bin->head;
-    /* The owner's block, or another thread heap's that the bin keeps (see
-     * heap_free_foreign), one test for both (bin_takes); never the head of
+    /* The owner's block, or another thread heap's that the bin keeps (why
+     * and which: heap.c, before heap_block_freeable), one test for both
+     * (bin_takes); never the head of
      * the bin (an O(1) double-free check). LIFO: the next malloc of the
      * class gets this block while it is still in cache. */
     int8_t keep_mask =

@@ -40,7 +40,7 @@ extern magazine_t pool_magazine_empty;
  * which gives the thread a heap of its own. */
 #define ALL_POOLS(value) [0 ... POOL_SLOTS - 1] = (value)
 heap_t heap_empty = {
-    .bins = {[0 ... CLASS_COUNT - 1] = {.keep_from = BIN_KEEPS_NONE}},
+    .bins = {[0 ... CLASS_COUNT - 1] = {.keep_floor = BIN_KEEPS_NONE}},
     .pool_magazines = {ALL_POOLS(&pool_magazine_empty)},
 };
 
@@ -131,10 +131,10 @@ static void bin_limits_init(void) {
 static void bin_set_refilled(const heap_t *heap, bin_t *bin, bool refilled) {
   uint32_t size = class_block_size[bin - heap->bins];
   bin->refilled = refilled;
-  bin->keep_from = refilled && heap->task == NULL && size >= FOREIGN_KEEP_MIN &&
-                           size <= FOREIGN_KEEP_MAX
-                       ? (uint16_t)(bin->limit / 2 + 1)
-                       : BIN_KEEPS_NONE;
+  bin->keep_floor = refilled && heap->task == NULL &&
+                            size >= FOREIGN_KEEP_MIN && size <= FOREIGN_KEEP_MAX
+                        ? BIN_KEEP_FLOOR(bin->limit / 2 + 1)
+                        : BIN_KEEPS_NONE;
 }
 
 static bool heap_page_return_block(heap_t *heap, page_t *page, block_t *block,
@@ -818,7 +818,7 @@ heap_t *heap_create(void) {
   atomic_store_explicit(&heap->remote_frees_to_full, 0, memory_order_relaxed);
   for (size_t i = 0; i < CLASS_COUNT; i++) {
     heap->bins[i].limit = bin_limit[i];
-    heap->bins[i].keep_from = BIN_KEEPS_NONE;
+    heap->bins[i].keep_floor = BIN_KEEPS_NONE;
     bin_set_count(&heap->bins[i], 0);
   }
   for (size_t i = 0; i < POOL_SLOTS; i++)
@@ -1039,7 +1039,7 @@ void heap_adopt_task(heap_t *heap, zk_heap_t *task) {
     arena->task = task;
   atomic_store_explicit(&heap->task, task, memory_order_release);
   for (unsigned c = 0; c < CLASS_COUNT; c++)
-    heap->bins[c].keep_from = BIN_KEEPS_NONE; /* see bin_set_refilled */
+    heap->bins[c].keep_floor = BIN_KEEPS_NONE; /* see bin_set_refilled */
 }
 
 /* A task sub-heap no thread uses (its task is being destroyed): every page
@@ -1594,7 +1594,7 @@ static void heap_free_remote(page_t *page, block_t *block) {
  * size, 0.96x up to 1 KiB, 11 rounds against keeping none). Not inside a
  * task heap (its bins charge the task), nor for a task heap's block (its
  * heap counts it free when it is) or a secure page's (checked remote
- * free). The bin's side of these conditions is one field, keep_from,
+ * free). The bin's side of these conditions is one field, keep_floor,
  * set by bin_set_refilled; the page's is its keep mask (page_set_owner).
  * The free fast path alone keeps blocks, testing both (bin_takes) with the
  * owner's test: what it leaves to the paths below, they check and push to

@@ -112,7 +112,7 @@
 
 #define SMALL_MAX ((size_t)64 * 1024) /* largest size class */
 /* The classes a thread's bin keeps of other threads' frees (heap.c, see
- * heap_free_foreign). */
+ * the comment before heap_block_freeable). */
 #define FOREIGN_KEEP_MIN 128
 #define FOREIGN_KEEP_MAX 1024
 #define LARGE_MAX        ((size_t)2 * 1024 * 1024) /* above: huge, own mapping */
@@ -161,7 +161,8 @@ typedef enum page_kind {
  * `used` until they come back. A page with used == 0 has every block in its
  * own lists. */
 struct page {
-  /* Hot: the free fast path reads owner and class_index from this line. */
+  /* Hot: the free fast path reads owner, bin_offset and keep_mask from
+   * this line. */
   block_t *free;        /* owner only: refills its bin from here; bin flushes
                            and secure frees push */
   uintptr_t key;        /* free-list encoding key: the owner heap's bin key */
@@ -173,9 +174,10 @@ struct page {
   uint8_t padding[1];   /* puts the next three at 28-31 mod 32: see below */
   /* The free fast path's part, written with the owner word on every slice
    * (page_set_owner). class_index * sizeof(bin_t): the bin without a
-   * shift. All ones on a thread heap's small page of a class other
-   * threads' bins keep (not secure, not a task's), else 0 (as every
-   * descriptor starts): and-ed with a bin's room (bin_takes). */
+   * shift. All ones on a small page of a class other threads' bins keep,
+   * owned by a thread heap (not abandoned, not a task's) and not secure,
+   * else 0 (as every descriptor starts): and-ed with a bin's room
+   * (bin_takes). */
   uint16_t bin_offset;
   _Atomic int8_t keep_mask;
   uint8_t class_index; /* small pages */
@@ -223,12 +225,13 @@ struct page {
 /* A power of two, so that finding a slice's descriptor is a shift. */
 _Static_assert(sizeof(struct page) == 128, "page_t must stay 128 bytes");
 /* 4 KiB aliasing: a load whose address agrees with a recent store's in its
- * low 12 bits waits as if it read that store. The owner's free loads a
- * descriptor's class_index and owner just after a malloc or free stored
- * into a bin, and descriptors repeat every 128 bytes (a multiple of 32):
- * those two fields sit at offsets, modulo 32, that no bin write touches
- * (see the heap's layout). With class_index at 26 mod 32, a 128 B block
- * allocated and freed in a loop ran 7% slower than a 64 B one. */
+ * low 12 bits waits as if it read that store. The free loads a
+ * descriptor's owner, bin_offset and keep_mask (and the slow paths its
+ * class_index) just after a malloc or free stored into a bin, and
+ * descriptors repeat every 128 bytes (a multiple of 32): those fields sit
+ * at offsets, modulo 32, that no bin write touches (see the heap's
+ * layout). With class_index, then read by the free, at 26 mod 32, a 128 B
+ * block allocated and freed in a loop ran 7% slower than a 64 B one. */
 _Static_assert(offsetof(struct page, class_index) % 32 == 31 &&
                    offsetof(struct page, bin_offset) % 32 == 28 &&
                    offsetof(struct page, keep_mask) % 32 == 30,
@@ -330,18 +333,27 @@ typedef struct bin {
    * a class that pages serve (above the arena classes, or hot). */
   uint8_t arena_code;
   /* Another heap's block is kept here while its page's keep mask and-ed
-   * with room is at least keep_from (bin_takes): half the limit plus one
-   * while the bin is refilled and keeps its class, else BIN_KEEPS_NONE,
-   * as in heap_empty (0 would keep every block). */
-  uint16_t keep_from;
+   * with room is at least a floor (bin_takes): half the limit plus one
+   * while the bin is refilled and keeps its class, else BIN_KEEPS_NONE.
+   * Stored as floor ^ 0x8000 (BIN_KEEP_FLOOR), so that an unsigned
+   * compare of the room with the same bit flipped orders a negative room
+   * below every floor: a refill may take a bin past its limit (a page's
+   * remote list is taken whole), and its room stays negative until the
+   * next free flushes it. Never 0 (a floor of -32768, which would keep
+   * every block): heap_empty's and every new heap's bins start at
+   * BIN_KEEPS_NONE. */
+  uint16_t keep_floor;
   uint32_t arena_carve;
 } bin_t;
-#define BIN_KEEPS_NONE UINT16_MAX /* above any room (BIN_MAX_COUNT) */
+#define BIN_KEEP_FLOOR(room) ((uint16_t)((uint16_t)(room) ^ 0x8000u))
+/* A floor above any room (at most BIN_MAX_COUNT). */
+#define BIN_KEEPS_NONE BIN_KEEP_FLOOR(INT16_MAX)
 
 /* Whether a free goes onto `bin`: the owner's (foreign, the owner word
  * xor the heap, is 0) always; another thread heap's block where its page's
- * keep mask and-ed with the bin's room (16 bits: at most BIN_MAX_COUNT)
- * reaches keep_from. One branch for both tests: on x86-64 the keep test
+ * keep mask and-ed with the bin's room (16 bits: from minus a page's
+ * blocks to BIN_MAX_COUNT) reaches the bin's keep floor. One branch for
+ * both tests: on x86-64 the keep test
  * becomes a mask (cmp, sbb) and-ed with the owner test. As two branches,
  * whichever came first was data-dependent where programs differ: the
  * owner test mispredicted on every second free of a server whose threads
@@ -350,16 +362,17 @@ typedef struct bin {
  * (stress ran 0.61x). */
 ZK_INLINE bool bin_takes(const bin_t *bin, int8_t keep_mask,
                          uintptr_t foreign) {
-  uint16_t room_to_keep = (uint16_t)bin->room & (uint16_t)keep_mask;
+  uint16_t room_to_keep =
+      BIN_KEEP_FLOOR((uint16_t)bin->room & (uint16_t)keep_mask);
 #if defined(__x86_64__)
-  uintptr_t short_of_keep; /* all ones where room_to_keep < keep_from */
+  uintptr_t short_of_keep; /* all ones where room_to_keep < keep_floor */
   __asm__("cmpw %w2, %w1\n\tsbb %q0, %q0"
           : "=r"(short_of_keep)
-          : "r"(room_to_keep), "rm"(bin->keep_from)
+          : "r"(room_to_keep), "rm"(bin->keep_floor)
           : "cc");
   return (foreign & short_of_keep) == 0;
 #else
-  return foreign == 0 || room_to_keep >= bin->keep_from;
+  return foreign == 0 || room_to_keep >= bin->keep_floor;
 #endif
 }
 

@@ -9,6 +9,7 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
@@ -1238,6 +1239,103 @@ static void test_misuse(void) {
   printf("misuse: reported, and NULL is the default heap\n");
 }
 
+/* A refill may take a bin past its limit (a page's remote list is taken
+ * whole), leaving its room negative until the next free flushes it. A task
+ * sub-heap's bin in that state must not keep another thread heap's block
+ * (its floor is BIN_KEEPS_NONE): kept, the task would hand out a block
+ * never charged to it, and its flush would give the block back to another
+ * heap's page from this thread, uncharging the task below zero. */
+#define OVER_SIZE   128
+#define OVER_BLOCKS 1100
+#define SLICE_OF(p) ((uintptr_t)(p) & ~(uintptr_t)(SLICE_SIZE - 1))
+static void *over_blocks[OVER_BLOCKS];
+static void *over_foreign;
+static zk_heap_t *over_task;
+static uintptr_t over_second_page;
+static atomic_int over_stage;
+
+static void over_wait(int until) {
+  while (atomic_load(&over_stage) < until)
+    sched_yield();
+}
+
+static void *over_remote_freer(void *unused) {
+  (void)unused;
+  zk_free(zk_malloc(8)); /* a heap of its own */
+  over_wait(1);
+  for (int i = 0; i < OVER_BLOCKS; i++)
+    if (over_blocks[i] != NULL &&
+        SLICE_OF(over_blocks[i]) == over_second_page) {
+      zk_free(over_blocks[i]);
+      over_blocks[i] = NULL;
+    }
+  atomic_store(&over_stage, 2);
+  return NULL;
+}
+
+static void *over_task_thread(void *unused) {
+  (void)unused;
+  zk_free(zk_malloc(8));
+  CHECK(zk_heap_enter(over_task) == NULL);
+  bin_t *bin = &heap_current->bins[size_to_class(OVER_SIZE)];
+  /* Aligned: from pages, not an arena. */
+  for (int i = 0; i < OVER_BLOCKS; i++)
+    CHECK((over_blocks[i] = zk_aligned_alloc(OVER_SIZE, OVER_SIZE)) != NULL);
+  zk_thread_idle();
+  uintptr_t first_page = SLICE_OF(over_blocks[0]);
+  for (int i = 0; i < OVER_BLOCKS && over_second_page == 0; i++)
+    if (SLICE_OF(over_blocks[i]) != first_page)
+      over_second_page = SLICE_OF(over_blocks[i]);
+  int freed = 0;
+  for (int i = 0; i < OVER_BLOCKS && freed < 10; i++)
+    if (SLICE_OF(over_blocks[i]) == first_page) {
+      zk_free(over_blocks[i]);
+      over_blocks[i] = NULL;
+      freed++;
+    }
+  for (int i = 0; i < OVER_BLOCKS; i++)
+    if (SLICE_OF(over_blocks[i]) == over_second_page) {
+      zk_free(over_blocks[i]);
+      over_blocks[i] = NULL;
+      break;
+    }
+  zk_thread_idle(); /* both pages at the front of the class's queue */
+  atomic_store(&over_stage, 1);
+  over_wait(2); /* the second page's blocks freed by another thread */
+  static void *taken[600];
+  int count = 0;
+  CHECK((taken[count++] = zk_aligned_alloc(OVER_SIZE, OVER_SIZE)) != NULL);
+  CHECK(bin->room < 0); /* the refill went past the limit */
+  while (bin->room < -1 && count < 600)
+    CHECK((taken[count++] = zk_malloc(OVER_SIZE)) != NULL);
+  CHECK_EQ(bin->room, -1);
+  zk_free(over_foreign); /* the main thread's: not kept here */
+  void *next = zk_malloc(OVER_SIZE);
+  CHECK(next != NULL && next != over_foreign);
+  taken[count++] = next;
+  for (int i = 0; i < count; i++)
+    zk_free(taken[i]);
+  for (int i = 0; i < OVER_BLOCKS; i++)
+    zk_free(over_blocks[i]);
+  zk_thread_idle();
+  CHECK_EQ(stats_of(over_task).live_bytes, 0);
+  CHECK(zk_heap_enter(NULL) == over_task);
+  return NULL;
+}
+
+static void test_bin_past_limit_keeps_nothing(void) {
+  CHECK((over_foreign = zk_malloc(OVER_SIZE)) != NULL);
+  CHECK((over_task = zk_heap_create(NULL)) != NULL);
+  pthread_t freer, task;
+  CHECK(pthread_create(&freer, NULL, over_remote_freer, NULL) == 0);
+  CHECK(pthread_create(&task, NULL, over_task_thread, NULL) == 0);
+  CHECK(pthread_join(task, NULL) == 0);
+  CHECK(pthread_join(freer, NULL) == 0);
+  CHECK_EQ(stats_of(over_task).live_bytes, 0);
+  zk_heap_destroy(over_task);
+  printf("a task bin past its limit kept no other heap's block\n");
+}
+
 int main(int argc, char **argv) {
   (void)argc;
   test_reexec_without_zkmem_environment(argv[0]);
@@ -1254,6 +1352,7 @@ int main(int argc, char **argv) {
   test_own_blocks_freed_inside();
   test_many_heaps();
   test_review_findings();
+  test_bin_past_limit_keeps_nothing();
   test_misuse();
   printf("test_heap: ok\n");
   return 0;

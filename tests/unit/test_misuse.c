@@ -232,9 +232,10 @@ static void segment_header(void) {
   zk_free(header);
 }
 
-/* Interior pointers: the owner's fast path leaves this check to secure
- * mode; frees from other threads and of large and huge blocks always
- * check. */
+/* Interior pointers: the free fast path leaves this check to secure mode
+ * (the owner's frees, and other threads' frees into a bin that keeps
+ * them); other frees from other threads and of large and huge blocks
+ * always check. */
 static void interior_small_secure(void) {
   CHECK(zk_option_set(ZK_OPTION_SECURE, 1) == 0);
   char *p = zk_malloc(64);
@@ -260,8 +261,9 @@ static void interior_small_remote(void) {
   interior_remote(64);
 }
 
-/* The same for a class another thread's bin keeps (heap_free_foreign's
- * checks, before the full path reports). */
+/* The same for a class other threads' bins keep, freed by a thread whose
+ * bin does not (a new thread's): heap_free_foreign's checks, before the
+ * full path reports. */
 static void interior_kept_class_remote(void) {
   interior_remote(512);
 }
