@@ -38,7 +38,7 @@ ZK_INLINE void alloc_fast_free(void *p) {
      * (bin_takes); never the head of
      * the bin (an O(1) double-free check). LIFO: the next malloc of the
      * class gets this block while it is still in cache. */
-    int8_t keep_mask =
+    uint16_t keep_mask =
         atomic_load_explicit(&slice->keep_mask, memory_order_relaxed);
     if (likely(bin_takes(bin, keep_mask, foreign) && block != head)) {
       /* The room read again: one read-modify-write, not a load kept from

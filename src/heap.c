@@ -133,7 +133,7 @@ static void bin_set_refilled(const heap_t *heap, bin_t *bin, bool refilled) {
   bin->refilled = refilled;
   bin->keep_floor = refilled && heap->task == NULL &&
                             size >= FOREIGN_KEEP_MIN && size <= FOREIGN_KEEP_MAX
-                        ? BIN_KEEP_FLOOR(bin->limit / 2 + 1)
+                        ? (uint16_t)(bin->limit / 2 + 1)
                         : BIN_KEEPS_NONE;
 }
 

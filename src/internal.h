@@ -171,16 +171,15 @@ struct page {
   uint8_t in_full;      /* in the heap's full queue */
   uint8_t kind;         /* page_kind_t */
   uint8_t is_zero;      /* span memory is known to read as zero */
-  uint8_t padding[1];   /* puts the next three at 28-31 mod 32: see below */
-  /* The free fast path's part, written with the owner word on every slice
-   * (page_set_owner). class_index * sizeof(bin_t): the bin without a
-   * shift. All ones on a small page of a class other threads' bins keep,
-   * owned by a thread heap (not abandoned, not a task's) and not secure,
-   * else 0 (as every descriptor starts): and-ed with a bin's room
-   * (bin_takes). */
+  uint8_t class_index;  /* small pages */
+  /* The free fast path's part, at 28-31 mod 32 (see below), written with
+   * the owner word on every slice (page_set_owner). class_index *
+   * sizeof(bin_t): the bin without a shift. 0x7fff on a small page of a
+   * class other threads' bins keep, owned by a thread heap (not abandoned,
+   * not a task's) and not secure, else 0 (as every descriptor starts):
+   * and-ed with a bin's room (bin_takes), which it turns non-negative. */
   uint16_t bin_offset;
-  _Atomic int8_t keep_mask;
-  uint8_t class_index; /* small pages */
+  _Atomic uint16_t keep_mask;
   /* NULL: abandoned, pool, large or free span. Secure pages store the heap
    * with bit 0 set, so the owner's fast path never matches and every free
    * takes the checked path. */
@@ -226,14 +225,13 @@ struct page {
 _Static_assert(sizeof(struct page) == 128, "page_t must stay 128 bytes");
 /* 4 KiB aliasing: a load whose address agrees with a recent store's in its
  * low 12 bits waits as if it read that store. The free loads a
- * descriptor's owner, bin_offset and keep_mask (and the slow paths its
- * class_index) just after a malloc or free stored into a bin, and
- * descriptors repeat every 128 bytes (a multiple of 32): those fields sit
- * at offsets, modulo 32, that no bin write touches (see the heap's
- * layout). With class_index, then read by the free, at 26 mod 32, a 128 B
- * block allocated and freed in a loop ran 7% slower than a 64 B one. */
-_Static_assert(offsetof(struct page, class_index) % 32 == 31 &&
-                   offsetof(struct page, bin_offset) % 32 == 28 &&
+ * descriptor's owner, bin_offset and keep_mask just after a malloc or
+ * free stored into a bin, and descriptors repeat every 128 bytes (a
+ * multiple of 32): those fields sit at offsets, modulo 32, that no bin
+ * write touches (see the heap's layout). With the class, which the free
+ * read then, at 26 mod 32, a 128 B block allocated and freed in a loop ran
+ * 7% slower than a 64 B one. */
+_Static_assert(offsetof(struct page, bin_offset) % 32 == 28 &&
                    offsetof(struct page, keep_mask) % 32 == 30,
                "the free fast path's fields outside the bins' stores (mod 32)");
 _Static_assert(offsetof(struct page, owner) % 32 == 0,
@@ -333,37 +331,33 @@ typedef struct bin {
    * a class that pages serve (above the arena classes, or hot). */
   uint8_t arena_code;
   /* Another heap's block is kept here while its page's keep mask and-ed
-   * with room is at least a floor (bin_takes): half the limit plus one
+   * with room is at least keep_floor (bin_takes): half the limit plus one
    * while the bin is refilled and keeps its class, else BIN_KEEPS_NONE.
-   * Stored as floor ^ 0x8000 (BIN_KEEP_FLOOR), so that an unsigned
-   * compare of the room with the same bit flipped orders a negative room
-   * below every floor: a refill may take a bin past its limit (a page's
-   * remote list is taken whole), and its room stays negative until the
-   * next free flushes it. Never 0 (a floor of -32768, which would keep
+   * A refill may take a bin past its limit (a page's remote list is taken
+   * whole), and its room stays negative until the next free flushes it:
+   * the mask makes such a room a large positive one, never BIN_KEEPS_NONE,
+   * so a bin that keeps nothing (a task heap's) still keeps nothing, and
+   * one that keeps takes the block and flushes. Never 0 (which would keep
    * every block): heap_empty's and every new heap's bins start at
    * BIN_KEEPS_NONE. */
   uint16_t keep_floor;
   uint32_t arena_carve;
 } bin_t;
-#define BIN_KEEP_FLOOR(room) ((uint16_t)((uint16_t)(room) ^ 0x8000u))
-/* A floor above any room (at most BIN_MAX_COUNT). */
-#define BIN_KEEPS_NONE BIN_KEEP_FLOOR(INT16_MAX)
+#define BIN_KEEP_MASK  0x7fff
+#define BIN_KEEPS_NONE 0xffff /* above any room and-ed with the mask */
 
 /* Whether a free goes onto `bin`: the owner's (foreign, the owner word
  * xor the heap, is 0) always; another thread heap's block where its page's
- * keep mask and-ed with the bin's room (16 bits: from minus a page's
- * blocks to BIN_MAX_COUNT) reaches the bin's keep floor. One branch for
- * both tests: on x86-64 the keep test
- * becomes a mask (cmp, sbb) and-ed with the owner test. As two branches,
- * whichever came first was data-dependent where programs differ: the
- * owner test mispredicted on every second free of a server whose threads
- * free each other's blocks (1.06 M of 2.1 M frees, simulated), the keep
- * test on a single thread's random sizes, some classes kept and some not
- * (stress ran 0.61x). */
-ZK_INLINE bool bin_takes(const bin_t *bin, int8_t keep_mask,
+ * keep mask and-ed with the bin's room reaches the bin's keep floor. One branch
+ * for both tests: on x86-64 the keep test becomes a mask (cmp, sbb) and-ed with
+ * the owner test. As two branches, whichever came first was data-dependent
+ * where programs differ: the owner test mispredicted on every second free of a
+ * server whose threads free each other's blocks (1.06 M of 2.1 M frees,
+ * simulated), the keep test on a single thread's random sizes, some classes
+ * kept and some not (stress ran 0.61x). */
+ZK_INLINE bool bin_takes(const bin_t *bin, uint16_t keep_mask,
                          uintptr_t foreign) {
-  uint16_t room_to_keep =
-      BIN_KEEP_FLOOR((uint16_t)bin->room & (uint16_t)keep_mask);
+  uint16_t room_to_keep = (uint16_t)bin->room & keep_mask;
 #if defined(__x86_64__)
   uintptr_t short_of_keep; /* all ones where room_to_keep < keep_floor */
   __asm__("cmpw %w2, %w1\n\tsbb %q0, %q0"

@@ -174,11 +174,11 @@ bool page_init_small(page_t *page, heap_t *heap, unsigned class_index) {
  * the head's. */
 void page_set_owner(page_t *page, heap_t *owner_word, memory_order order) {
   uint32_t size = page->block_size;
-  int8_t keep_mask = owner_word != NULL && !page->secure &&
-                             page->task == NULL && size >= FOREIGN_KEEP_MIN &&
-                             size <= FOREIGN_KEEP_MAX
-                         ? -1
-                         : 0;
+  uint16_t keep_mask = owner_word != NULL && !page->secure &&
+                               page->task == NULL && size >= FOREIGN_KEEP_MIN &&
+                               size <= FOREIGN_KEEP_MAX
+                           ? BIN_KEEP_MASK
+                           : 0;
   atomic_store_explicit(&page->keep_mask, keep_mask, memory_order_relaxed);
   for (uint32_t i = 1; i < page->slice_count; i++) {
     atomic_store_explicit(&page[i].keep_mask, keep_mask, memory_order_relaxed);
