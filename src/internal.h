@@ -352,7 +352,7 @@ typedef struct bin {
  * for both tests: on x86-64 the keep test becomes a mask (cmp, sbb) and-ed with
  * the owner test. As two branches, whichever came first was data-dependent
  * where programs differ: the owner test mispredicted on every second free of a
- * server whose threads free each other's blocks (1.06 M of 2.1 M frees,
+ * server whose threads free each other's blocks (1.03 M of 2.1 M frees,
  * simulated), the keep test on a single thread's random sizes, some classes
  * kept and some not (stress ran 0.61x). */
 ZK_INLINE bool bin_takes(const bin_t *bin, uint16_t keep_mask,
