@@ -523,6 +523,36 @@ static void test_foreign_frees_every_class(void) {
          n, (size_t)EVERY_CLASS_SIZES);
 }
 
+/* The free fast path's one test (bin_takes, an asm mask on x86-64)
+ * against its plain C meaning, over every room a bin can have (a refill
+ * can take it below zero), both keep masks and the floors that occur. */
+#define BIN_MAX_ROOM_TESTED 1024
+static void test_bin_takes(void) {
+  static const uint16_t floors[] = {1, 5, 33, 257, 511, BIN_KEEPS_NONE};
+  static const uintptr_t foreign[] = {0, 1, 0x1000, UINTPTR_MAX};
+  static const uint16_t masks[] = {0, BIN_KEEP_MASK};
+  bin_t bin;
+  memset(&bin, 0, sizeof(bin));
+  size_t checked = 0;
+  for (int32_t room = -9000; room <= BIN_MAX_ROOM_TESTED; room++) {
+    bin.room = room;
+    for (size_t f = 0; f < sizeof(floors) / sizeof(floors[0]); f++) {
+      bin.keep_floor = floors[f];
+      for (size_t m = 0; m < 2; m++)
+        for (size_t o = 0; o < sizeof(foreign) / sizeof(foreign[0]); o++) {
+          bool kept = (room & masks[m]) >= floors[f];
+          CHECK_EQ(bin_takes(&bin, masks[m], foreign[o]),
+                   foreign[o] == 0 || kept);
+          /* Never past a floor of none, whatever the room. */
+          if (floors[f] == BIN_KEEPS_NONE)
+            CHECK(!kept);
+          checked++;
+        }
+    }
+  }
+  printf("bin_takes agrees with its meaning in %zu cases\n", checked);
+}
+
 /* What the free fast path keeps of another thread's frees: a block of a
  * class from 128 B to 1 KiB, into a bin that ran empty and is under half
  * full, is handed out again by the freeing thread (LIFO: at once); a
@@ -617,6 +647,7 @@ int main(void) {
   test_foreign_frees();
   test_foreign_frees_every_class();
   test_foreign_keep();
+  test_bin_takes();
   printf("test_malloc: ok\n");
   return 0;
 }
