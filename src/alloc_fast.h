@@ -35,9 +35,9 @@ ZK_INLINE void alloc_fast_free(void *p) {
     block_t *head = bin->head;
     /* The owner's block, or another thread heap's that the bin keeps (why
      * and which: heap.c, before heap_block_freeable), one test for both
-     * (bin_takes); never the head of
-     * the bin (an O(1) double-free check). LIFO: the next malloc of the
-     * class gets this block while it is still in cache. */
+     * (bin_takes); never the head of the bin (an O(1) double-free check).
+     * LIFO: the next malloc of the class gets this block while it is
+     * still in cache. */
     uint16_t keep_mask =
         atomic_load_explicit(&slice->keep_mask, memory_order_relaxed);
     if (likely(bin_takes(bin, keep_mask, foreign) && block != head)) {

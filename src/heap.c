@@ -1675,22 +1675,20 @@ void heap_free_small(page_t *page, void *p) {
   if (owner != heap) {
     /* Inside a task heap, a block of the thread's own heap (a runtime's,
      * a library's): onto its bin, as outside, not a remote free. Only this
-     * thread touches its own heap's bins. */
-    if (heap_is_current_home(owner, heap) && !page->secure) {
-      bin_t *bin = &owner->bins[page->class_index];
-      if (unlikely(block == bin->head)) {
-        error_report("double free", p, page->block_size);
-        return;
-      }
-      heap_bin_push(owner, bin, block);
-      return;
-    }
-    /* Kept here before (heap_empty's head is NULL). */
-    if (unlikely(block == heap->bins[page->class_index].head)) {
+     * thread touches its own heap's bins. Anything else goes to its page,
+     * unless this thread's bin kept it before (heap_empty's head is NULL):
+     * the head of the bin it would go to or came from is a double free. */
+    bool home = heap_is_current_home(owner, heap) && !page->secure;
+    heap_t *bins_of = home ? owner : heap;
+    bin_t *bin = &bins_of->bins[page->class_index];
+    if (unlikely(block == bin->head)) {
       error_report("double free", p, page->block_size);
       return;
     }
-    heap_free_remote(page, block);
+    if (home)
+      heap_bin_push(owner, bin, block);
+    else
+      heap_free_remote(page, block);
     return;
   }
   /* A page that is not secure is here only because the fast path found
