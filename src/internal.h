@@ -97,8 +97,9 @@
 #define track_header_gone(p, size)    ((void)(p), (void)(size))
 #define track_quietly(statement)      statement
 #endif
-#define ZK_EXPORT __attribute__((visibility("default")))
-#define ZK_COLD   __attribute__((cold, noinline))
+#define ZK_EXPORT  __attribute__((visibility("default")))
+#define ZK_COLD    __attribute__((cold, noinline))
+#define CACHE_LINE 64u
 
 #define SEGMENT_SHIFT      22
 #define SEGMENT_SIZE       ((size_t)1 << SEGMENT_SHIFT)
@@ -396,8 +397,8 @@ struct heap {
   /* Hint: scan `full`. Other threads load it on every free into a full
    * page of this heap: on a line of its own, which the owner writes only
    * to clear it, not beside the queues it updates on every page move. */
-  _Alignas(64) atomic_int remote_frees_to_full;
-  _Alignas(64) uint64_t random_state;
+  _Alignas(CACHE_LINE) atomic_int remote_frees_to_full;
+  _Alignas(CACHE_LINE) uint64_t random_state;
   uint32_t page_colour;    /* the colour the next small page starts at */
   segment_t *home_segment; /* where this heap's spans come from first */
   page_t *large_cache[LARGE_CACHE_ENTRIES];

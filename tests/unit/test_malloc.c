@@ -345,6 +345,56 @@ static void test_page_colours(void) {
   CHECK(pthread_join(thread, NULL) == 0);
 }
 
+/* Blocks a fresh page hands out one after the other share no cache line
+ * (page_batch_stride): a thread's objects made in a row and used by
+ * different threads do not write one line. Every block still comes once. A
+ * batch cut short by the end of the span may hand out neighbours, a few
+ * per page; handed out in address order, nearly every pair of blocks under
+ * 64 B would share a line. */
+static int compare_addresses(const void *a, const void *b) {
+  uintptr_t x = *(const uintptr_t *)a, y = *(const uintptr_t *)b;
+  return (x > y) - (x < y);
+}
+
+static void *fresh_blocks_apart_thread(void *argument) {
+  (void)argument;
+  static const size_t sizes[] = {8,   16,  32,  48,  80,  96,  112, 144,
+                                 160, 176, 208, 240, 288, 352, 416, 480};
+  enum { MOST = 2 * SLICE_BYTES / 8 };
+  static uintptr_t blocks[MOST];
+  for (size_t s = 0; s < sizeof(sizes) / sizeof(sizes[0]); s++) {
+    size_t size = sizes[s];
+    CHECK_EQ(class_block_size[size_to_class(size)], size);
+    size_t count = 2 * SLICE_BYTES / size;
+    unsigned sharing = 0;
+    for (size_t i = 0; i < count; i++) {
+      CHECK((blocks[i] = (uintptr_t)zk_malloc(size)) != 0);
+      memset((void *)blocks[i], (int)i, size);
+      if (i == 0)
+        continue;
+      uintptr_t low = blocks[i] < blocks[i - 1] ? blocks[i] : blocks[i - 1];
+      uintptr_t high = blocks[i] ^ blocks[i - 1] ^ low;
+      sharing += (low + size - 1) / 64 == high / 64;
+    }
+    if (sharing > count / 50)
+      fprintf(stderr, "%zu B: %u of %zu pairs share a line\n", size, sharing,
+              count - 1);
+    CHECK(sharing <= count / 50);
+    qsort(blocks, count, sizeof(blocks[0]), compare_addresses);
+    for (size_t i = 1; i < count; i++)
+      CHECK(blocks[i] >= blocks[i - 1] + size);
+    for (size_t i = 0; i < count; i++)
+      zk_free((void *)blocks[i]);
+  }
+  return NULL;
+}
+
+static void test_fresh_blocks_apart(void) {
+  pthread_t thread; /* a fresh heap: its pages are its own */
+  CHECK(pthread_create(&thread, NULL, fresh_blocks_apart_thread, NULL) == 0);
+  CHECK(pthread_join(thread, NULL) == 0);
+}
+
 /* A block of another thread's heap, freed on a thread that allocates from
  * its class, is handed out again by that thread; the statistics count each
  * allocation and free once, wherever the block went, and the blocks still
@@ -633,6 +683,7 @@ static void test_foreign_keep(void) {
 }
 
 int main(void) {
+  test_fresh_blocks_apart(); /* first: pages no earlier test has used */
   test_size_classes();
   test_alignment_and_usable_size();
   test_calloc();
