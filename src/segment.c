@@ -36,6 +36,7 @@ typedef struct huge_piece {
   uint8_t *base; /* segment-aligned */
   size_t size;   /* a multiple of SEGMENT_SIZE */
   uint64_t free_since_ms;
+  bool several_mappings; /* of a block assembled, or of neighbours joined */
 } huge_piece_t;
 #define HUGE_CACHE_PIECES  32
 #define HUGE_CACHE_FLOOR   ((size_t)128 << 20)
@@ -480,6 +481,7 @@ static segment_t *huge_pieces_assemble(size_t total, bool *several_mappings) {
       best = i;
   if (best != HUGE_CACHE_PIECES) {
     bytes_huge_blocks_mapped += total;
+    *several_mappings = huge_pieces[best].several_mappings;
     return (segment_t *)huge_piece_take(best, total);
   }
   size_t limit = (size_t)option(ZK_OPTION_LIMIT);
@@ -524,9 +526,18 @@ static size_t huge_cache_limit(void) {
 }
 
 /* A freed huge block's mapping joins the pieces, the oldest making room;
- * one too large for the cache is unmapped. segment_lock held. */
+ * one too large for the cache is unmapped. A piece that lies next to it
+ * in memory becomes one piece with it, several mappings side by side,
+ * where the kernel moves such ranges in one call (os_moves_mappings): a
+ * later block of up to their sum is then taken in place, where kept apart
+ * it was assembled from pieces each moved with mremap into a fresh range
+ * (20 live blocks of 5-25 MiB replaced 600 times at random: mremap 519
+ * calls before, 294 after; mmap 270 and 189; time 1.01x, ahead in 8 of 11
+ * rounds). segment_lock held. */
 static void huge_pieces_add(segment_t *segment) {
   size_t size = segment->mapped_size;
+  uint8_t *base = (uint8_t *)segment;
+  bool several_mappings = segment->several_mappings;
   segments_mapped--;
   huge_blocks_mapped--;
   bytes_huge_blocks_mapped -= size; /* a piece is free mapped memory */
@@ -535,10 +546,24 @@ static void huge_pieces_add(segment_t *segment) {
   /* Not a block any more: a second free of it finds no owner. */
   owned_map_set(segment, SEGMENT_MAP_NONE);
   track_header_gone(segment, SLICE_SIZE);
+  for (unsigned i = 0; i < huge_piece_count && os_moves_mappings();) {
+    huge_piece_t *piece = &huge_pieces[i];
+    if (piece->base + piece->size != base && base + size != piece->base) {
+      i++;
+      continue;
+    }
+    if (piece->base < base)
+      base = piece->base;
+    size += piece->size;
+    huge_cache_bytes -= piece->size;
+    huge_piece_remove(i);
+    several_mappings = true;
+    i = 0; /* the range grew: its other side may have a neighbour too */
+  }
   size_t limit = huge_cache_limit();
   if (size > limit / 2) {
     bytes_mapped -= size;
-    os_release(segment, size);
+    os_release(base, size);
     return;
   }
   while (huge_piece_count == HUGE_CACHE_PIECES ||
@@ -551,9 +576,10 @@ static void huge_pieces_add(segment_t *segment) {
   }
   huge_piece_count_set(huge_piece_count + 1);
   huge_pieces[huge_piece_count - 1] = (huge_piece_t){
-      .base = (uint8_t *)segment,
+      .base = base,
       .size = size,
       .free_since_ms = clock_now_ms(),
+      .several_mappings = several_mappings,
   };
   huge_cache_bytes += size;
 }

@@ -961,6 +961,43 @@ static void test_huge_assembled_grows(void) {
   CHECK_EQ(bytes_mapped_now(), before);
 }
 
+/* Two freed mappings side by side in memory are one piece of the cache:
+ * a block larger than either is then the pair, in place, where kept apart
+ * it was assembled by moving both into a fresh range. It is several
+ * kernel mappings, and grows and keeps its bytes as such a block must. */
+static void test_huge_neighbours_join(void) {
+  const size_t mb = (size_t)1 << 20;
+  zk_collect(true);
+  size_t before = bytes_mapped_now();
+  uint8_t *whole = zk_malloc(12 * mb); /* a 16 MiB mapping */
+  CHECK(whole != NULL);
+  zk_free(whole);
+  /* 8 MiB mappings each: the front of the piece, then the rest of it. */
+  uint8_t *front = zk_malloc(6 * mb), *back = zk_malloc(6 * mb);
+  CHECK(front != NULL && back != NULL);
+  CHECK(front == whole && back == whole + 8 * mb);
+  memset(front, 0xf1, 6 * mb);
+  memset(back, 0xb1, 6 * mb);
+  zk_free(back);
+  zk_free(front);
+  uint8_t *joined = zk_malloc(14 * mb);
+  CHECK(joined != NULL);
+  printf("a 14 MiB block after two 8 MiB neighbours were freed: %s\n",
+         joined == front ? "the pair, in place" : "elsewhere");
+  if (os_moves_mappings()) {
+    CHECK(joined == front);
+    CHECK(joined[0] == 0xf1 && joined[8 * mb] == 0xb1); /* the same pages */
+  }
+  memset(joined, 0x3c, 14 * mb);
+  uint8_t *grown = zk_realloc(joined, 40 * mb);
+  CHECK(grown != NULL);
+  for (size_t i = 0; i < 14 * mb; i += 4096)
+    CHECK(grown[i] == 0x3c && grown[i + 4095] == 0x3c);
+  zk_free(grown);
+  zk_collect(true);
+  CHECK_EQ(bytes_mapped_now(), before);
+}
+
 /* Pieces of freed mappings, split and moved side by side over and over,
  * must still give blocks that a growing realloc extends a segment at a
  * time: a block assembled from several moved pieces is several kernel
@@ -1553,6 +1590,7 @@ int main(int argc, char **argv) {
   RUN(test_realloc_huge);
   RUN(test_huge_reuse);
   RUN(test_huge_cache_follows_live);
+  RUN(test_huge_neighbours_join);
   RUN(test_os_moves_mappings);
   RUN(test_huge_assembled_grows);
   RUN(test_huge_churn_then_grow);
