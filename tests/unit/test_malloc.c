@@ -358,6 +358,8 @@ static int compare_addresses(const void *a, const void *b) {
 
 static void *fresh_blocks_apart_thread(void *argument) {
   (void)argument;
+  if (zk_option_get(ZK_OPTION_SECURE) != 0)
+    return NULL; /* secure pages link fresh blocks in a random order */
   static const size_t sizes[] = {8,   16,  32,  48,  80,  96,  112, 144,
                                  160, 176, 208, 240, 288, 352, 416, 480};
   enum { MOST = 2 * SLICE_BYTES / 8 };
