@@ -265,19 +265,19 @@ static uint32_t gcd_u32(uint32_t a, uint32_t b) {
 /* The order a fresh batch is linked in: block (i * stride) % batch is the
  * i-th handed out, the stride coprime with the batch so that every block
  * comes once. Secure mode: a random stride from the page key, so that
- * neighbours in memory are not neighbours in time: neither 1 nor
- * batch - 1, the address order and its reverse, where another stride is
- * coprime (a batch above 6; one run of a test in 60 drew 1 and handed
- * batches out in address order). Otherwise the least
- * stride that leaves a whole cache line between two blocks handed out one
- * after the other (blocks of a multiple of the line start on lines and
- * share none). Objects one thread allocates in a row are often handed to
- * different threads: a Tokio runtime's per-worker run queue, parker and
- * core (40, 48 and 40 B, made in a loop by the thread that builds it) lay
- * side by side, one worker's core in the line of the other's queue head,
- * and each worker's every pop missed (a third of the samples of the
- * worker loop sat on that one CAS). Spread, the request/reply program ran
- * 1.08x, the pipeline 1.02x (11 rounds each, side by side). */
+ * neighbours in memory are not neighbours in time; neither 1 nor batch - 1
+ * (the address order and its reverse) where another stride is coprime, as in
+ * every batch above 6 (one run of a test in 60 drew 1 and handed batches out
+ * in address order). Otherwise the least stride that leaves a whole cache
+ * line between two blocks handed out one after the other (blocks of a
+ * multiple of the line start on lines and share none). Objects one thread
+ * allocates in a row are often handed to different threads: a Tokio
+ * runtime's per-worker run queue, parker and core (40, 48 and 40 B, made in
+ * a loop by the thread that builds it) lay side by side, one worker's core
+ * in the line of the other's queue head, and each worker's every pop missed
+ * (a third of the samples of the worker loop sat on that one CAS). Spread,
+ * the request/reply program ran 1.08x, the pipeline 1.02x (11 rounds each,
+ * side by side). */
 static uint32_t page_batch_stride(const page_t *page, uint32_t batch) {
   if (batch < 3)
     return 1;
