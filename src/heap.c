@@ -127,7 +127,7 @@ static void bin_limits_init(void) {
 /* Another heap's blocks a bin keeps (see heap_free_foreign): 128 B to
  * 1 KiB, in a thread heap's bin that ran empty since the last decay pass,
  * while it is under half full. The free fast path reads the bin's part as
- * one field, set here whenever it changes (the page's: page->keepable). */
+ * one field, set here whenever it changes (the page's: its keep_mask). */
 static void bin_set_refilled(const heap_t *heap, bin_t *bin, bool refilled) {
   uint32_t size = class_block_size[bin - heap->bins];
   bin->refilled = refilled;

@@ -740,8 +740,8 @@ void *heap_malloc_generic(heap_t *heap, size_t size, size_t alignment);
 void *heap_malloc_bin_empty(heap_t *heap, bin_t *bin, size_t size);
 void heap_free_small(page_t *page, void *p);
 /* Free's slow path for a block of a small page, found without the full
- * lookup: another heap's valid block is kept in this thread's bin
- * (heap_bin_keep_foreign) or freed to its page's remote list at once;
+ * lookup: another heap's valid block goes onto the bin of the thread's own
+ * heap inside a task heap, or to its page's remote list at once;
  * anything else goes through heap_free_small's checks, errno kept. False
  * when p is not in a small page. */
 bool heap_free_small_block(void *p);

@@ -170,9 +170,8 @@ bool page_init_small(page_t *page, heap_t *heap, unsigned class_index) {
 /* The free fast path reads the descriptor of the block's own slice (one
  * load less than going back to the span head): every slice of a small page
  * carries the owner word, the class, its bin offset and the keep mask. The
- * head's owner
- * store comes last, with the caller's ordering; the slow paths read only
- * the head's. */
+ * head's owner store comes last, with the caller's ordering; the slow paths
+ * read only the head's. */
 void page_set_owner(page_t *page, heap_t *owner_word, memory_order order) {
   uint32_t size = page->block_size;
   uint16_t keep_mask = owner_word != NULL && !page->secure &&

@@ -12,6 +12,14 @@
 #include <string.h>
 #include <time.h>
 
+/* Runs body on a thread of its own, and so on a fresh heap whose pages are
+ * its own. */
+static void run_in_thread(void *(*body)(void *)) {
+  pthread_t thread;
+  CHECK(pthread_create(&thread, NULL, body, NULL) == 0);
+  CHECK(pthread_join(thread, NULL) == 0);
+}
+
 static void test_size_classes(void) {
   for (size_t size = 0; size <= SMALL_MAX; size++) {
     unsigned c = size_to_class(size);
@@ -340,9 +348,7 @@ static void *page_colours_thread(void *unused) {
 }
 
 static void test_page_colours(void) {
-  pthread_t thread; /* a fresh heap: its pages are its own */
-  CHECK(pthread_create(&thread, NULL, page_colours_thread, NULL) == 0);
-  CHECK(pthread_join(thread, NULL) == 0);
+  run_in_thread(page_colours_thread);
 }
 
 /* Blocks a fresh page hands out one after the other share no cache line
@@ -392,9 +398,7 @@ static void *fresh_blocks_apart_thread(void *argument) {
 }
 
 static void test_fresh_blocks_apart(void) {
-  pthread_t thread; /* a fresh heap: its pages are its own */
-  CHECK(pthread_create(&thread, NULL, fresh_blocks_apart_thread, NULL) == 0);
-  CHECK(pthread_join(thread, NULL) == 0);
+  run_in_thread(fresh_blocks_apart_thread);
 }
 
 /* A block of another thread's heap, freed on a thread that allocates from
@@ -542,9 +546,7 @@ static void test_foreign_frees_every_class(void) {
       CHECK((main_blocks[s][i] = zk_malloc(every_class_sizes[s])) != NULL);
       fill_block(main_blocks[s][i], every_class_sizes[s], (uint8_t)(s * 7 + i));
     }
-  pthread_t thread;
-  CHECK(pthread_create(&thread, NULL, foreign_every_class_thread, NULL) == 0);
-  CHECK(pthread_join(thread, NULL) == 0);
+  run_in_thread(foreign_every_class_thread);
   for (size_t s = 0; s < EVERY_CLASS_SIZES; s++)
     for (int i = 0; i < EVERY_CLASS_COUNT; i++) {
       CHECK((main_blocks[s][i] = zk_malloc(every_class_sizes[s])) != NULL);
@@ -678,9 +680,7 @@ static void test_foreign_keep(void) {
   for (int i = 0; i < KEEP_TASK_HELD; i++)
     CHECK((keep_task[i] = zk_malloc(KEEP_SIZE)) != NULL);
   CHECK(zk_heap_enter(NULL) == keep_task_heap);
-  pthread_t thread;
-  CHECK(pthread_create(&thread, NULL, foreign_keep_thread, NULL) == 0);
-  CHECK(pthread_join(thread, NULL) == 0);
+  run_in_thread(foreign_keep_thread);
   zk_heap_destroy(keep_task_heap);
 }
 
