@@ -998,6 +998,38 @@ static void test_huge_neighbours_join(void) {
   CHECK_EQ(bytes_mapped_now(), before);
 }
 
+/* A piece is not joined with its neighbour into one too large for the
+ * cache: freed while the cache's limit is low, the neighbour goes back to
+ * the OS alone, and the cached piece stays (joined, both were unmapped). */
+static void test_huge_join_within_limit(void) {
+  const size_t mb = (size_t)1 << 20;
+  zk_collect(true);
+  size_t before = bytes_mapped_now();
+  /* Live blocks aligned to a whole segment are never cached: they raise the
+   * cache's limit (the huge bytes live) while the pieces are made. */
+  enum { LIVE = 10 };
+  void *live[LIVE];
+  for (int i = 0; i < LIVE; i++)
+    CHECK((live[i] = zk_aligned_alloc(4 * mb, 40 * mb)) != NULL);
+  uint8_t *whole = zk_malloc(190 * mb); /* a 192 MiB mapping */
+  CHECK(whole != NULL);
+  zk_free(whole);
+  uint8_t *front = zk_malloc(92 * mb), *back = zk_malloc(92 * mb);
+  CHECK(front == whole && back == whole + 96 * mb);
+  front[0] = back[0] = 1;
+  zk_free(front); /* cached: 96 MiB */
+  for (int i = 0; i < LIVE; i++)
+    zk_free(live[i]); /* the limit falls to its floor, 128 MiB */
+  zk_free(back);      /* over half the limit: unmapped, alone */
+  size_t kept = bytes_mapped_now() - before;
+  printf("a 96 MiB piece beside a freed 96 MiB block over half the limit: "
+         "%zu MiB still mapped\n",
+         kept / mb);
+  CHECK(kept >= 96 * mb);
+  zk_collect(true);
+  CHECK_EQ(bytes_mapped_now(), before);
+}
+
 /* Pieces of freed mappings, split and moved side by side over and over,
  * must still give blocks that a growing realloc extends a segment at a
  * time: a block assembled from several moved pieces is several kernel
@@ -1591,6 +1623,7 @@ int main(int argc, char **argv) {
   RUN(test_huge_reuse);
   RUN(test_huge_cache_follows_live);
   RUN(test_huge_neighbours_join);
+  RUN(test_huge_join_within_limit);
   RUN(test_os_moves_mappings);
   RUN(test_huge_assembled_grows);
   RUN(test_huge_churn_then_grow);
