@@ -424,7 +424,7 @@ def discover_allocators(build_dir, source_dir, wanted, requested_peers=()):
 # The Tokio workload (bench/tokio): a Rust program, built with cargo.
 
 TOKIO_BINARY = "zkmem-tokio-bench"
-TOKIO_CRATE_BINARY = "zkmem-tokio-bench-crate"  # with feature zkmem-global
+TOKIO_CRATE_BINARY = "zkmem-tokio-bench-crate"  # package bench/tokio/crate
 DEBIAN_CRATES = "/usr/share/cargo/registry"  # bench/tokio/.cargo/config.toml
 
 
@@ -469,16 +469,16 @@ def prepare_tokio(build_dir, source_dir):
         log(f"skipped {names}: no tokio crate in {DEBIAN_CRATES} (Debian: "
             f"apt-get install librust-tokio-dev)")
         return None, None
-    crate = os.path.join(source_dir, "bench", "tokio")
-    # cmake/cargo.cmake's target directory and features: a build with
-    # others would undo CMake's, and CMake's this one.
+    package = os.path.join(source_dir, "bench", "tokio")
+    # cmake/cargo.cmake's target directory: a build with another would
+    # rebuild tokio for nothing.
     target = os.path.join(build_dir, "cargo")
     binary = os.path.join(target, "release", TOKIO_BINARY)
-    features = []
+    builds = [(package, binary)]
     crate_binary = None
     if glob.glob(os.path.join(DEBIAN_CRATES, "cc-1.*")):
-        features = ["--features", "zkmem-global"]
         crate_binary = os.path.join(target, "release", TOKIO_CRATE_BINARY)
+        builds.append((os.path.join(package, "crate"), crate_binary))
     else:
         log("skipped zkmem-crate rows: no cc crate in "
             f"{DEBIAN_CRATES} (Debian: apt-get install librust-cc-dev)")
@@ -487,21 +487,21 @@ def prepare_tokio(build_dir, source_dir):
     environment["CARGO_TARGET_DIR"] = target
     if rustc:
         environment["RUSTC"] = rustc
-    log(f"building the Tokio workload: {cargo} build --release "
-        f"{' '.join(features)}, offline, from {DEBIAN_CRATES}")
-    # Cargo reads .cargo/config.toml (the offline crate source) from the
-    # directory it runs in, not from the manifest's.
-    try:
-        completed = subprocess.run([cargo, "build", "--release"] + features,
-                                   cwd=crate, env=environment,
-                                   stdout=sys.stderr, timeout=1800)
-    except (OSError, subprocess.SubprocessError) as error:
-        raise RunFailure(f"cargo build of {crate} failed: {error}")
-    if completed.returncode != 0 or not all(
-            os.access(path, os.X_OK) for path in (binary, crate_binary)
-            if path):
-        raise RunFailure(f"cargo build of {crate} failed (exit status "
-                         f"{completed.returncode}); see the messages above")
+    for directory, built in builds:
+        log(f"building {os.path.relpath(directory, source_dir)}: {cargo} "
+            f"build --release, offline, from {DEBIAN_CRATES}")
+        # Cargo reads .cargo/config.toml (the offline crate source) from the
+        # directory it runs in and its parents, not from the manifest's.
+        try:
+            completed = subprocess.run([cargo, "build", "--release"],
+                                       cwd=directory, env=environment,
+                                       stdout=sys.stderr, timeout=1800)
+        except (OSError, subprocess.SubprocessError) as error:
+            raise RunFailure(f"cargo build of {directory} failed: {error}")
+        if completed.returncode != 0 or not os.access(built, os.X_OK):
+            raise RunFailure(f"cargo build of {directory} failed (exit "
+                             f"status {completed.returncode}); see the "
+                             "messages above")
     log(f"found   {'tokio':<10} {binary}  [{tokio_version()}]")
     return binary, crate_binary
 

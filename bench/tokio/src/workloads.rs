@@ -7,7 +7,7 @@
 //! Shared by two binaries. zkmem-tokio-bench (main.rs) allocates through
 //! Rust's default global allocator, which is the C library's malloc, so the
 //! allocator under test is chosen from outside with LD_PRELOAD exactly as
-//! for bench_malloc. zkmem-tokio-bench-crate (crate_main.rs) has zkmem's
+//! for bench_malloc. zkmem-tokio-bench-crate (../crate/main.rs) has zkmem's
 //! crate as its global allocator, and may run each request in a task heap.
 //! Both print one JSON line in bench_malloc's shape (ops, seconds,
 //! ops_per_s, ns_per_op, peak_rss_kib, extras).

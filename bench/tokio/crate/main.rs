@@ -3,6 +3,7 @@
 //! with `--scope`, each of reqrep's request tasks runs in a task heap
 //! (`Heap::scope`), which is what that costs.
 
+#[path = "../src/workloads.rs"]
 mod workloads;
 
 use std::future::Future;
