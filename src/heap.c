@@ -124,6 +124,20 @@ static void bin_limits_init(void) {
   }
 }
 
+/* Remote chains (see heap_chain_add): at most this many blocks or bytes. */
+#define REMOTE_CHAIN_BLOCKS 64u
+#define REMOTE_CHAIN_BYTES  4096u
+_Static_assert(REMOTE_CHAIN_CLASSES <= 64, "one bit per chain");
+static uint32_t remote_chain_limit[REMOTE_CHAIN_CLASSES];
+
+static void remote_chain_limits_init(void) {
+  for (unsigned c = 0; c < REMOTE_CHAIN_CLASSES; c++) {
+    uint32_t limit = REMOTE_CHAIN_BYTES / class_block_size[c];
+    remote_chain_limit[c] =
+        limit < REMOTE_CHAIN_BLOCKS ? limit : REMOTE_CHAIN_BLOCKS;
+  }
+}
+
 /* Another heap's blocks a bin keeps (see heap_free_foreign): 128 B to
  * 1 KiB, in a thread heap's bin that ran empty since the last decay pass,
  * while it is under half full. The free fast path reads the bin's part as
@@ -245,6 +259,7 @@ static uint32_t heap_charge_blocks(heap_t *heap, unsigned class_index,
 #define BIN_DECAY_EVENTS 64
 
 static void heap_rescan_full(heap_t *heap);
+static void heap_chains_push(heap_t *heap);
 
 void heap_bins_decay(heap_t *heap, uint64_t now) {
   uint64_t delay = (uint64_t)option(ZK_OPTION_PURGE_DELAY_MS);
@@ -256,6 +271,7 @@ void heap_bins_decay(heap_t *heap, uint64_t now) {
   bool thread_was_idle = now - idle_since >= delay;
   heap->bin_decay_ms = now;
   heap->bin_decaying = true; /* releasing pages calls purge_maybe */
+  heap_chains_push(heap);
   for (unsigned c = 0; c < CLASS_COUNT; c++) {
     bin_t *bin = &heap->bins[c];
     if (!bin->refilled || thread_was_idle)
@@ -298,6 +314,7 @@ static void heap_bin_push(heap_t *heap, bin_t *bin, block_t *block) {
 }
 
 void heap_flush_bins(heap_t *heap) {
+  heap_chains_push(heap);
   for (unsigned c = 0; c < CLASS_COUNT; c++)
     heap_bin_trim(heap, &heap->bins[c], 0, 0);
   if (heap->task_credit != 0) {
@@ -766,6 +783,7 @@ void process_init(void) {
     options_init();
     sizeclass_init();
     bin_limits_init();
+    remote_chain_limits_init();
     /* Top two bits 10: a zero or an all-ones top in a forged link word both
      * decode above user space. */
     if (process_bin_key == 0) /* a fork child's pages keep the parent's */
@@ -1529,6 +1547,15 @@ static bool heap_page_return_block(heap_t *heap, page_t *page, block_t *block,
   return true;
 }
 
+/* A push onto a page in its owner's full queue: the owner's hint, unless
+ * set already (see heap_free_remote_checked). */
+ZK_INLINE void heap_hint_full(heap_t *owner, remote_push_t pushed) {
+  if (pushed == REMOTE_PUSHED_TO_FULL && owner != NULL &&
+      !atomic_load_explicit(&owner->remote_frees_to_full, memory_order_seq_cst))
+    atomic_store_explicit(&owner->remote_frees_to_full, 1,
+                          memory_order_relaxed);
+}
+
 /* heap_free_remote of a page that is not secure: inlined where the caller
  * knows it (the free's small-block path). Everything it needs of the page
  * is read before the push: once the block is in the list, the owner may
@@ -1550,10 +1577,7 @@ ZK_INLINE void heap_free_remote_checked(page_t *page, block_t *block) {
   remote_push_t pushed = page_free_remote(page, block);
   if (unlikely(pushed == REMOTE_REFUSED))
     return; /* reported; ZKMEM_ON_ERROR=warn: the task keeps its charge */
-  if (pushed == REMOTE_PUSHED_TO_FULL && owner != NULL &&
-      !atomic_load_explicit(&owner->remote_frees_to_full, memory_order_seq_cst))
-    atomic_store_explicit(&owner->remote_frees_to_full, 1,
-                          memory_order_relaxed);
+  heap_hint_full(owner, pushed);
   /* Last: a task heap whose charge shows this block gone may be destroyed
    * at once (zk_heap_stats), releasing this page. */
   if (unlikely(task != NULL))
@@ -1612,6 +1636,74 @@ ZK_INLINE bool heap_block_freeable(const page_t *page, const void *p,
          page_block_is_carved(page, index) && p != (const void *)bin->head;
 }
 
+/* ---- remote chains ----
+ *
+ * A thread that frees other threads' blocks (a consumer of another
+ * thread's batches, the end of a pipeline) links those of each class into
+ * a chain while they come from one page, and pushes the chain to the page
+ * with one CAS: at a free of another page's block of the class, at
+ * REMOTE_CHAIN_BLOCKS blocks or REMOTE_CHAIN_BYTES, and at the thread's
+ * bin flush (exit, zk_thread_idle, zk_collect) and decay pass. Pushed one
+ * at a time, each free's CAS waited for its store into the block, a cache
+ * line the allocating core had just written: one cross-core miss after
+ * another. Linked here, those stores overlap. Blocks of up to 2 KiB; the
+ * chains hold at most 4 KiB each, under 164 KiB in all. Their blocks stay
+ * counted as used by their page until pushed, so the page cannot be
+ * released under a chain. Not for task heaps' pages (a destroy releases
+ * them with blocks out) nor inside a task heap (its sub-heap may be
+ * destroyed by another thread), nor for secure pages (every free checked
+ * at once). */
+static ZK_NOINLINE void heap_chain_push(heap_t *heap, unsigned class_index) {
+  struct remote_chain *chain = &heap->remote_chains[class_index];
+  uint32_t count = chain->count;
+  chain->count = 0;
+  heap->remote_chains_open &= ~(UINT64_C(1) << class_index);
+  page_t *page = chain->page;
+  heap_hint_full(page_owner(page),
+                 page_free_remote_chain(page, chain->head, chain->tail, count));
+}
+
+static void heap_chains_push(heap_t *heap) {
+  while (heap->remote_chains_open != 0)
+    heap_chain_push(heap, (unsigned)__builtin_ctzll(heap->remote_chains_open));
+}
+
+/* A thread that only frees: it gets a heap for its chains at its first
+ * free of another heap's block, as its first malloc would give it. */
+static ZK_NOINLINE heap_t *heap_for_chain(void) {
+  int saved_errno = errno;
+  heap_t *heap = heap_get_initialized();
+  errno = saved_errno;
+  return heap != NULL ? heap : &heap_empty;
+}
+
+/* A free of a block of `page`, a thread heap's small page of a chained
+ * class (not secure), outside a task heap. */
+ZK_INLINE void heap_chain_add(heap_t *heap, page_t *page, block_t *block) {
+  unsigned class_index = page->class_index;
+  struct remote_chain *chain = &heap->remote_chains[class_index];
+  if (chain->count != 0) {
+    if (likely(chain->page == page)) {
+      /* The O(1) double-free check the bin and the remote list make. */
+      if (unlikely(block == chain->head)) {
+        page_remote_list_corrupted(page, block);
+        return;
+      }
+      block_set_next(page, block, chain->head);
+      chain->head = block;
+      if (++chain->count == chain->limit)
+        heap_chain_push(heap, class_index);
+      return;
+    }
+    heap_chain_push(heap, class_index);
+  }
+  chain->page = page;
+  chain->head = chain->tail = block;
+  chain->count = 1;
+  chain->limit = remote_chain_limit[class_index];
+  heap->remote_chains_open |= UINT64_C(1) << class_index;
+}
+
 bool heap_free_foreign(heap_t *heap, const page_t *slice, void *p) {
   /* The block's slice is its page's head (always so for the classes a bin
    * keeps, one slice each); anything else takes the full path, and so does
@@ -1622,6 +1714,13 @@ bool heap_free_foreign(heap_t *heap, const page_t *slice, void *p) {
     return false;
   if (!heap_block_freeable(page, p, &heap->bins[page->class_index]))
     return false;
+  if (page->task == NULL && heap->task == NULL &&
+      page->class_index < REMOTE_CHAIN_CLASSES &&
+      (likely(heap != &heap_empty) ||
+       (heap = heap_for_chain()) != &heap_empty)) {
+    heap_chain_add(heap, page, p);
+    return true;
+  }
   heap_free_remote_checked(page, p); /* no errno set */
   return true;
 }

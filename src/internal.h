@@ -118,6 +118,9 @@
 #define FOREIGN_KEEP_MAX 1024
 #define LARGE_MAX        ((size_t)2 * 1024 * 1024) /* above: huge, own mapping */
 #define CLASS_COUNT      69
+/* Classes up to 2 KiB: those whose frees by other threads are chained
+ * (heap.c, "remote chains"). */
+#define REMOTE_CHAIN_CLASSES 41
 /* Task sub-heaps carve blocks up to ARENA_BLOCK_MAX (classes below
  * ARENA_CLASSES) from arenas (heap.c). */
 #define ARENA_BLOCK_MAX     ((size_t)4096)
@@ -449,6 +452,14 @@ struct heap {
   uint64_t classes_used[(CLASS_COUNT + 63) / 64];
   uint64_t arena_out[ARENA_CLASSES];
   _Atomic(uint64_t) arena_remote[ARENA_CLASSES];
+  /* A thread heap's frees of other heaps' blocks, linked per class and
+   * pushed to their page with one CAS (heap.c, "remote chains"). */
+  uint64_t remote_chains_open; /* bit c: remote_chains[c] holds blocks */
+  struct remote_chain {
+    page_t *page; /* the blocks' page, while count != 0 */
+    block_t *head, *tail;
+    uint32_t count, limit;
+  } remote_chains[REMOTE_CHAIN_CLASSES];
 };
 /* Heaps are page-aligned (os_meta_alloc aligns blocks of a page or more to
  * a page). The fast paths write a bin's head, frees and room: offsets 8 to
@@ -633,7 +644,16 @@ typedef enum remote_push {
   REMOTE_PUSHED_TO_FULL, /* the owner must be hinted */
   REMOTE_REFUSED,        /* a double free, reported: nothing pushed */
 } remote_push_t;
-remote_push_t page_free_remote(page_t *page, block_t *block);
+/* Reports a remote list or chain that another thread's double free (or a
+ * write after free) broke. */
+void page_remote_list_corrupted(const page_t *page, const block_t *block);
+/* Any thread but the owner: pushes head..tail, `count` blocks of the page
+ * linked with its key, with one CAS. */
+remote_push_t page_free_remote_chain(page_t *page, block_t *head, block_t *tail,
+                                     uint32_t count);
+ZK_INLINE remote_push_t page_free_remote(page_t *page, block_t *block) {
+  return page_free_remote_chain(page, block, block, 1);
+}
 /* Secure free bits (see page_t): false when no memory for them. */
 bool page_free_bits_init(page_t *page);
 /* Marks block `index` free; false if it already was (a double free). */

@@ -340,8 +340,8 @@ bool page_extend(page_t *page) {
 /* A remote list that fails its walk: a block freed twice by other threads
  * links into the list twice (a cycle, or a block also in `free`), an
  * overwritten link leaves the page. ZKMEM_ON_ERROR=warn: the list leaks. */
-static ZK_COLD void page_remote_list_corrupted(const page_t *page,
-                                               const block_t *block) {
+ZK_COLD void page_remote_list_corrupted(const page_t *page,
+                                        const block_t *block) {
   error_report("double free or corrupted free list (a block freed twice by "
                "another thread, or written after free)",
                block, page->block_size);
@@ -421,21 +421,22 @@ void page_collect(page_t *page) {
     page_splice_free(page, remote, tail, count);
 }
 
-/* Any thread but the owner: push with one CAS. */
-remote_push_t page_free_remote(page_t *page, block_t *block) {
+remote_push_t page_free_remote_chain(page_t *page, block_t *head, block_t *tail,
+                                     uint32_t count) {
   uintptr_t word =
       atomic_load_explicit(&page->thread_free, memory_order_relaxed);
   do {
     /* A block freed twice in a row: the owner takes the list without
      * walking it (page_take_remote_unwalked), so this is where it shows. */
-    if (unlikely((word & PAGE_REMOTE_LIST) == (uintptr_t)block)) {
-      page_remote_list_corrupted(page, block);
+    if (unlikely((word & PAGE_REMOTE_LIST) == (uintptr_t)head)) {
+      page_remote_list_corrupted(page, head);
       return REMOTE_REFUSED;
     }
-    block_set_next(page, block, (block_t *)(word & PAGE_REMOTE_LIST));
+    block_set_next(page, tail, (block_t *)(word & PAGE_REMOTE_LIST));
   } while (!atomic_compare_exchange_weak_explicit(
       &page->thread_free, &word,
-      (uintptr_t)block | ((word & ~PAGE_REMOTE_LIST) + PAGE_REMOTE_ONE),
+      (uintptr_t)head |
+          ((word & ~PAGE_REMOTE_LIST) + (uintptr_t)count * PAGE_REMOTE_ONE),
       memory_order_seq_cst, memory_order_relaxed));
   return (word & PAGE_REMOTE_FULL) != 0 ? REMOTE_PUSHED_TO_FULL : REMOTE_PUSHED;
 }

@@ -383,7 +383,10 @@ static void first_allocations(void) {
 
 /* Remote frees against the reuse of their pages. Only the allocator
  * orders the two threads: the freer reports each round with a relaxed
- * store, which ThreadSanitizer does not take as synchronisation. */
+ * store, which ThreadSanitizer does not take as synchronisation. The
+ * freer links its frees of one page into a chain before pushing them; it
+ * pushes its last one with zk_thread_idle, as a thread about to wait
+ * should, so that the owner's collect finds every block of the round. */
 #define REUSE_BATCH 256
 static void *reuse_batch[REUSE_BATCH];
 static atomic_uint reuse_ready, reuse_done;
@@ -395,7 +398,8 @@ static void *reuse_freer(void *arg) {
     while (atomic_load_explicit(&reuse_ready, memory_order_acquire) != r)
       sched_yield();
     for (int i = 0; i < REUSE_BATCH; i++)
-      zk_free(reuse_batch[i]); /* remote: this thread has no heap */
+      zk_free(reuse_batch[i]); /* remote: another heap's blocks */
+    zk_thread_idle();
     atomic_store_explicit(&reuse_done, r, memory_order_relaxed);
   }
   return NULL;

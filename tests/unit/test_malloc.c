@@ -577,6 +577,107 @@ static void test_foreign_frees_every_class(void) {
          n, (size_t)EVERY_CLASS_SIZES);
 }
 
+/* A thread that frees other threads' blocks chains those of one page and
+ * pushes each chain with one CAS (heap.c, "remote chains"). Whatever the
+ * order of its frees (one page's blocks in a row, pages of a class
+ * alternating, classes interleaved, classes not chained), every block is
+ * back with its owner once the freeing thread calls zk_thread_idle, while
+ * it still runs, or exits; and none is handed out twice after. The
+ * freeing thread never allocates: it gets a heap for its chains. */
+#define CHAIN_COUNT 600
+static const size_t chain_sizes[] = {8, 64, 512, 2048, 4096};
+#define CHAIN_SIZES (sizeof(chain_sizes) / sizeof(chain_sizes[0]))
+static uint8_t *chain_blocks[CHAIN_SIZES][CHAIN_COUNT];
+static pthread_barrier_t chain_freed, chain_checked;
+static int chain_idle = 1;
+
+static void chain_free_all(void) {
+  /* First half: each class's blocks in order (long chains, pushed at
+   * their limit); second half: from both ends of it in turn (pages
+   * alternate), classes interleaved. */
+  for (size_t s = 0; s < CHAIN_SIZES; s++)
+    for (int i = 0; i < CHAIN_COUNT / 2; i++) {
+      CHECK(block_intact(chain_blocks[s][i], chain_sizes[s], (uint8_t)i));
+      zk_free(chain_blocks[s][i]);
+    }
+  for (int k = 0; k < CHAIN_COUNT / 2; k++)
+    for (size_t s = 0; s < CHAIN_SIZES; s++) {
+      int i = k % 2 == 0 ? CHAIN_COUNT / 2 + k / 2 : CHAIN_COUNT - 1 - k / 2;
+      CHECK(block_intact(chain_blocks[s][i], chain_sizes[s], (uint8_t)i));
+      zk_free(chain_blocks[s][i]);
+    }
+}
+
+static void *chain_freer(void *idle) {
+  chain_free_all();
+  if (idle != NULL) {
+    zk_thread_idle();
+    pthread_barrier_wait(&chain_freed);
+    pthread_barrier_wait(&chain_checked); /* alive while main checks */
+  }
+  return NULL;
+}
+
+static void chain_allocate_all(void) {
+  for (size_t s = 0; s < CHAIN_SIZES; s++)
+    for (int i = 0; i < CHAIN_COUNT; i++) {
+      CHECK((chain_blocks[s][i] = zk_malloc(chain_sizes[s])) != NULL);
+      fill_block(chain_blocks[s][i], chain_sizes[s], (uint8_t)i);
+    }
+}
+
+static void chain_check_all_back(const zk_stats_t *before) {
+  zk_collect(false); /* takes the pages' remote lists */
+  zk_stats_t after;
+  zk_stats_get(&after);
+  for (size_t s = 0; s < CHAIN_SIZES; s++) {
+    unsigned c = size_to_class(chain_sizes[s]);
+    CHECK_EQ(after.classes[c].live, before->classes[c].live);
+  }
+}
+
+static void test_remote_chains(void) {
+  zk_stats_t before;
+  zk_collect(false);
+  zk_stats_get(&before);
+  /* zk_thread_idle, the freeing thread still running. */
+  chain_allocate_all();
+  CHECK(pthread_barrier_init(&chain_freed, NULL, 2) == 0);
+  CHECK(pthread_barrier_init(&chain_checked, NULL, 2) == 0);
+  pthread_t thread;
+  CHECK(pthread_create(&thread, NULL, chain_freer, &chain_idle) == 0);
+  pthread_barrier_wait(&chain_freed);
+  chain_check_all_back(&before);
+  pthread_barrier_wait(&chain_checked);
+  CHECK(pthread_join(thread, NULL) == 0);
+  pthread_barrier_destroy(&chain_freed);
+  pthread_barrier_destroy(&chain_checked);
+  /* Thread exit. */
+  chain_allocate_all();
+  CHECK(pthread_create(&thread, NULL, chain_freer, NULL) == 0);
+  CHECK(pthread_join(thread, NULL) == 0);
+  chain_check_all_back(&before);
+  /* Handed out again, each block once. */
+  chain_allocate_all();
+  enum { TOTAL = CHAIN_SIZES * CHAIN_COUNT };
+  static uintptr_t all[TOTAL];
+  size_t n = 0;
+  for (size_t s = 0; s < CHAIN_SIZES; s++)
+    for (int i = 0; i < CHAIN_COUNT; i++)
+      all[n++] = (uintptr_t)chain_blocks[s][i];
+  qsort(all, n, sizeof(all[0]), compare_pointers);
+  for (size_t k = 1; k < n; k++)
+    CHECK(all[k] != all[k - 1]);
+  for (size_t s = 0; s < CHAIN_SIZES; s++)
+    for (int i = 0; i < CHAIN_COUNT; i++) {
+      CHECK(block_intact(chain_blocks[s][i], chain_sizes[s], (uint8_t)i));
+      zk_free(chain_blocks[s][i]);
+    }
+  printf("%zu blocks of %zu sizes freed by a thread that only frees, all "
+         "back at zk_thread_idle and at its exit\n",
+         n, (size_t)CHAIN_SIZES);
+}
+
 /* The free fast path's one test (bin_takes, an asm mask on x86-64)
  * against its plain C meaning, over every room a bin can have (a refill
  * can take it below zero), both keep masks and the floors that occur. */
@@ -700,6 +801,7 @@ int main(void) {
   test_foreign_frees();
   test_foreign_frees_every_class();
   test_foreign_keep();
+  test_remote_chains();
   test_bin_takes();
   printf("test_malloc: ok\n");
   return 0;
