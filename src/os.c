@@ -90,10 +90,15 @@ void *os_reserve_aligned_at(size_t size, size_t alignment, size_t offset) {
   return raw != NULL ? os_trim(raw, oversize, size, alignment, offset) : NULL;
 }
 
-void os_release(void *address, size_t size) {
+bool os_release(void *address, size_t size) {
   int saved_errno = errno;
-  munmap(address, size);
+  bool released = munmap(address, size) == 0;
+  /* Unmapping the middle of a kernel mapping splits it, which fails at
+   * vm.max_map_count: the pages go back all the same. */
+  if (!released)
+    madvise(address, size, MADV_DONTNEED);
   errno = saved_errno;
+  return released;
 }
 
 bool os_purge(void *address, size_t size, bool decommit) {

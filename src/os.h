@@ -36,8 +36,10 @@ bool os_move_to(void *from, size_t size, void *to);
  * 6.12 only after it has unmapped the destination, so such a range must
  * never be handed to the calls above there. Probed once. */
 bool os_moves_mappings(void);
-/* Give the mapping back. */
-void os_release(void *address, size_t size);
+/* Gives the mapping back; false where the kernel refused (a split of a
+ * mapping at vm.max_map_count): the range stays mapped, its pages
+ * returned, and the caller keeps counting it as mapped. */
+bool os_release(void *address, size_t size);
 /* Tell the kernel the range's contents are not needed. decommit = true:
  * MADV_DONTNEED (RSS falls now, range reads as zero); false: MADV_FREE
  * (RSS falls when the kernel needs memory; contents undefined). */

@@ -226,11 +226,11 @@ static void segment_unmap(segment_t *segment) {
     segment->next->prev = segment->prev;
   owned_map_set(segment, SEGMENT_MAP_NONE); /* before the range is free */
   segments_mapped--;
-  bytes_mapped -= SEGMENT_SIZE;
   if (segment->huge_pages)
     bytes_huge_backed -= SEGMENT_SIZE;
   track_header_gone(segment, SLICE_SIZE);
-  os_release(segment, SEGMENT_SIZE);
+  if (os_release(segment, SEGMENT_SIZE))
+    bytes_mapped -= SEGMENT_SIZE; /* else still mapped, if by no one */
 }
 
 /* A free span of at least `slices` in `home`, looking at a bounded number
@@ -374,12 +374,8 @@ static uint8_t huge_map_state(const segment_t *segment) {
 
 /* Alignments of a segment or more: the header takes the segment before the
  * block, since masking the block's address finds the block itself. */
-static segment_t *huge_reserve_after_header(size_t size, size_t alignment,
-                                            size_t *total) {
-  if (size > PTRDIFF_MAX - 2 * SEGMENT_SIZE)
-    return NULL;
-  *total = SEGMENT_SIZE + ((size + SEGMENT_MASK) & ~SEGMENT_MASK);
-  return os_reserve_aligned_at(*total, alignment, SEGMENT_SIZE);
+static segment_t *huge_reserve_after_header(size_t total, size_t alignment) {
+  return os_reserve_aligned_at(total, alignment, SEGMENT_SIZE);
 }
 
 /* Grows or shrinks a huge segment's mapping to new_total, in place or by
@@ -434,7 +430,8 @@ static void huge_unmap(segment_t *segment) {
    * map a segment of its own there and set the entry. */
   owned_map_set(huge_map_address(segment), SEGMENT_MAP_NONE);
   track_header_gone(segment, SLICE_SIZE);
-  os_release(segment, total);
+  if (!os_release(segment, total))
+    bytes_mapped += total; /* still mapped, if by no one */
 }
 
 /* Peeked without the lock by segment_huge_alloc. */
@@ -462,10 +459,13 @@ static uint8_t *huge_piece_take(unsigned index, size_t size) {
   return base;
 }
 
+/* Out of the cache in any case: a piece the kernel refused to unmap
+ * stays mapped (its pages returned) and counted, or the loop that makes
+ * room would try it again and again. */
 static void huge_piece_release(unsigned index) {
   size_t size = huge_pieces[index].size;
-  bytes_mapped -= size;
-  os_release(huge_piece_take(index, size), size);
+  if (os_release(huge_piece_take(index, size), size))
+    bytes_mapped -= size;
 }
 
 /* A mapping of `total` bytes, segment-aligned, built from cached pieces:
@@ -501,8 +501,18 @@ static segment_t *huge_pieces_assemble(size_t total, bool *several_mappings) {
     size_t move = total - filled;
     if (move > huge_pieces[largest].size)
       move = huge_pieces[largest].size;
-    if (!os_move_to(huge_pieces[largest].base, move, target + filled))
-      break;
+    if (!os_move_to(huge_pieces[largest].base, move, target + filled)) {
+      /* A piece the program split into several kernel mappings (madvise
+       * or mlock of part of its block), which a kernel before 6.17 does
+       * not move, and before 6.12 unmaps the target range first: the
+       * target may have a hole. It goes, with what moved into it, and so
+       * does the piece, which would fail again. */
+      if (os_release(target, total))
+        bytes_mapped -= total;
+      bytes_huge_blocks_mapped -= total;
+      huge_piece_release(largest);
+      return NULL;
+    }
     huge_piece_take(largest, move); /* its pages now back the target */
     bytes_mapped -= move;
     filled += move;
@@ -566,8 +576,8 @@ static void huge_pieces_add(segment_t *segment) {
     i = 0; /* the range grew: its other side may have a neighbour too */
   }
   if (size > limit / 2) {
-    bytes_mapped -= size;
-    os_release(base, size);
+    if (os_release(base, size))
+      bytes_mapped -= size;
     return;
   }
   while (huge_piece_count == HUGE_CACHE_PIECES ||
@@ -602,10 +612,16 @@ page_t *segment_huge_alloc(size_t size, size_t alignment, bool zeroed) {
   size_t total =
       guarded ? (offset + rounded + 2 * OS_PAGE_SIZE - 1) & ~(OS_PAGE_SIZE - 1)
               : (offset + size + SEGMENT_MASK) & ~SEGMENT_MASK;
-  if (total < size || rounded < size) {
+  if (total < size || rounded < size ||
+      (after_header && size > PTRDIFF_MAX - 2 * SEGMENT_SIZE)) {
     errno = ENOMEM;
     return NULL;
   }
+  /* At an alignment of a segment or more the mapping is the header's
+   * segment and the block (huge_reserve_after_header), not alignment +
+   * size: what the limit is checked against. */
+  if (after_header)
+    total = SEGMENT_SIZE + ((size + SEGMENT_MASK) & ~SEGMENT_MASK);
   segment_t *segment = NULL;
   int got_huge = 0;
   bool reused = false, several_mappings = false;
@@ -638,7 +654,7 @@ page_t *segment_huge_alloc(size_t size, size_t alignment, bool zeroed) {
     }
   }
   if (segment == NULL)
-    segment = after_header ? huge_reserve_after_header(size, alignment, &total)
+    segment = after_header ? huge_reserve_after_header(total, alignment)
                            : os_reserve_aligned(total, SEGMENT_SIZE, huge_mode,
                                                 &got_huge);
   if (segment == NULL) {

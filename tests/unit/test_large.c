@@ -1096,6 +1096,80 @@ static void test_huge_churn_then_grow(void) {
   CHECK_EQ(bytes_mapped_now(), before);
 }
 
+/* A piece the program split (madvise of part of its block): before 6.12 a
+ * failed move unmaps its destination (the old-mremap shim does too). */
+static void test_huge_split_by_program(void) {
+  const size_t mb = (size_t)1 << 20;
+  zk_collect(true);
+  uint8_t *a = zk_malloc(20 * mb), *b = zk_malloc(10 * mb); /* 24, 12 MiB */
+  CHECK(a != NULL && b != NULL);
+  memset(a, 0xa1, 20 * mb);
+  memset(b, 0xb2, 10 * mb);
+  CHECK(madvise(b + 2 * mb, 64 << 10, MADV_DONTDUMP) == 0); /* 3 mappings */
+  zk_free(a);
+  zk_free(b);
+  uint8_t *d = zk_malloc(30 * mb); /* assembled: a's piece, then b's */
+  CHECK(d != NULL);
+  static unsigned char resident[(32 << 20) / 4096];
+  CHECK(mincore(segment_of(d), 32 * mb, resident) == 0); /* no hole */
+  zk_free(d);
+  zk_collect(true);
+}
+
+/* ZKMEM_LIMIT: 1 MiB aligned to 256 MiB maps 8 MiB; 64 MiB of room. */
+static void test_limit_aligned_huge(void) {
+  const size_t mb = (size_t)1 << 20;
+  zk_collect(true);
+  size_t limit = bytes_mapped_now() + 64 * mb;
+  CHECK(zk_option_set(ZK_OPTION_LIMIT, (long)limit) == 0);
+  void *p = zk_aligned_alloc(256 * mb, 1 * mb);
+  size_t mapped = bytes_mapped_now();
+  zk_free(p);
+  CHECK(zk_option_set(ZK_OPTION_LIMIT, 0) == 0);
+  CHECK(p != NULL);
+  CHECK(mapped <= limit);
+}
+
+/* A piece between two live blocks of one mapping, released at
+ * vm.max_map_count: munmap (a 3-way split) fails with ENOMEM. */
+static void test_huge_piece_release_refused(void) {
+  const size_t mb = (size_t)1 << 20;
+  enum { SPARES = 300000 };
+  static void *spares[SPARES];
+  static unsigned char resident[2048];
+  zk_collect(true);
+  size_t before = bytes_mapped_now();
+  (void)os_moves_mappings();           /* probed before the map count is full */
+  uint8_t *whole = zk_malloc(20 * mb); /* one 24 MiB mapping */
+  zk_free(whole);
+  uint8_t *b = zk_malloc(6 * mb), *c = zk_malloc(6 * mb);
+  uint8_t *d = zk_malloc(6 * mb);
+  CHECK(b == whole && c == whole + 8 * mb && d == whole + 16 * mb);
+  void *c_mapping = segment_of(c);
+  zk_free(c);
+  size_t count = 0;
+  while (count < SPARES &&
+         (spares[count] = mmap(NULL, 4096, PROT_READ | PROT_WRITE,
+                               MAP_SHARED | MAP_ANONYMOUS, -1, 0)) !=
+             MAP_FAILED)
+    count++;
+  if (count == SPARES)
+    return;         /* vm.max_map_count too high to reach: skipped */
+  zk_collect(true); /* releases c's piece: munmap refused */
+  bool still_mapped = mincore(c_mapping, 8 * mb, resident) == 0;
+  size_t counted = bytes_mapped_now() - before;
+  for (size_t i = 0; i < count; i++)
+    munmap(spares[i], 4096);
+  zk_free(b);
+  zk_free(d);
+  zk_collect(true);
+  printf("piece kept mapped: %d, counted %zu MiB with 16 live; at the end "
+         "mapped: %d, counted %zu MiB\n",
+         still_mapped, counted / mb, mincore(c_mapping, 8 * mb, resident) == 0,
+         (bytes_mapped_now() - before) / mb);
+  CHECK(!still_mapped || counted >= 24 * mb);
+}
+
 /* Aligned large and huge blocks: alignments above a slice get a mapping of
  * their own at that offset. */
 static void test_aligned_large(void) {
@@ -1638,6 +1712,9 @@ int main(int argc, char **argv) {
   RUN(test_thread_churn_reuse);
   RUN(test_reclaimed_pages_feed_bins);
   RUN(test_stale_owner_remote_free);
+  RUN(test_limit_aligned_huge);
+  RUN(test_huge_piece_release_refused);
+  RUN(test_huge_split_by_program);
   printf("test_large: ok\n");
   return 0;
 }
