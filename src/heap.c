@@ -45,6 +45,10 @@ heap_t heap_empty = {
 };
 
 __thread heap_t *heap_current = &heap_empty;
+/* Set when this thread's heap was abandoned at its exit: frees after that
+ * (later key destructors, glibc's own freeing of its thread state) push
+ * at once, with no heap made for a chain that no destructor would push. */
+static __thread bool heap_thread_gone;
 
 static pthread_mutex_t abandoned_lock = PTHREAD_MUTEX_INITIALIZER;
 static page_queue_t abandoned[CLASS_COUNT];
@@ -1167,6 +1171,7 @@ static void heap_thread_exit(void *value) {
     return;
   heap_t *current = heap_current;
   heap_current = &heap_empty;
+  heap_thread_gone = true;
   task_thread_exit(heap, current);
   heap_abandon(heap);
   purge_maybe();
@@ -1659,7 +1664,10 @@ static ZK_NOINLINE void heap_chain_push(heap_t *heap, unsigned class_index) {
   chain->count = 0;
   heap->remote_chains_open &= ~(UINT64_C(1) << class_index);
   page_t *page = chain->page;
-  heap_hint_full(page_owner(page),
+  /* Read before the push: once the chain is in the list, the owner may
+   * collect it and release the page (see heap_free_remote_checked). */
+  heap_t *owner = page_owner(page);
+  heap_hint_full(owner,
                  page_free_remote_chain(page, chain->head, chain->tail, count));
 }
 
@@ -1669,8 +1677,11 @@ static void heap_chains_push(heap_t *heap) {
 }
 
 /* A thread that only frees: it gets a heap for its chains at its first
- * free of another heap's block, as its first malloc would give it. */
+ * free of another heap's block, as its first malloc would give it; not
+ * once its heap is gone (heap_thread_gone). */
 static ZK_NOINLINE heap_t *heap_for_chain(void) {
+  if (heap_thread_gone)
+    return &heap_empty;
   int saved_errno = errno;
   heap_t *heap = heap_get_initialized();
   errno = saved_errno;

@@ -426,10 +426,12 @@ remote_push_t page_free_remote_chain(page_t *page, block_t *head, block_t *tail,
   uintptr_t word =
       atomic_load_explicit(&page->thread_free, memory_order_relaxed);
   do {
-    /* A block freed twice in a row: the owner takes the list without
+    /* A block freed twice in a row, or a chain's first block freed again
+     * after an earlier push of it: the owner takes the list without
      * walking it (page_take_remote_unwalked), so this is where it shows. */
-    if (unlikely((word & PAGE_REMOTE_LIST) == (uintptr_t)head)) {
-      page_remote_list_corrupted(page, head);
+    uintptr_t first = word & PAGE_REMOTE_LIST;
+    if (unlikely(first == (uintptr_t)head || first == (uintptr_t)tail)) {
+      page_remote_list_corrupted(page, first == (uintptr_t)head ? head : tail);
       return REMOTE_REFUSED;
     }
     block_set_next(page, tail, (block_t *)(word & PAGE_REMOTE_LIST));

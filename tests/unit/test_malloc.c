@@ -5,6 +5,7 @@
 #include "zkmem.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <pthread.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -678,6 +679,51 @@ static void test_remote_chains(void) {
          n, (size_t)CHAIN_SIZES);
 }
 
+/* A free of another heap's block after the thread's heap is gone (a
+ * later round of key destructors; glibc frees its own thread state after
+ * them all) goes straight to its page: a heap made there for a chain
+ * would be registered when no destructor round is left to push it, and
+ * the block and the heap would stay out for good. */
+#define LATE_THREADS 8
+static pthread_key_t late_key;
+static void *late_blocks[LATE_THREADS];
+static int late_index;
+
+static void late_destructor(void *value) {
+  uintptr_t round = (uintptr_t)value;
+  if (round < PTHREAD_DESTRUCTOR_ITERATIONS) {
+    CHECK(pthread_setspecific(late_key, (void *)(round + 1)) == 0);
+    return;
+  }
+  zk_free(late_blocks[late_index]); /* main's block, in the last round */
+}
+
+static void *late_thread(void *unused) {
+  (void)unused;
+  zk_free(zk_malloc(64)); /* a heap of its own, abandoned at its exit */
+  CHECK(pthread_setspecific(late_key, (void *)(uintptr_t)1) == 0);
+  return NULL;
+}
+
+static void test_free_after_heap_gone(void) {
+  CHECK(pthread_key_create(&late_key, late_destructor) == 0);
+  unsigned c = size_to_class(64);
+  for (int i = 0; i < LATE_THREADS; i++)
+    CHECK((late_blocks[i] = zk_malloc(64)) != NULL);
+  zk_collect(false);
+  zk_stats_t before, after;
+  zk_stats_get(&before);
+  run_in_thread(late_thread); /* its recycled heap serves the others */
+  size_t heaps_before = heap_count_made();
+  for (late_index = 1; late_index < LATE_THREADS; late_index++)
+    run_in_thread(late_thread);
+  zk_collect(true);
+  zk_stats_get(&after);
+  CHECK_EQ(after.classes[c].live, before.classes[c].live - LATE_THREADS);
+  CHECK_EQ(heap_count_made(), heaps_before);
+  pthread_key_delete(late_key);
+}
+
 /* The free fast path's one test (bin_takes, an asm mask on x86-64)
  * against its plain C meaning, over every room a bin can have (a refill
  * can take it below zero), both keep masks and the floors that occur. */
@@ -802,6 +848,7 @@ int main(void) {
   test_foreign_frees_every_class();
   test_foreign_keep();
   test_remote_chains();
+  test_free_after_heap_gone();
   test_bin_takes();
   printf("test_malloc: ok\n");
   return 0;

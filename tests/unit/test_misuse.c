@@ -304,6 +304,46 @@ static void double_free_remote(void) {
     CHECK(zk_malloc(64) != NULL);
 }
 
+/* A thread that frees another heap's blocks chains them per class and
+ * page: free(a), a free of another page's block (a's chain pushed), then
+ * free(a) and free(b) chain b -> a, and the push would link a to itself
+ * at the head of the page's remote list, which the owner takes without
+ * walking it. The push compares the chain's both ends with the list's
+ * head. */
+enum { CHAIN_HELD = 2000 };
+static void *chain_held[CHAIN_HELD], *chain_other;
+
+static void *chain_other_owner(void *unused) {
+  (void)unused;
+  CHECK((chain_other = zk_malloc(64)) != NULL);
+  return NULL;
+}
+
+static void *chain_double_freer(void *unused) {
+  (void)unused;
+  void *a = chain_held[CHAIN_HELD - 2], *b = chain_held[CHAIN_HELD - 1];
+  zk_free(a);
+  zk_free(chain_other); /* another page of the class: a's chain pushed */
+  zk_free(a);
+  zk_free(b);
+  zk_thread_idle(); /* pushes b -> a */
+  return NULL;
+}
+
+static void double_free_remote_chain_tail(void) {
+  alarm(10);
+  for (int i = 0; i < CHAIN_HELD; i++) /* the page full, the bin empty */
+    CHECK((chain_held[i] = zk_malloc(64)) != NULL);
+  pthread_t thread;
+  CHECK(pthread_create(&thread, NULL, chain_other_owner, NULL) == 0);
+  pthread_join(thread, NULL);
+  expect_report("double free or corrupted free list (a block freed twice by "
+                "another thread, or written after free)",
+                chain_held[CHAIN_HELD - 2], 64);
+  CHECK(pthread_create(&thread, NULL, chain_double_freer, NULL) == 0);
+  pthread_join(thread, NULL);
+}
+
 /* free(a), free(b), free(a): outside secure mode only a free of the
  * bin's head is caught, and this one links a and b into a cycle in the
  * bin. Whatever follows may go wrong, but nothing may hang: giving the bin
@@ -720,6 +760,8 @@ int main(int argc, char **argv) {
   expect_abort("interior, large", interior_large);
   expect_abort("interior, huge", interior_huge);
   expect_abort("double free, other thread", double_free_remote);
+  expect_abort("double free, other thread, a chain's first block",
+               double_free_remote_chain_tail);
   double_free_bin_cycle();
   expect_abort("pool, other pool", pool_mismatch);
   expect_abort("pool, malloc block", pool_malloc_block);
