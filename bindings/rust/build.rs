@@ -65,6 +65,7 @@ fn main() {
         "-ftls-model=initial-exec",
         "-fvisibility=hidden",
         "-fno-semantic-interposition",
+        "-falign-functions=64",
     ] {
         build.flag(flag);
     }
