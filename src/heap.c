@@ -1681,11 +1681,18 @@ static void heap_chains_push(heap_t *heap) {
     heap_chain_push(heap, (unsigned)__builtin_ctzll(heap->remote_chains_open));
 }
 
-/* A thread that only frees: it gets a heap for its chains at its first
- * free of another heap's block, as its first malloc would give it; not
- * once its heap is gone (heap_thread_gone). */
+/* A thread that only frees: its first HEAPLESS_REMOTE_FREES frees of
+ * other heaps' blocks go straight to their pages; then it gets a heap for
+ * its chains, as its first malloc would give it. So a thread that frees a
+ * few blocks gets no heap, and one that frees in the last round of key
+ * destructors (whose heap no later round would abandon, its chains never
+ * pushed) does not get one on the way; nor does a thread whose heap is
+ * gone (heap_thread_gone). */
+#define HEAPLESS_REMOTE_FREES 64
+static __thread uint32_t heapless_remote_frees;
+
 static ZK_NOINLINE heap_t *heap_for_chain(void) {
-  if (heap_thread_gone)
+  if (heap_thread_gone || ++heapless_remote_frees <= HEAPLESS_REMOTE_FREES)
     return &heap_empty;
   int saved_errno = errno;
   heap_t *heap = heap_get_initialized();

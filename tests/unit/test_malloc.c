@@ -724,6 +724,35 @@ static void test_free_after_heap_gone(void) {
   pthread_key_delete(late_key);
 }
 
+/* As test_free_after_heap_gone, but the thread never had a heap: its
+ * only free, of main's block, comes in the last round of key destructors.
+ * A heap made there for a chain would be registered when no round is left
+ * to abandon it; a thread gets one for its chains only after
+ * HEAPLESS_REMOTE_FREES such frees, so this one goes to its page. */
+static void *late_thread_no_heap(void *unused) {
+  (void)unused;
+  CHECK(pthread_setspecific(late_key, (void *)(uintptr_t)1) == 0);
+  return NULL;
+}
+
+static void test_free_in_last_round_no_heap(void) {
+  CHECK(pthread_key_create(&late_key, late_destructor) == 0);
+  unsigned c = size_to_class(64);
+  for (int i = 0; i < LATE_THREADS; i++)
+    CHECK((late_blocks[i] = zk_malloc(64)) != NULL);
+  zk_collect(false);
+  zk_stats_t before, after;
+  zk_stats_get(&before);
+  size_t heaps_before = heap_count_made();
+  for (late_index = 0; late_index < LATE_THREADS; late_index++)
+    run_in_thread(late_thread_no_heap);
+  zk_collect(true);
+  zk_stats_get(&after);
+  CHECK_EQ(after.classes[c].live, before.classes[c].live - LATE_THREADS);
+  CHECK_EQ(heap_count_made(), heaps_before);
+  pthread_key_delete(late_key);
+}
+
 /* The free fast path's one test (bin_takes, an asm mask on x86-64)
  * against its plain C meaning, over every room a bin can have (a refill
  * can take it below zero), both keep masks and the floors that occur. */
@@ -849,6 +878,7 @@ int main(void) {
   test_foreign_keep();
   test_remote_chains();
   test_free_after_heap_gone();
+  test_free_in_last_round_no_heap();
   test_bin_takes();
   printf("test_malloc: ok\n");
   return 0;
