@@ -1664,14 +1664,9 @@ static ZK_NOINLINE void heap_chain_push(heap_t *heap, unsigned class_index) {
   chain->count = 0;
   heap->remote_chains_open &= ~(UINT64_C(1) << class_index);
   page_t *page = chain->page;
-  /* The owner as read when the chain opened: once the chain is in the
-   * list, the owner may collect it and release the page, so nothing of
-   * the page is read after the push; and read just before it, for every
-   * push, it ran producer-to-consumer hand-off at 0.68-0.78x (five runs of
-   * 7-9 rounds). A stale owner (the page abandoned and reclaimed since)
-   * gets a spare hint, as in heap_free_remote_checked, and the page's new
-   * owner finds it at its decay pass. */
-  heap_t *owner = chain->owner;
+  /* Read before the push: once the chain is in the list, the owner may
+   * collect it and release the page (see heap_free_remote_checked). */
+  heap_t *owner = page_owner(page);
   heap_hint_full(owner,
                  page_free_remote_chain(page, chain->head, chain->tail, count));
 }
@@ -1721,7 +1716,6 @@ ZK_INLINE void heap_chain_add(heap_t *heap, page_t *page, block_t *block) {
     heap_chain_push(heap, class_index);
   }
   chain->page = page;
-  chain->owner = page_owner(page);
   chain->head = chain->tail = block;
   chain->count = 1;
   chain->limit = remote_chain_limit[class_index];

@@ -456,8 +456,7 @@ struct heap {
    * pushed to their page with one CAS (heap.c, "remote chains"). */
   uint64_t remote_chains_open; /* bit c: remote_chains[c] holds blocks */
   struct remote_chain {
-    page_t *page;  /* the blocks' page, while count != 0 */
-    heap_t *owner; /* the page's, when the chain opened */
+    page_t *page; /* the blocks' page, while count != 0 */
     block_t *head, *tail;
     uint32_t count, limit;
   } remote_chains[REMOTE_CHAIN_CLASSES];

@@ -431,7 +431,7 @@ remote_push_t page_free_remote_chain(page_t *page, block_t *head, block_t *tail,
      * walking it (page_take_remote_unwalked), so this is where it shows. */
     uintptr_t first = word & PAGE_REMOTE_LIST;
     if (unlikely(first == (uintptr_t)head || first == (uintptr_t)tail)) {
-      page_remote_list_corrupted(page, first == (uintptr_t)head ? head : tail);
+      page_remote_list_corrupted(page, (const block_t *)first);
       return REMOTE_REFUSED;
     }
     block_set_next(page, tail, (block_t *)(word & PAGE_REMOTE_LIST));

@@ -372,12 +372,6 @@ static uint8_t huge_map_state(const segment_t *segment) {
                                      : SEGMENT_MAP_HEADER;
 }
 
-/* Alignments of a segment or more: the header takes the segment before the
- * block, since masking the block's address finds the block itself. */
-static segment_t *huge_reserve_after_header(size_t total, size_t alignment) {
-  return os_reserve_aligned_at(total, alignment, SEGMENT_SIZE);
-}
-
 /* Grows or shrinks a huge segment's mapping to new_total, in place or by
  * moving its pages (no copy, no fault) to a fresh aligned range; NULL, and
  * the mapping intact, if neither works. segment_lock held. */
@@ -617,9 +611,10 @@ page_t *segment_huge_alloc(size_t size, size_t alignment, bool zeroed) {
     errno = ENOMEM;
     return NULL;
   }
-  /* At an alignment of a segment or more the mapping is the header's
-   * segment and the block (huge_reserve_after_header), not alignment +
-   * size: what the limit is checked against. */
+  /* Alignments of a segment or more: the header takes the segment before
+   * the block, since masking the block's address finds the block itself.
+   * The mapping is that segment and the block, not alignment + size: what
+   * the limit is checked against. */
   if (after_header)
     total = SEGMENT_SIZE + ((size + SEGMENT_MASK) & ~SEGMENT_MASK);
   segment_t *segment = NULL;
@@ -654,9 +649,10 @@ page_t *segment_huge_alloc(size_t size, size_t alignment, bool zeroed) {
     }
   }
   if (segment == NULL)
-    segment = after_header ? huge_reserve_after_header(total, alignment)
-                           : os_reserve_aligned(total, SEGMENT_SIZE, huge_mode,
-                                                &got_huge);
+    segment =
+        after_header
+            ? os_reserve_aligned_at(total, alignment, SEGMENT_SIZE)
+            : os_reserve_aligned(total, SEGMENT_SIZE, huge_mode, &got_huge);
   if (segment == NULL) {
     errno = ENOMEM;
     return NULL;
