@@ -685,9 +685,12 @@ static void test_remote_chains(void) {
  * would be registered when no destructor round is left to push it, and
  * the block and the heap would stay out for good. */
 #define LATE_THREADS 8
+/* More than a thread that never allocated frees before it gets a heap for
+ * its chains (64, heap.c): a thread whose heap is gone gets none even so. */
+#define LATE_MAX_EACH 80
 static pthread_key_t late_key;
-static void *late_blocks[LATE_THREADS];
-static int late_index;
+static void *late_blocks[LATE_THREADS][LATE_MAX_EACH];
+static int late_index, late_each;
 
 static void late_destructor(void *value) {
   uintptr_t round = (uintptr_t)value;
@@ -695,7 +698,8 @@ static void late_destructor(void *value) {
     CHECK(pthread_setspecific(late_key, (void *)(round + 1)) == 0);
     return;
   }
-  zk_free(late_blocks[late_index]); /* main's block, in the last round */
+  for (int i = 0; i < late_each; i++) /* main's blocks, in the last round */
+    zk_free(late_blocks[late_index][i]);
 }
 
 static void *late_thread(void *unused) {
@@ -705,23 +709,36 @@ static void *late_thread(void *unused) {
   return NULL;
 }
 
-static void test_free_after_heap_gone(void) {
+/* Runs `thread` LATE_THREADS times, each freeing `each` of main's blocks
+ * in the last round of key destructors: every block is back, and no heap
+ * was made, counted from before the first run or, where the thread makes
+ * a heap of its own (`recycled`), after it: the others recycle that one. */
+static void check_late_frees(void *(*thread)(void *), int each, bool recycled) {
   CHECK(pthread_key_create(&late_key, late_destructor) == 0);
   unsigned c = size_to_class(64);
-  for (int i = 0; i < LATE_THREADS; i++)
-    CHECK((late_blocks[i] = zk_malloc(64)) != NULL);
+  late_each = each;
+  for (int t = 0; t < LATE_THREADS; t++)
+    for (int i = 0; i < each; i++)
+      CHECK((late_blocks[t][i] = zk_malloc(64)) != NULL);
   zk_collect(false);
   zk_stats_t before, after;
   zk_stats_get(&before);
-  run_in_thread(late_thread); /* its recycled heap serves the others */
   size_t heaps_before = heap_count_made();
-  for (late_index = 1; late_index < LATE_THREADS; late_index++)
-    run_in_thread(late_thread);
+  for (late_index = 0; late_index < LATE_THREADS; late_index++) {
+    run_in_thread(thread);
+    if (recycled && late_index == 0)
+      heaps_before = heap_count_made();
+  }
   zk_collect(true);
   zk_stats_get(&after);
-  CHECK_EQ(after.classes[c].live, before.classes[c].live - LATE_THREADS);
+  CHECK_EQ(after.classes[c].live,
+           before.classes[c].live - (uint64_t)LATE_THREADS * each);
   CHECK_EQ(heap_count_made(), heaps_before);
   pthread_key_delete(late_key);
+}
+
+static void test_free_after_heap_gone(void) {
+  check_late_frees(late_thread, LATE_MAX_EACH, true);
 }
 
 /* As test_free_after_heap_gone, but the thread never had a heap: its
@@ -736,21 +753,7 @@ static void *late_thread_no_heap(void *unused) {
 }
 
 static void test_free_in_last_round_no_heap(void) {
-  CHECK(pthread_key_create(&late_key, late_destructor) == 0);
-  unsigned c = size_to_class(64);
-  for (int i = 0; i < LATE_THREADS; i++)
-    CHECK((late_blocks[i] = zk_malloc(64)) != NULL);
-  zk_collect(false);
-  zk_stats_t before, after;
-  zk_stats_get(&before);
-  size_t heaps_before = heap_count_made();
-  for (late_index = 0; late_index < LATE_THREADS; late_index++)
-    run_in_thread(late_thread_no_heap);
-  zk_collect(true);
-  zk_stats_get(&after);
-  CHECK_EQ(after.classes[c].live, before.classes[c].live - LATE_THREADS);
-  CHECK_EQ(heap_count_made(), heaps_before);
-  pthread_key_delete(late_key);
+  check_late_frees(late_thread_no_heap, 1, false);
 }
 
 /* The free fast path's one test (bin_takes, an asm mask on x86-64)
