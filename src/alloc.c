@@ -97,11 +97,7 @@ ZK_COLD bool alloc_sized_free_misuse(const char *what, void *p, size_t size) {
 }
 
 ZK_EXPORT void zk_free_sized(void *p, size_t size) {
-  if (unlikely(option(ZK_OPTION_SECURE) != 0) && p != NULL &&
-      alloc_sized_free_misuse("free_sized with a size larger than the block", p,
-                              size))
-    return; /* reported: the block leaks, as after any misuse */
-  alloc_free(p);
+  alloc_free_sized(p, size, "free_sized with a size larger than the block");
 }
 
 ZK_EXPORT void *zk_calloc(size_t count, size_t size) {

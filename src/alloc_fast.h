@@ -76,4 +76,13 @@ ZK_INLINE void alloc_free(void *p) {
   alloc_fast_free(p);
 }
 
+/* A free that is told the block's size (C23 free_sized, C++ sized
+ * delete): the size is checked in secure mode only. */
+ZK_INLINE void alloc_free_sized(void *p, size_t size, const char *what) {
+  if (unlikely(option(ZK_OPTION_SECURE) != 0) && p != NULL &&
+      alloc_sized_free_misuse(what, p, size))
+    return; /* reported: the block leaks, as after any misuse */
+  alloc_free(p);
+}
+
 #endif

@@ -10,6 +10,7 @@
 #include <malloc.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -77,7 +78,7 @@ ZK_EXPORT void cfree(void *p) {
  * them, and glibc's own would be handed zkmem's blocks. zk_free_sized
  * (alloc.c) checks the size in secure mode only. */
 ZK_EXPORT void free_sized(void *p, size_t size) {
-  zk_free_sized(p, size);
+  alloc_free_sized(p, size, "free_sized with a size larger than the block");
 }
 ZK_EXPORT void free_aligned_sized(void *p, size_t alignment, size_t size) {
   if (unlikely(option(ZK_OPTION_SECURE) != 0) && p != NULL) {
@@ -94,6 +95,111 @@ ZK_EXPORT void free_aligned_sized(void *p, size_t alignment, size_t size) {
   }
   alloc_free(p);
 }
+
+/* ---- C++'s operators new and delete ----
+ *
+ * The C++ runtime's own call malloc and free through the PLT, a second call
+ * on every new and delete of a C++ program: here they are zkmem's fast
+ * paths themselves, as every peer allocator exports them. The deletes are
+ * free under other names (the sized ones, free_sized: the size is checked
+ * in secure mode); the news add what the language asks of a failure
+ * (cxx_new_failed). size_t is unsigned long in these names (m), so only
+ * where it is. */
+#if __SIZEOF_SIZE_T__ == 8 && __SIZEOF_LONG__ == 8
+
+typedef void (*cxx_new_handler_t)(void);
+/* The C++ runtime's, resolved when the program has one (weak: a C program
+ * has none and never calls these operators). */
+extern cxx_new_handler_t _ZSt15get_new_handlerv(void) __attribute__((weak));
+extern void _ZSt17__throw_bad_allocv(void) __attribute__((weak, noreturn));
+
+/* What the standard asks of a failed new: call the new-handler and try
+ * again while there is one, then throw std::bad_alloc (nothrow forms:
+ * return NULL). The handler is the program's code, called with no lock of
+ * zkmem's held; an exception it throws passes through these frames (built
+ * with unwind tables, see CMakeLists.txt), also out of a nothrow new, where
+ * the C++ runtime's own new would catch it. */
+static ZK_COLD void *cxx_new_failed(size_t size, size_t alignment,
+                                    bool nothrow) {
+  for (;;) {
+    cxx_new_handler_t handler =
+        _ZSt15get_new_handlerv != NULL ? _ZSt15get_new_handlerv() : NULL;
+    if (handler == NULL)
+      break;
+    handler();
+    void *p =
+        alignment != 0 ? zk_aligned_alloc(alignment, size) : alloc_malloc(size);
+    if (p != NULL)
+      return p;
+  }
+  if (nothrow)
+    return NULL;
+  if (_ZSt17__throw_bad_allocv != NULL)
+    _ZSt17__throw_bad_allocv();
+  error_warning("zkmem: error: operator new of %zu bytes failed, and no "
+                "libstdc++ is loaded to throw std::bad_alloc\n",
+                size);
+  abort();
+}
+
+ZK_EXPORT __attribute__((aligned(64))) void *_Znwm(size_t size) {
+  void *p = alloc_malloc(size);
+  if (likely(p != NULL))
+    return p;
+  return cxx_new_failed(size, 0, false);
+}
+ZK_EXPORT void *_ZnwmRKSt9nothrow_t(size_t size, const void *nothrow) {
+  (void)nothrow;
+  void *p = alloc_malloc(size);
+  if (likely(p != NULL))
+    return p;
+  return cxx_new_failed(size, 0, true);
+}
+/* std::align_val_t is a size_t underneath. */
+ZK_EXPORT void *_ZnwmSt11align_val_t(size_t size, size_t alignment) {
+  void *p = zk_aligned_alloc(alignment, size);
+  if (likely(p != NULL))
+    return p;
+  return cxx_new_failed(size, alignment, false);
+}
+ZK_EXPORT void *_ZnwmSt11align_val_tRKSt9nothrow_t(size_t size,
+                                                   size_t alignment,
+                                                   const void *nothrow) {
+  (void)nothrow;
+  void *p = zk_aligned_alloc(alignment, size);
+  if (likely(p != NULL))
+    return p;
+  return cxx_new_failed(size, alignment, true);
+}
+ZK_EXPORT __attribute__((aligned(64))) void _ZdlPvm(void *p, size_t size) {
+  alloc_free_sized(p, size, "sized delete with a size larger than the block");
+}
+
+#define CXX_ALIAS(name, target)                                                \
+  ZK_EXPORT __typeof__(target) name __attribute__((alias(#target)))
+/* Written with free's attributes as the C library declares it. */
+#define CXX_FREE(name)                                                         \
+  ZK_EXPORT void name(void *) __attribute__((alias("free"), nothrow, leaf))
+/* new[] and delete[]; deletes with a nothrow tag or an alignment (free
+ * takes any block; the extra arguments are ignored where they sit). */
+CXX_ALIAS(_Znam, _Znwm);
+CXX_ALIAS(_ZnamRKSt9nothrow_t, _ZnwmRKSt9nothrow_t);
+CXX_ALIAS(_ZnamSt11align_val_t, _ZnwmSt11align_val_t);
+CXX_ALIAS(_ZnamSt11align_val_tRKSt9nothrow_t,
+          _ZnwmSt11align_val_tRKSt9nothrow_t);
+CXX_ALIAS(_ZdaPvm, _ZdlPvm);
+CXX_ALIAS(_ZdlPvmSt11align_val_t, _ZdlPvm);
+CXX_ALIAS(_ZdaPvmSt11align_val_t, _ZdlPvm);
+CXX_FREE(_ZdlPv);
+CXX_FREE(_ZdaPv);
+CXX_FREE(_ZdlPvRKSt9nothrow_t);
+CXX_FREE(_ZdaPvRKSt9nothrow_t);
+CXX_FREE(_ZdlPvSt11align_val_t);
+CXX_FREE(_ZdaPvSt11align_val_t);
+CXX_FREE(_ZdlPvSt11align_val_tRKSt9nothrow_t);
+CXX_FREE(_ZdaPvSt11align_val_tRKSt9nothrow_t);
+
+#endif
 
 /* glibc's internal entry points, used by some libraries directly. */
 ZK_EXPORT void *__libc_malloc(size_t size) {

@@ -40,13 +40,13 @@ static inline unsigned char test_pattern_byte(const void *block, size_t index,
 }
 
 static inline void test_fill(void *block, size_t size, unsigned seed) {
-  unsigned char *bytes = block;
+  unsigned char *bytes = (unsigned char *)block;
   for (size_t i = 0; i < size; i++)
     bytes[i] = test_pattern_byte(block, i, seed);
 }
 
 static inline int test_verify(const void *block, size_t size, unsigned seed) {
-  const unsigned char *bytes = block;
+  const unsigned char *bytes = (const unsigned char *)block;
   for (size_t i = 0; i < size; i++)
     if (bytes[i] != test_pattern_byte(block, i, seed))
       return 0;
