@@ -262,7 +262,7 @@ void zk_stats_json(FILE *out);
 typedef enum zk_option {
   ZK_OPTION_PURGE_DELAY_MS, /* default 1000; free spans purged after */
   ZK_OPTION_PURGE_DECOMMIT, /* default 1: MADV_DONTNEED; 0: MADV_FREE */
-  ZK_OPTION_HUGE_PAGES,     /* default 0; 1 = transparent; 2 = reserved */
+  ZK_OPTION_HUGE_PAGES,     /* zk_huge_pages_t, default ZK_HUGE_PAGES_DENSE */
   ZK_OPTION_SECURE,         /* default 0; 1 = full checks, guard pages */
   ZK_OPTION_ON_ERROR,       /* default 0 = abort; 1 = warn and leak */
   ZK_OPTION_SHOW_STATS,     /* default 0; 1 = print stats at exit */
@@ -273,6 +273,21 @@ typedef enum zk_option {
   ZK_OPTION_LIMIT,
   ZK_OPTION_COUNT
 } zk_option_t;
+
+/* ZK_OPTION_HUGE_PAGES (ZKMEM_HUGE_PAGES: a number or the word). */
+typedef enum zk_huge_pages {
+  ZK_HUGE_PAGES_OFF = 0, /* 4 KiB pages only */
+  /* "transparent": every segment and huge block advised for transparent
+   * huge pages (MADV_HUGEPAGE) */
+  ZK_HUGE_PAGES_TRANSPARENT = 1,
+  /* "reserved": MAP_HUGETLB from the system's reserved pages, falling back
+   * to transparent */
+  ZK_HUGE_PAGES_RESERVED = 2,
+  /* "dense": a 2 MiB half of a segment full of small blocks (up to 4 KiB)
+   * is collapsed into a transparent huge page (Linux 6.1+), split again
+   * when part of it goes back to the OS */
+  ZK_HUGE_PAGES_DENSE = 3,
+} zk_huge_pages_t;
 
 long zk_option_get(zk_option_t option);
 /* Returns 0, or -1 (EINVAL) for an unknown option. */

@@ -266,6 +266,10 @@ struct segment {
   /* HUGE: the block was assembled from several freed mappings, moved side
    * by side, and is as many kernel mappings. */
   uint8_t several_mappings;
+  /* NORMAL: whether each 2 MiB half is collapsed into a huge page, and
+   * which slices hold dense spans (segment.c, "dense halves"). */
+  uint8_t half_state[2];
+  uint64_t dense_slices;
   uint32_t used_slices;
   size_t mapped_size;
   uint64_t free_since_ms; /* all slices free since (NORMAL) */
@@ -563,8 +567,11 @@ ZK_INLINE page_t *segment_page_of(segment_t *segment, const void *p) {
   uintptr_t back = (uintptr_t)((const page_t *)address)->slice_offset;
   return (page_t *)(address - back * sizeof(page_t));
 }
-/* home: the caller's preferred segment (a heap's), updated; or NULL. */
-page_t *segment_span_alloc(size_t slices, page_kind_t kind, segment_t **home);
+/* home: the caller's preferred segment (a heap's), updated; or NULL.
+ * dense: the span's memory will be touched throughout as it is used, so
+ * it may share a huge page (segment.c, "dense halves"). */
+page_t *segment_span_alloc(size_t slices, page_kind_t kind, bool dense,
+                           segment_t **home);
 /* The longest span a segment can give (secure segments keep a guard
  * slice). */
 size_t segment_span_max_slices(void);

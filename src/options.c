@@ -23,8 +23,12 @@ static const option_descriptor_t option_table[ZK_OPTION_COUNT] = {
         {"PURGE_DELAY_MS", 1000, 3600L * 1000, {0}, {0}},
     [ZK_OPTION_PURGE_DECOMMIT] =
         {"PURGE_DECOMMIT", 1, 1, {"dontneed", "free"}, {1, 0}},
-    [ZK_OPTION_HUGE_PAGES] =
-        {"HUGE_PAGES", 0, 2, {"reserved", "transparent"}, {2, 1}},
+    [ZK_OPTION_HUGE_PAGES] = {"HUGE_PAGES",
+                              ZK_HUGE_PAGES_DENSE,
+                              ZK_HUGE_PAGES_DENSE,
+                              {"reserved", "transparent", "dense"},
+                              {ZK_HUGE_PAGES_RESERVED,
+                               ZK_HUGE_PAGES_TRANSPARENT, ZK_HUGE_PAGES_DENSE}},
     [ZK_OPTION_SECURE] = {"SECURE", 0, 1, {0}, {0}},
     [ZK_OPTION_ON_ERROR] = {"ON_ERROR", 0, 1, {"abort", "warn"}, {0, 1}},
     [ZK_OPTION_SHOW_STATS] = {"SHOW_STATS", 0, 1, {0}, {0}},
@@ -35,6 +39,7 @@ static const option_descriptor_t option_table[ZK_OPTION_COUNT] = {
 long option_values[ZK_OPTION_COUNT] = {
     [ZK_OPTION_PURGE_DELAY_MS] = 1000,
     [ZK_OPTION_PURGE_DECOMMIT] = 1,
+    [ZK_OPTION_HUGE_PAGES] = ZK_HUGE_PAGES_DENSE,
 };
 
 static bool option_parse(const option_descriptor_t *descriptor,

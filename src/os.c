@@ -109,6 +109,16 @@ bool os_purge(void *address, size_t size, bool decommit) {
   return purged;
 }
 
+#ifndef MADV_COLLAPSE
+#define MADV_COLLAPSE 25 /* Linux 6.1; headers before glibc 2.37 lack it */
+#endif
+int os_collapse_huge(void *address, size_t size) {
+  int saved_errno = errno;
+  int error = madvise(address, size, MADV_COLLAPSE) == 0 ? 0 : errno;
+  errno = saved_errno;
+  return error;
+}
+
 bool os_protect(void *address, size_t size, bool accessible) {
   int saved_errno = errno;
   bool done = mprotect(address, size,

@@ -11,7 +11,9 @@
 #include "os.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <string.h>
+#include <unistd.h>
 
 /* One byte per 4 MiB of a 48-bit address space: 64 MiB of zero pages, of
  * which only the 4 KiB pages covering mapped segments are ever written. A
@@ -175,9 +177,131 @@ static bool segment_guard(segment_t *segment) {
   return true;
 }
 
+/* ---- dense halves: ZKMEM_HUGE_PAGES=dense, the default ----
+ *
+ * A 2 MiB half of a segment whose slices all hold dense spans (and the
+ * header) is collapsed into one transparent huge page (MADV_COLLAPSE,
+ * Linux 6.1): one TLB entry then covers what took 512. Dense spans are a
+ * thread heap's small pages of blocks no larger than an OS page (heap.c):
+ * handed out block by block, each of their OS pages is touched once every
+ * block was used. Halves with other spans stay in 4 KiB pages: a large
+ * block, or one of a 64 KiB class, may be touched only in part, and
+ * advising halves for huge pages at their first touch took the mixed
+ * scenario's RSS from 24 to 64 MiB. In the server scenario, whose time
+ * goes to reads of random blocks among 10 MiB, huge pages ran 1.07x to
+ * 1.20x the 4 KiB ones side by side. The collapse copies the half once,
+ * in the thread whose span completed it, with no lock held (about 0.5 ms a
+ * half here). A purge of part of the half splits the huge page again, and
+ * the half may collapse again once it is whole again. Not for secure
+ * segments (guard pages split the half), nor where the kernel refuses
+ * (before 6.1: never tried again) or transparent huge pages are set to
+ * "never". */
+#define HALF_SLICES (SLICES_PER_SEGMENT / 2)
+enum {
+  HALF_SMALL = 0,      /* 4 KiB pages */
+  HALF_COLLAPSING = 1, /* a thread is collapsing it: no purge meanwhile */
+  HALF_HUGE = 2,       /* collapsed */
+  HALF_REFUSED = 3,    /* the kernel refused: not tried again until a purge */
+};
+_Static_assert(SLICES_PER_SEGMENT == 64, "one bit a slice in dense_slices");
+
+/* -1 unknown, 0 no, 1 yes: whether collapsing is worth trying here. */
+static _Atomic int collapse_supported = -1;
+
+static bool collapse_allowed(void) {
+  int known = atomic_load_explicit(&collapse_supported, memory_order_relaxed);
+  if (known >= 0)
+    return known != 0;
+  int allowed = 1;
+  int fd =
+      open("/sys/kernel/mm/transparent_hugepage/enabled", O_RDONLY | O_CLOEXEC);
+  if (fd >= 0) {
+    char text[128] = {0};
+    ssize_t got = read(fd, text, sizeof(text) - 1);
+    close(fd);
+    if (got > 0 && strstr(text, "[never]") != NULL)
+      allowed = 0;
+  }
+  atomic_store_explicit(&collapse_supported, allowed, memory_order_relaxed);
+  return allowed != 0;
+}
+
+static uint64_t slice_bits(size_t first, size_t count) {
+  uint64_t ones = count >= 64 ? ~UINT64_C(0) : (UINT64_C(1) << count) - 1;
+  return ones << first;
+}
+
+static uint64_t half_bits(unsigned half) {
+  return slice_bits(half * HALF_SLICES, HALF_SLICES);
+}
+
+/* After a span was taken: the halves it made whole that may collapse, as
+ * a bit mask, marked HALF_COLLAPSING (segment_lock held). */
+static unsigned halves_to_collapse(segment_t *segment, size_t first,
+                                   size_t count, bool dense) {
+  if (!dense)
+    return 0;
+  uint64_t span = slice_bits(first, count);
+  segment->dense_slices |= span;
+  if (option(ZK_OPTION_HUGE_PAGES) != ZK_HUGE_PAGES_DENSE ||
+      segment->huge_pages != 0 || segment->guarded)
+    return 0;
+  unsigned mask = 0;
+  for (unsigned half = 0; half < 2; half++) {
+    uint64_t bits = half_bits(half);
+    if ((span & bits) != 0 && (segment->dense_slices & bits) == bits &&
+        segment->half_state[half] == HALF_SMALL) {
+      segment->half_state[half] = HALF_COLLAPSING;
+      mask |= 1u << half;
+    }
+  }
+  return mask;
+}
+
+/* With no lock held: the caller's span keeps the segment mapped. */
+static void halves_collapse(segment_t *segment, unsigned mask) {
+  for (unsigned half = 0; half < 2; half++) {
+    if (!(mask & (1u << half)))
+      continue;
+    bool collapsed = false;
+    if (collapse_allowed()) {
+      int error = os_collapse_huge(
+          (uint8_t *)segment + half * (SEGMENT_SIZE / 2), SEGMENT_SIZE / 2);
+      collapsed = error == 0;
+      if (error == EINVAL)
+        atomic_store_explicit(&collapse_supported, 0, memory_order_relaxed);
+    }
+    pthread_mutex_lock(&segment_lock);
+    segment->half_state[half] = collapsed ? HALF_HUGE : HALF_REFUSED;
+    if (collapsed)
+      bytes_huge_backed += SEGMENT_SIZE / 2;
+    pthread_mutex_unlock(&segment_lock);
+  }
+}
+
+/* Before a purge of [first, first + count): false while a half of it is
+ * being collapsed (the purge waits for a later pass: the collapse would
+ * bring the pages back); a huge half is about to be split (segment_lock
+ * held). */
+static bool halves_purgeable(segment_t *segment, size_t first, size_t count) {
+  uint64_t span = slice_bits(first, count);
+  for (unsigned half = 0; half < 2; half++) {
+    if ((span & half_bits(half)) == 0)
+      continue;
+    if (segment->half_state[half] == HALF_COLLAPSING)
+      return false;
+    if (segment->half_state[half] == HALF_HUGE)
+      bytes_huge_backed -= SEGMENT_SIZE / 2;
+    segment->half_state[half] = HALF_SMALL;
+  }
+  return true;
+}
+
 static segment_t *segment_map_new(void) {
   int got_huge = 0;
   int huge_mode = (int)option(ZK_OPTION_HUGE_PAGES);
+  if (huge_mode == ZK_HUGE_PAGES_DENSE)
+    huge_mode = 0; /* see "dense halves" */
   segment_t *segment =
       os_reserve_aligned(SEGMENT_SIZE, SEGMENT_SIZE, huge_mode, &got_huge);
   if (segment == NULL)
@@ -189,6 +313,7 @@ static segment_t *segment_map_new(void) {
   segment->mapped_size = SEGMENT_SIZE;
   segment_pages(segment)[0].kind = PAGE_HEADER;
   segment_pages(segment)[0].slice_count = 1;
+  segment->dense_slices = 1; /* the header */
   size_t usable = SEGMENT_USABLE_SLICES;
   if (option(ZK_OPTION_SECURE) && segment_guard(segment)) {
     segment->guarded = 1;
@@ -228,6 +353,9 @@ static void segment_unmap(segment_t *segment) {
   segments_mapped--;
   if (segment->huge_pages)
     bytes_huge_backed -= SEGMENT_SIZE;
+  for (unsigned half = 0; half < 2; half++)
+    if (segment->half_state[half] == HALF_HUGE)
+      bytes_huge_backed -= SEGMENT_SIZE / 2;
   track_header_gone(segment, SLICE_SIZE);
   if (os_release(segment, SEGMENT_SIZE))
     bytes_mapped -= SEGMENT_SIZE; /* else still mapped, if by no one */
@@ -253,7 +381,8 @@ size_t segment_span_max_slices(void) {
                                   : SEGMENT_USABLE_SLICES;
 }
 
-page_t *segment_span_alloc(size_t slices, page_kind_t kind, segment_t **home) {
+page_t *segment_span_alloc(size_t slices, page_kind_t kind, bool dense,
+                           segment_t **home) {
   if (slices == 0 || slices > SEGMENT_USABLE_SLICES) {
     errno = ENOMEM;
     return NULL;
@@ -321,7 +450,11 @@ page_t *segment_span_alloc(size_t slices, page_kind_t kind, segment_t **home) {
   span->huge_pages = huge_pages;
   span->start = slice_address(span);
   span_mark(span, slices);
+  unsigned collapse =
+      halves_to_collapse(segment, slice_index(span), slices, dense);
   pthread_mutex_unlock(&segment_lock);
+  if (collapse != 0)
+    halves_collapse(segment, collapse);
   errno = saved_errno;
   return span;
 }
@@ -343,6 +476,7 @@ void segment_span_free_since(page_t *span, uint64_t now) {
   pthread_mutex_lock(&segment_lock);
   segment_t *segment = segment_of(span);
   segment->used_slices -= (uint32_t)slices;
+  segment->dense_slices &= ~slice_bits(slice_index(span), slices);
   span->kind = PAGE_FREE_SPAN;
   span->purged = purged;
   span->is_zero = purged && span->is_zero;
@@ -639,6 +773,8 @@ page_t *segment_huge_alloc(size_t size, size_t alignment, bool zeroed) {
     }
   }
   int huge_mode = guarded ? 0 : (int)option(ZK_OPTION_HUGE_PAGES);
+  if (huge_mode == ZK_HUGE_PAGES_DENSE)
+    huge_mode = 0; /* see "dense halves" */
   if (segment == NULL && option(ZK_OPTION_LIMIT) != 0) {
     pthread_mutex_lock(&segment_lock);
     bool room = segment_room_for(total);
@@ -777,7 +913,10 @@ static size_t span_purge_due(page_t *span, uint64_t now_ms, uint64_t delay,
                              bool force, bool decommit) {
   if (span->purged || (!force && now_ms - span->free_since_ms < delay))
     return 0;
-  if (!os_purge(slice_address(span), span_bytes(span), decommit)) {
+  uint8_t *start = slice_address(span);
+  if (!halves_purgeable(segment_of(span), slice_index(span), span->slice_count))
+    return 0;
+  if (!os_purge(start, span_bytes(span), decommit)) {
     span->free_since_ms = now_ms;
     return 0;
   }

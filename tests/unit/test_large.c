@@ -58,7 +58,7 @@ void *mremap(void *old_address, size_t old_size, size_t new_size, int flags,
 
 /* One place that knows the span layer's allocation signature. */
 static page_t *span_alloc(size_t slices) {
-  return segment_span_alloc(slices, PAGE_LARGE, NULL);
+  return segment_span_alloc(slices, PAGE_LARGE, false, NULL);
 }
 
 static size_t rss_now(void) {
@@ -1231,7 +1231,182 @@ static void test_huge_pages(void) {
     CHECK_EQ(stats.segments_mapped, 0);
     CHECK_EQ(stats.bytes_huge_pages, 0);
   }
-  CHECK(zk_option_set(ZK_OPTION_HUGE_PAGES, 0) == 0);
+  CHECK(zk_option_set(ZK_OPTION_HUGE_PAGES, ZK_HUGE_PAGES_DENSE) == 0);
+}
+
+/* AnonHugePages of the mapping holding `address` in /proc/self/smaps, in
+ * KiB (-1: no such mapping). */
+static long mapping_huge_kib(const void *address) {
+  FILE *smaps = fopen("/proc/self/smaps", "r");
+  CHECK(smaps != NULL);
+  char line[512];
+  bool inside = false;
+  long found = -1;
+  while (found < 0 && fgets(line, sizeof(line), smaps) != NULL) {
+    unsigned long start, end;
+    long kib;
+    if (sscanf(line, "%lx-%lx ", &start, &end) == 2 && line[0] != 'V')
+      inside = (uintptr_t)address >= start && (uintptr_t)address < end;
+    else if (inside && sscanf(line, "AnonHugePages: %ld kB", &kib) == 1)
+      found = kib;
+  }
+  fclose(smaps);
+  return found;
+}
+
+/* Whether this kernel collapses a range of ours into a huge page: a
+ * kernel before 6.1, or transparent huge pages set to "never", does not. */
+static bool kernel_collapses(void) {
+  size_t size = SEGMENT_SIZE;
+  uint8_t *raw = mmap(NULL, 2 * size, PROT_READ | PROT_WRITE,
+                      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  CHECK(raw != MAP_FAILED);
+  uint8_t *aligned =
+      (uint8_t *)(((uintptr_t)raw + size - 1) & ~(uintptr_t)(size - 1));
+  memset(aligned, 1, size);
+  bool collapses = os_collapse_huge(aligned, size) == 0 &&
+                   mapping_huge_kib(aligned) >= (long)(size >> 10);
+  munmap(raw, 2 * size);
+  FILE *setting = fopen("/sys/kernel/mm/transparent_hugepage/enabled", "r");
+  char text[128] = "";
+  if (setting != NULL) {
+    if (fgets(text, sizeof(text), setting) == NULL)
+      text[0] = '\0';
+    fclose(setting);
+  }
+  return collapses && strstr(text, "[never]") == NULL;
+}
+
+/* 1000 B blocks from the calling thread's heap while they come from the
+ * segment of the first, up to all of it. */
+#define DENSE_MAX 8192
+static void *dense_blocks[DENSE_MAX];
+static int dense_count;
+
+static segment_t *dense_fill(void) {
+  dense_count = 0;
+  segment_t *segment = NULL;
+  while (dense_count < DENSE_MAX) {
+    void *p = zk_malloc(1000);
+    CHECK(p != NULL);
+    if (segment == NULL)
+      segment = segment_of(p);
+    if (segment_of(p) != segment) {
+      zk_free(p);
+      break;
+    }
+    memset(p, 0x3c, 1000);
+    dense_blocks[dense_count++] = p;
+  }
+  CHECK(dense_count < DENSE_MAX);
+  return segment;
+}
+
+static bool all_bytes_are(const void *p, size_t size, uint8_t value) {
+  for (size_t i = 0; i < size; i++)
+    if (((const uint8_t *)p)[i] != value)
+      return false;
+  return true;
+}
+
+/* Frees all blocks but the first, then purges every free span. */
+static void dense_release(void) {
+  for (int i = 1; i < dense_count; i++)
+    zk_free(dense_blocks[i]);
+  zk_collect(true);
+}
+
+static size_t huge_bytes_now(void) {
+  zk_stats_t stats;
+  zk_stats_get(&stats);
+  return stats.bytes_huge_pages;
+}
+
+/* Each in a thread of its own, whose heap starts in a fresh segment. */
+static void *dense_cycles(void *unused) {
+  (void)unused;
+  segment_t *segment = dense_fill();
+  long huge_kib = mapping_huge_kib(segment);
+  printf("dense: a segment of 1000 B blocks: %zu MiB collapsed, %ld KiB in "
+         "huge pages\n",
+         huge_bytes_now() >> 20, huge_kib);
+  CHECK_EQ(huge_bytes_now(), SEGMENT_SIZE);
+  CHECK(huge_kib >= (long)(SEGMENT_SIZE >> 10));
+  void *first = dense_blocks[0];
+  CHECK(all_bytes_are(first, 1000, 0x3c));
+
+  /* Purged in part: split, and the pages returned. */
+  dense_release();
+  CHECK_EQ(huge_bytes_now(), 0);
+  CHECK_EQ(mapping_huge_kib(segment), 0);
+  CHECK(all_bytes_are(first, 1000, 0x3c));
+
+  /* Whole again: collapsed again. */
+  CHECK(dense_fill() == segment);
+  CHECK_EQ(huge_bytes_now(), SEGMENT_SIZE);
+  for (int i = 0; i < dense_count; i++)
+    CHECK(all_bytes_are(dense_blocks[i], 1000, 0x3c));
+  dense_release();
+  zk_free(dense_blocks[0]);
+  zk_free(first);
+  return NULL;
+}
+
+/* A half with a large block in it stays in small pages. */
+static void *dense_with_large(void *unused) {
+  (void)unused;
+  void *large = zk_malloc(300 << 10);
+  CHECK(large != NULL);
+  memset(large, 7, 4096);
+  segment_t *segment = dense_fill();
+  CHECK(segment_of(large) == segment);
+  CHECK_EQ(huge_bytes_now(), SEGMENT_SIZE / 2);
+  dense_release();
+  zk_free(dense_blocks[0]);
+  zk_free(large);
+  return NULL;
+}
+
+/* Mode off: nothing collapsed. */
+static void *dense_off(void *unused) {
+  (void)unused;
+  segment_t *segment = dense_fill();
+  CHECK_EQ(huge_bytes_now(), 0);
+  CHECK_EQ(mapping_huge_kib(segment), 0);
+  dense_release();
+  zk_free(dense_blocks[0]);
+  return NULL;
+}
+
+static void run_in_thread(void *(*body)(void *)) {
+  pthread_t thread;
+  CHECK(pthread_create(&thread, NULL, body, NULL) == 0);
+  CHECK(pthread_join(thread, NULL) == 0);
+}
+
+/* ZKMEM_HUGE_PAGES=dense, the default: a 2 MiB half of a segment all in
+ * small pages is collapsed into a huge page, contents kept; a purge in it
+ * splits it and returns the pages; whole again, it collapses again; a half
+ * holding a large block, or mode off, collapses nothing. */
+static void test_huge_pages_dense(void) {
+  CHECK_EQ(zk_option_get(ZK_OPTION_HUGE_PAGES), ZK_HUGE_PAGES_DENSE);
+  if (!kernel_collapses()) {
+    printf("this kernel does not collapse ranges into huge pages: dense "
+           "mode checked for doing nothing\n");
+    zk_collect(true);
+    run_in_thread(dense_off);
+    return;
+  }
+  zk_collect(true);
+  CHECK_EQ(segments_now(), 0);
+  run_in_thread(dense_cycles);
+  zk_collect(true);
+  run_in_thread(dense_with_large);
+  CHECK(zk_option_set(ZK_OPTION_HUGE_PAGES, ZK_HUGE_PAGES_OFF) == 0);
+  zk_collect(true);
+  run_in_thread(dense_off);
+  CHECK(zk_option_set(ZK_OPTION_HUGE_PAGES, ZK_HUGE_PAGES_DENSE) == 0);
+  zk_collect(true);
 }
 
 /* zk_collect(true) returns the free spans of partly used segments in the
@@ -1258,7 +1433,7 @@ static void test_huge_pages_purge(void) {
          base >> 20, peak >> 20, after >> 20);
   for (int i = 0; i < COUNT; i += 12)
     zk_free(blocks[i]);
-  CHECK(zk_option_set(ZK_OPTION_HUGE_PAGES, 0) == 0);
+  CHECK(zk_option_set(ZK_OPTION_HUGE_PAGES, ZK_HUGE_PAGES_DENSE) == 0);
   zk_collect(true);
   CHECK(after - base < (peak - base) / 2);
 }
@@ -1507,7 +1682,9 @@ static void test_stats_bytes(void) {
 
 static void test_options(void) {
   static const long defaults[ZK_OPTION_COUNT] = {
-      [ZK_OPTION_PURGE_DELAY_MS] = 1000, [ZK_OPTION_PURGE_DECOMMIT] = 1};
+      [ZK_OPTION_PURGE_DELAY_MS] = 1000,
+      [ZK_OPTION_PURGE_DECOMMIT] = 1,
+      [ZK_OPTION_HUGE_PAGES] = ZK_HUGE_PAGES_DENSE};
   for (int i = 0; i < ZK_OPTION_COUNT; i++)
     CHECK_EQ(zk_option_get((zk_option_t)i), defaults[i]);
   CHECK(zk_option_set(ZK_OPTION_PURGE_DELAY_MS, 12345) == 0);
@@ -1526,9 +1703,9 @@ static void test_options(void) {
   errno = 0;
   CHECK(zk_option_set(ZK_OPTION_PURGE_DELAY_MS, -1) == -1 && errno == EINVAL);
   errno = 0;
-  CHECK(zk_option_set(ZK_OPTION_HUGE_PAGES, 3) == -1 && errno == EINVAL);
+  CHECK(zk_option_set(ZK_OPTION_HUGE_PAGES, 4) == -1 && errno == EINVAL);
   CHECK_EQ(zk_option_get(ZK_OPTION_PURGE_DELAY_MS), 12345);
-  CHECK_EQ(zk_option_get(ZK_OPTION_HUGE_PAGES), 0);
+  CHECK_EQ(zk_option_get(ZK_OPTION_HUGE_PAGES), ZK_HUGE_PAGES_DENSE);
   CHECK(zk_option_set(ZK_OPTION_PURGE_DELAY_MS, 1000) == 0);
 }
 
@@ -1606,9 +1783,9 @@ static void test_environment(void) {
   /* Order: purge_delay_ms purge_decommit huge_pages secure on_error
    * show_stats verbose limit. */
   const char *const nothing[] = {NULL};
-  check_environment(nothing, "1000 1 0 0 0 0 0 0", NULL);
+  check_environment(nothing, "1000 1 3 0 0 0 0 0", NULL);
   const char *const bad_delay[] = {"ZKMEM_PURGE_DELAY_MS", "abc", NULL};
-  check_environment(bad_delay, "1000 1 0 0 0 0 0 0",
+  check_environment(bad_delay, "1000 1 3 0 0 0 0 0",
                     "warning: ZKMEM_PURGE_DELAY_MS=\"abc\" is not valid; "
                     "using 1000");
   const char *const reserved[] = {"ZKMEM_HUGE_PAGES", "reserved", NULL};
@@ -1626,35 +1803,39 @@ static void test_environment(void) {
                                NULL};
   check_environment(words, "250 0 1 1 1 0 0 0", NULL);
   const char *const negative[] = {"ZKMEM_PURGE_DELAY_MS", "-5", NULL};
-  check_environment(negative, "1000 1 0 0 0 0 0 0",
+  check_environment(negative, "1000 1 3 0 0 0 0 0",
                     "ZKMEM_PURGE_DELAY_MS=\"-5\" is not valid");
   const char *const too_big[] = {"ZKMEM_PURGE_DELAY_MS", "99999999999999999999",
                                  NULL};
-  check_environment(too_big, "1000 1 0 0 0 0 0 0",
+  check_environment(too_big, "1000 1 3 0 0 0 0 0",
                     "ZKMEM_PURGE_DELAY_MS=\"99999999999999999999\" is not "
                     "valid");
-  const char *const out_of_range[] = {"ZKMEM_HUGE_PAGES", "3", NULL};
-  check_environment(out_of_range, "1000 1 0 0 0 0 0 0",
-                    "ZKMEM_HUGE_PAGES=\"3\" is not valid; using 0");
+  const char *const out_of_range[] = {"ZKMEM_HUGE_PAGES", "4", NULL};
+  check_environment(out_of_range, "1000 1 3 0 0 0 0 0",
+                    "ZKMEM_HUGE_PAGES=\"4\" is not valid; using 3");
+  const char *const dense[] = {"ZKMEM_HUGE_PAGES", "DENSE", NULL};
+  check_environment(dense, "1000 1 3 0 0 0 0 0", NULL);
+  const char *const off[] = {"ZKMEM_HUGE_PAGES", "off", NULL};
+  check_environment(off, "1000 1 0 0 0 0 0 0", NULL);
   const char *const trailing[] = {"ZKMEM_SECURE", "1x", NULL};
-  check_environment(trailing, "1000 1 0 0 0 0 0 0",
+  check_environment(trailing, "1000 1 3 0 0 0 0 0",
                     "ZKMEM_SECURE=\"1x\" is not valid");
   const char *const limit[] = {"ZKMEM_LIMIT", "64M", NULL};
-  check_environment(limit, "1000 1 0 0 0 0 0 67108864", NULL);
+  check_environment(limit, "1000 1 3 0 0 0 0 67108864", NULL);
   const char *const limit_kib[] = {"ZKMEM_LIMIT", "3KiB", NULL};
-  check_environment(limit_kib, "1000 1 0 0 0 0 0 3072", NULL);
+  check_environment(limit_kib, "1000 1 3 0 0 0 0 3072", NULL);
   const char *const limit_bad[] = {"ZKMEM_LIMIT", "64X", NULL};
-  check_environment(limit_bad, "1000 1 0 0 0 0 0 0",
+  check_environment(limit_bad, "1000 1 3 0 0 0 0 0",
                     "ZKMEM_LIMIT=\"64X\" is not valid");
   const char *const limit_huge[] = {"ZKMEM_LIMIT", "99999999999T", NULL};
-  check_environment(limit_huge, "1000 1 0 0 0 0 0 0",
+  check_environment(limit_huge, "1000 1 3 0 0 0 0 0",
                     "ZKMEM_LIMIT=\"99999999999T\" is not valid");
   const char *const empty[] = {"ZKMEM_PURGE_DELAY_MS", "", NULL};
-  check_environment(empty, "1000 1 0 0 0 0 0 0", NULL);
+  check_environment(empty, "1000 1 3 0 0 0 0 0", NULL);
   /* Verbose lists every option; show_stats prints the report at exit. */
   const char *const verbose[] = {"ZKMEM_VERBOSE", "1", "ZKMEM_SHOW_STATS", "on",
                                  NULL};
-  check_environment(verbose, "1000 1 0 0 0 1 1 0",
+  check_environment(verbose, "1000 1 3 0 0 1 1 0",
                     "zkmem: option ZKMEM_PURGE_DELAY_MS = 1000");
   static char output[1 << 16];
   run_with_environment(verbose, output, sizeof(output));
@@ -1709,6 +1890,7 @@ int main(int argc, char **argv) {
   RUN(test_environment);
   RUN(test_stats_bytes);
   RUN(test_huge_pages_purge);
+  RUN(test_huge_pages_dense);
   RUN(test_thread_churn_reuse);
   RUN(test_reclaimed_pages_feed_bins);
   RUN(test_stale_owner_remote_free);
