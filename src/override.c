@@ -99,48 +99,216 @@ ZK_EXPORT void free_aligned_sized(void *p, size_t alignment, size_t size) {
 /* ---- C++'s operators new and delete ----
  *
  * The C++ runtime's own call malloc and free through the PLT, a second call
- * on every new and delete of a C++ program: here they are zkmem's fast
- * paths themselves, as every peer allocator exports them. The deletes are
- * free under other names (the sized ones, free_sized: the size is checked
- * in secure mode); the news add what the language asks of a failure
- * (cxx_new_failed). size_t is unsigned long in these names (m), so only
- * where it is. */
-#if __SIZEOF_SIZE_T__ == 8 && __SIZEOF_LONG__ == 8
+ * on every new and delete of a C++ program: here the forms are zkmem's fast
+ * paths themselves, as every peer allocator exports them. Each form is a
+ * function of its own (valgrind tells new from new[] and delete from free
+ * by address). What the language asks beyond the fast paths:
+ *   - A failed new calls the new-handler until there is none, then throws
+ *     std::bad_alloc; a nothrow new returns NULL, also when the handler
+ *     throws. zkmem's C cannot throw or catch: it calls the C++ runtime's
+ *     functions for that (cxx_runtime_function), found when a new fails, so
+ *     a runtime loaded later (a C program's dlopen of a C++ plugin) counts.
+ *   - A program may replace some forms only, and the others must reach its
+ *     replacements as the runtime's defaults do (sized delete calls
+ *     delete(void *), new[] calls new, ...). When any form in the process's
+ *     scope is not zkmem's, the forms not replaced follow those defaults
+ *     (cxx_delegate), at the cost of a call.
+ * size_t is unsigned long in these names (m), so only where it is; not in
+ * libzkmem.a, where no dynamic lookup finds the runtime. */
+#if __SIZEOF_SIZE_T__ == 8 && __SIZEOF_LONG__ == 8 &&                          \
+    !defined(ZKMEM_NO_CXX_OPERATORS)
+
+#include <dlfcn.h>
 
 typedef void (*cxx_new_handler_t)(void);
-/* The C++ runtime's, resolved when the program has one (weak: a C program
- * has none and never calls these operators). */
-extern cxx_new_handler_t _ZSt15get_new_handlerv(void) __attribute__((weak));
-extern void _ZSt17__throw_bad_allocv(void) __attribute__((weak, noreturn));
+typedef void *(*cxx_new_t)(size_t);
+typedef void *(*cxx_new_aligned_t)(size_t, size_t);
+typedef void *(*cxx_new_nothrow_t)(size_t, const void *);
+typedef void *(*cxx_new_aligned_nothrow_t)(size_t, size_t, const void *);
+typedef void (*cxx_delete_t)(void *);
+typedef void (*cxx_delete_aligned_t)(void *, size_t);
 
-/* What the standard asks of a failed new: call the new-handler and try
- * again while there is one, then throw std::bad_alloc (nothrow forms:
- * return NULL). The handler is the program's code, called with no lock of
- * zkmem's held; an exception it throws passes through these frames (built
- * with unwind tables, see CMakeLists.txt), also out of a nothrow new, where
- * the C++ runtime's own new would catch it. */
-static ZK_COLD void *cxx_new_failed(size_t size, size_t alignment,
-                                    bool nothrow) {
-  for (;;) {
-    cxx_new_handler_t handler =
-        _ZSt15get_new_handlerv != NULL ? _ZSt15get_new_handlerv() : NULL;
-    if (handler == NULL)
-      break;
-    handler();
-    void *p =
-        alignment != 0 ? zk_aligned_alloc(alignment, size) : alloc_malloc(size);
-    if (p != NULL)
-      return p;
+/* `name` from the C++ runtime: in the process's scope, else in a runtime
+ * loaded into a scope of its own; never `own` (zkmem's form of that name:
+ * the runtime's is wanted). NULL where no runtime has it. */
+static void *cxx_runtime_function(const char *name, const void *own) {
+  void *function = dlsym(RTLD_DEFAULT, name);
+  if (function != NULL && function != own)
+    return function;
+  static const char *const runtimes[] = {"libstdc++.so.6", "libc++.so.1"};
+  for (size_t i = 0; i < sizeof(runtimes) / sizeof(runtimes[0]); i++) {
+    void *runtime = dlopen(runtimes[i], RTLD_LAZY | RTLD_NOLOAD);
+    if (runtime == NULL)
+      continue;
+    function = dlsym(runtime, name);
+    dlclose(runtime);
+    if (function != NULL && function != own)
+      return function;
   }
-  if (nothrow)
-    return NULL;
-  if (_ZSt17__throw_bad_allocv != NULL)
-    _ZSt17__throw_bad_allocv();
-  error_warning("zkmem: error: operator new of %zu bytes failed, and no "
-                "libstdc++ is loaded to throw std::bad_alloc\n",
+  return NULL;
+}
+
+/* After the new-handlers gave up: std::bad_alloc thrown through these
+ * frames (built with unwind tables: CMakeLists.txt). */
+static ZK_COLD __attribute__((noreturn)) void cxx_throw_bad_alloc(size_t size) {
+  void (*throw_bad_alloc)(void) =
+      (void (*)(void))cxx_runtime_function("_ZSt17__throw_bad_allocv", NULL);
+  if (throw_bad_alloc != NULL)
+    throw_bad_alloc();
+  error_warning("zkmem: error: operator new of %zu bytes failed, and no C++ "
+                "runtime is loaded to throw std::bad_alloc\n",
                 size);
   abort();
 }
+
+/* A throwing new that found no memory: the new-handler loop, then
+ * std::bad_alloc. The handler is the program's code, called with no lock
+ * of zkmem's held; what it throws passes through to the caller. An
+ * alignment that is not a power of two is refused at once, as the C++
+ * runtime does. */
+static ZK_COLD void *cxx_new_failed(size_t size, size_t alignment,
+                                    bool aligned) {
+  if (aligned && (alignment == 0 || (alignment & (alignment - 1)) != 0))
+    cxx_throw_bad_alloc(size);
+  cxx_new_handler_t (*get_new_handler)(void) =
+      (cxx_new_handler_t(*)(void))cxx_runtime_function("_ZSt15get_new_handlerv",
+                                                       NULL);
+  for (;;) {
+    cxx_new_handler_t handler =
+        get_new_handler != NULL ? get_new_handler() : NULL;
+    if (handler == NULL)
+      cxx_throw_bad_alloc(size);
+    handler();
+    void *p = aligned ? zk_aligned_alloc(alignment, size) : alloc_malloc(size);
+    if (p != NULL)
+      return p;
+  }
+}
+
+/* ---- the forms a program may replace, and who follows whom ---- */
+
+/* -1: not looked at yet; 0: every form in scope is zkmem's; 1: some are
+ * not, and cxx_targets holds what the defaults call. */
+static _Atomic int cxx_delegate = -1;
+static struct {
+  cxx_new_t new_single;
+  cxx_new_aligned_t new_aligned;
+  cxx_delete_t delete_single, delete_array;
+  cxx_delete_aligned_t delete_aligned, delete_array_aligned;
+} cxx_targets;
+
+void *_Znwm(size_t size);
+void *_Znam(size_t size);
+void *_ZnwmRKSt9nothrow_t(size_t size, const void *nothrow);
+void *_ZnamRKSt9nothrow_t(size_t size, const void *nothrow);
+void *_ZnwmSt11align_val_t(size_t size, size_t alignment);
+void *_ZnamSt11align_val_t(size_t size, size_t alignment);
+void *_ZnwmSt11align_val_tRKSt9nothrow_t(size_t size, size_t alignment,
+                                         const void *nothrow);
+void *_ZnamSt11align_val_tRKSt9nothrow_t(size_t size, size_t alignment,
+                                         const void *nothrow);
+void _ZdlPv(void *p);
+void _ZdaPv(void *p);
+void _ZdlPvm(void *p, size_t size);
+void _ZdaPvm(void *p, size_t size);
+void _ZdlPvRKSt9nothrow_t(void *p, const void *nothrow);
+void _ZdaPvRKSt9nothrow_t(void *p, const void *nothrow);
+void _ZdlPvSt11align_val_t(void *p, size_t alignment);
+void _ZdaPvSt11align_val_t(void *p, size_t alignment);
+void _ZdlPvmSt11align_val_t(void *p, size_t size, size_t alignment);
+void _ZdaPvmSt11align_val_t(void *p, size_t size, size_t alignment);
+void _ZdlPvSt11align_val_tRKSt9nothrow_t(void *p, size_t alignment,
+                                         const void *nothrow);
+void _ZdaPvSt11align_val_tRKSt9nothrow_t(void *p, size_t alignment,
+                                         const void *nothrow);
+
+#define CXX_FORM(name)                                                         \
+  { #name, (const void *)name }
+static const struct {
+  const char *name;
+  const void *own;
+} cxx_forms[] = {
+    CXX_FORM(_Znwm),
+    CXX_FORM(_Znam),
+    CXX_FORM(_ZnwmRKSt9nothrow_t),
+    CXX_FORM(_ZnamRKSt9nothrow_t),
+    CXX_FORM(_ZnwmSt11align_val_t),
+    CXX_FORM(_ZnamSt11align_val_t),
+    CXX_FORM(_ZnwmSt11align_val_tRKSt9nothrow_t),
+    CXX_FORM(_ZnamSt11align_val_tRKSt9nothrow_t),
+    CXX_FORM(_ZdlPv),
+    CXX_FORM(_ZdaPv),
+    CXX_FORM(_ZdlPvm),
+    CXX_FORM(_ZdaPvm),
+    CXX_FORM(_ZdlPvRKSt9nothrow_t),
+    CXX_FORM(_ZdaPvRKSt9nothrow_t),
+    CXX_FORM(_ZdlPvSt11align_val_t),
+    CXX_FORM(_ZdaPvSt11align_val_t),
+    CXX_FORM(_ZdlPvmSt11align_val_t),
+    CXX_FORM(_ZdaPvmSt11align_val_t),
+    CXX_FORM(_ZdlPvSt11align_val_tRKSt9nothrow_t),
+    CXX_FORM(_ZdaPvSt11align_val_tRKSt9nothrow_t),
+};
+
+/* The form of `name` in the process's scope (the program's where it
+ * replaced it), else zkmem's. */
+static void *cxx_in_scope(const char *name, void *own) {
+  void *found = dlsym(RTLD_DEFAULT, name);
+  return found != NULL ? found : own;
+}
+
+/* Whether the forms must delegate, looked at once (a race only repeats
+ * the same answer). */
+static ZK_COLD bool cxx_delegating(void) {
+  int known = atomic_load_explicit(&cxx_delegate, memory_order_acquire);
+  if (known >= 0)
+    return known != 0;
+  bool replaced = false;
+  for (size_t i = 0; i < sizeof(cxx_forms) / sizeof(cxx_forms[0]); i++) {
+    void *found = dlsym(RTLD_DEFAULT, cxx_forms[i].name);
+    replaced = replaced || (found != NULL && found != cxx_forms[i].own);
+  }
+  if (replaced) {
+    cxx_targets.new_single = (cxx_new_t)cxx_in_scope("_Znwm", (void *)_Znwm);
+    cxx_targets.new_aligned = (cxx_new_aligned_t)cxx_in_scope(
+        "_ZnwmSt11align_val_t", (void *)_ZnwmSt11align_val_t);
+    cxx_targets.delete_single =
+        (cxx_delete_t)cxx_in_scope("_ZdlPv", (void *)_ZdlPv);
+    cxx_targets.delete_array =
+        (cxx_delete_t)cxx_in_scope("_ZdaPv", (void *)_ZdaPv);
+    cxx_targets.delete_aligned = (cxx_delete_aligned_t)cxx_in_scope(
+        "_ZdlPvSt11align_val_t", (void *)_ZdlPvSt11align_val_t);
+    cxx_targets.delete_array_aligned = (cxx_delete_aligned_t)cxx_in_scope(
+        "_ZdaPvSt11align_val_t", (void *)_ZdaPvSt11align_val_t);
+  }
+  atomic_store_explicit(&cxx_delegate, replaced, memory_order_release);
+  return replaced;
+}
+
+/* One load and a branch on the forms' paths: delegating, or not looked
+ * at yet. */
+ZK_INLINE bool cxx_may_delegate(void) {
+  return unlikely(atomic_load_explicit(&cxx_delegate, memory_order_relaxed) !=
+                  0) &&
+         cxx_delegating();
+}
+
+/* A nothrow new that found no memory: the C++ runtime's nothrow form,
+ * which calls the throwing one (zkmem's, or the program's) and catches; or
+ * NULL where no runtime is loaded (then no new-handler exists either). */
+static ZK_COLD void *cxx_nothrow_failed(const char *name, const void *own,
+                                        size_t size, size_t alignment,
+                                        bool aligned) {
+  void *function = cxx_runtime_function(name, own);
+  if (function == NULL)
+    return NULL;
+  static const char nothrow_tag = 0;
+  if (aligned)
+    return ((cxx_new_aligned_nothrow_t)function)(size, alignment, &nothrow_tag);
+  return ((cxx_new_nothrow_t)function)(size, &nothrow_tag);
+}
+
+/* ---- the forms ---- */
 
 ZK_EXPORT __attribute__((aligned(64))) void *_Znwm(size_t size) {
   void *p = alloc_malloc(size);
@@ -148,56 +316,173 @@ ZK_EXPORT __attribute__((aligned(64))) void *_Znwm(size_t size) {
     return p;
   return cxx_new_failed(size, 0, false);
 }
-ZK_EXPORT void *_ZnwmRKSt9nothrow_t(size_t size, const void *nothrow) {
-  (void)nothrow;
+ZK_EXPORT __attribute__((aligned(64))) void *_Znam(size_t size) {
+  if (cxx_may_delegate())
+    return cxx_targets.new_single(size);
   void *p = alloc_malloc(size);
   if (likely(p != NULL))
     return p;
-  return cxx_new_failed(size, 0, true);
+  return cxx_new_failed(size, 0, false);
+}
+ZK_EXPORT void *_ZnwmRKSt9nothrow_t(size_t size, const void *nothrow) {
+  void *p = cxx_may_delegate() ? NULL : alloc_malloc(size);
+  if (likely(p != NULL))
+    return p;
+  (void)nothrow;
+  return cxx_nothrow_failed("_ZnwmRKSt9nothrow_t",
+                            (const void *)_ZnwmRKSt9nothrow_t, size, 0, false);
+}
+ZK_EXPORT void *_ZnamRKSt9nothrow_t(size_t size, const void *nothrow) {
+  void *p = cxx_may_delegate() ? NULL : alloc_malloc(size);
+  if (likely(p != NULL))
+    return p;
+  (void)nothrow;
+  return cxx_nothrow_failed("_ZnamRKSt9nothrow_t",
+                            (const void *)_ZnamRKSt9nothrow_t, size, 0, false);
 }
 /* std::align_val_t is a size_t underneath. */
 ZK_EXPORT void *_ZnwmSt11align_val_t(size_t size, size_t alignment) {
   void *p = zk_aligned_alloc(alignment, size);
   if (likely(p != NULL))
     return p;
-  return cxx_new_failed(size, alignment, false);
+  return cxx_new_failed(size, alignment, true);
 }
-ZK_EXPORT void *_ZnwmSt11align_val_tRKSt9nothrow_t(size_t size,
-                                                   size_t alignment,
-                                                   const void *nothrow) {
-  (void)nothrow;
+ZK_EXPORT void *_ZnamSt11align_val_t(size_t size, size_t alignment) {
+  if (cxx_may_delegate())
+    return cxx_targets.new_aligned(size, alignment);
   void *p = zk_aligned_alloc(alignment, size);
   if (likely(p != NULL))
     return p;
   return cxx_new_failed(size, alignment, true);
 }
-ZK_EXPORT __attribute__((aligned(64))) void _ZdlPvm(void *p, size_t size) {
-  alloc_free_sized(p, size, "sized delete with a size larger than the block");
+ZK_EXPORT void *_ZnwmSt11align_val_tRKSt9nothrow_t(size_t size,
+                                                   size_t alignment,
+                                                   const void *nothrow) {
+  void *p = cxx_may_delegate() ? NULL : zk_aligned_alloc(alignment, size);
+  if (likely(p != NULL))
+    return p;
+  (void)nothrow;
+  return cxx_nothrow_failed("_ZnwmSt11align_val_tRKSt9nothrow_t",
+                            (const void *)_ZnwmSt11align_val_tRKSt9nothrow_t,
+                            size, alignment, true);
+}
+ZK_EXPORT void *_ZnamSt11align_val_tRKSt9nothrow_t(size_t size,
+                                                   size_t alignment,
+                                                   const void *nothrow) {
+  void *p = cxx_may_delegate() ? NULL : zk_aligned_alloc(alignment, size);
+  if (likely(p != NULL))
+    return p;
+  (void)nothrow;
+  return cxx_nothrow_failed("_ZnamSt11align_val_tRKSt9nothrow_t",
+                            (const void *)_ZnamSt11align_val_tRKSt9nothrow_t,
+                            size, alignment, true);
 }
 
-#define CXX_ALIAS(name, target)                                                \
-  ZK_EXPORT __typeof__(target) name __attribute__((alias(#target)))
-/* Written with free's attributes as the C library declares it. */
-#define CXX_FREE(name)                                                         \
-  ZK_EXPORT void name(void *) __attribute__((alias("free"), nothrow, leaf))
-/* new[] and delete[]; deletes with a nothrow tag or an alignment (free
- * takes any block; the extra arguments are ignored where they sit). */
-CXX_ALIAS(_Znam, _Znwm);
-CXX_ALIAS(_ZnamRKSt9nothrow_t, _ZnwmRKSt9nothrow_t);
-CXX_ALIAS(_ZnamSt11align_val_t, _ZnwmSt11align_val_t);
-CXX_ALIAS(_ZnamSt11align_val_tRKSt9nothrow_t,
-          _ZnwmSt11align_val_tRKSt9nothrow_t);
-CXX_ALIAS(_ZdaPvm, _ZdlPvm);
-CXX_ALIAS(_ZdlPvmSt11align_val_t, _ZdlPvm);
-CXX_ALIAS(_ZdaPvmSt11align_val_t, _ZdlPvm);
-CXX_FREE(_ZdlPv);
-CXX_FREE(_ZdaPv);
-CXX_FREE(_ZdlPvRKSt9nothrow_t);
-CXX_FREE(_ZdaPvRKSt9nothrow_t);
-CXX_FREE(_ZdlPvSt11align_val_t);
-CXX_FREE(_ZdaPvSt11align_val_t);
-CXX_FREE(_ZdlPvSt11align_val_tRKSt9nothrow_t);
-CXX_FREE(_ZdaPvSt11align_val_tRKSt9nothrow_t);
+/* The deletes other than delete(void *): their paths test one word for
+ * delegating (or not looked at yet) and secure mode together, and leave
+ * both to cxx_delete_checked, a tail call, so that the fast path keeps no
+ * frame. */
+enum cxx_delete_form {
+  CXX_DELETE_SIZED,
+  CXX_DELETE_ARRAY,
+  CXX_DELETE_ARRAY_SIZED,
+  CXX_DELETE_NOTHROW,
+  CXX_DELETE_ARRAY_NOTHROW,
+  CXX_DELETE_ALIGNED_ARRAY,
+  CXX_DELETE_ALIGNED_SIZED,
+  CXX_DELETE_ALIGNED_ARRAY_SIZED,
+  CXX_DELETE_ALIGNED_NOTHROW,
+  CXX_DELETE_ALIGNED_ARRAY_NOTHROW,
+};
+
+static ZK_NOINLINE void cxx_delete_checked(void *p, size_t size,
+                                           size_t alignment,
+                                           enum cxx_delete_form form) {
+  if (cxx_delegating()) {
+    switch (form) {
+    case CXX_DELETE_SIZED:
+    case CXX_DELETE_ARRAY:
+    case CXX_DELETE_NOTHROW:
+      cxx_targets.delete_single(p);
+      return;
+    case CXX_DELETE_ARRAY_SIZED:
+    case CXX_DELETE_ARRAY_NOTHROW:
+      cxx_targets.delete_array(p);
+      return;
+    case CXX_DELETE_ALIGNED_ARRAY:
+    case CXX_DELETE_ALIGNED_SIZED:
+    case CXX_DELETE_ALIGNED_NOTHROW:
+      cxx_targets.delete_aligned(p, alignment);
+      return;
+    case CXX_DELETE_ALIGNED_ARRAY_SIZED:
+    case CXX_DELETE_ALIGNED_ARRAY_NOTHROW:
+      cxx_targets.delete_array_aligned(p, alignment);
+      return;
+    }
+  }
+  if (form == CXX_DELETE_SIZED || form == CXX_DELETE_ARRAY_SIZED ||
+      form == CXX_DELETE_ALIGNED_SIZED ||
+      form == CXX_DELETE_ALIGNED_ARRAY_SIZED)
+    alloc_free_sized(p, size, "sized delete with a size larger than the block");
+  else
+    alloc_free(p);
+}
+
+ZK_INLINE bool cxx_delete_needs_checks(void) {
+  return unlikely((atomic_load_explicit(&cxx_delegate, memory_order_relaxed) |
+                   (int)option(ZK_OPTION_SECURE)) != 0);
+}
+
+#define CXX_DELETE(form, size, alignment)                                      \
+  if (cxx_delete_needs_checks()) {                                             \
+    cxx_delete_checked(p, size, alignment, form);                              \
+    return;                                                                    \
+  }                                                                            \
+  alloc_free(p)
+
+ZK_EXPORT __attribute__((aligned(64))) void _ZdlPv(void *p) {
+  alloc_free(p);
+}
+ZK_EXPORT __attribute__((aligned(64))) void _ZdlPvm(void *p, size_t size) {
+  CXX_DELETE(CXX_DELETE_SIZED, size, 0);
+}
+ZK_EXPORT __attribute__((aligned(64))) void _ZdaPv(void *p) {
+  CXX_DELETE(CXX_DELETE_ARRAY, 0, 0);
+}
+ZK_EXPORT __attribute__((aligned(64))) void _ZdaPvm(void *p, size_t size) {
+  CXX_DELETE(CXX_DELETE_ARRAY_SIZED, size, 0);
+}
+ZK_EXPORT void _ZdlPvRKSt9nothrow_t(void *p, const void *nothrow) {
+  (void)nothrow;
+  CXX_DELETE(CXX_DELETE_NOTHROW, 0, 0);
+}
+ZK_EXPORT void _ZdaPvRKSt9nothrow_t(void *p, const void *nothrow) {
+  (void)nothrow;
+  CXX_DELETE(CXX_DELETE_ARRAY_NOTHROW, 0, 0);
+}
+ZK_EXPORT void _ZdlPvSt11align_val_t(void *p, size_t alignment) {
+  (void)alignment;
+  alloc_free(p);
+}
+ZK_EXPORT void _ZdaPvSt11align_val_t(void *p, size_t alignment) {
+  CXX_DELETE(CXX_DELETE_ALIGNED_ARRAY, 0, alignment);
+}
+ZK_EXPORT void _ZdlPvmSt11align_val_t(void *p, size_t size, size_t alignment) {
+  CXX_DELETE(CXX_DELETE_ALIGNED_SIZED, size, alignment);
+}
+ZK_EXPORT void _ZdaPvmSt11align_val_t(void *p, size_t size, size_t alignment) {
+  CXX_DELETE(CXX_DELETE_ALIGNED_ARRAY_SIZED, size, alignment);
+}
+ZK_EXPORT void _ZdlPvSt11align_val_tRKSt9nothrow_t(void *p, size_t alignment,
+                                                   const void *nothrow) {
+  (void)nothrow;
+  CXX_DELETE(CXX_DELETE_ALIGNED_NOTHROW, 0, alignment);
+}
+ZK_EXPORT void _ZdaPvSt11align_val_tRKSt9nothrow_t(void *p, size_t alignment,
+                                                   const void *nothrow) {
+  (void)nothrow;
+  CXX_DELETE(CXX_DELETE_ALIGNED_ARRAY_NOTHROW, 0, alignment);
+}
 
 #endif
 

@@ -153,43 +153,89 @@ void throw_own_error() {
   throw HandlerError{42};
 }
 
-void check_failures() {
-  // No handler: bad_alloc, and null from the nothrow forms.
-  bool threw = false;
-  try {
-    void *p = ::operator new(kTooMuch);
-    ::operator delete(p);
-  } catch (const std::bad_alloc &) {
-    threw = true;
-  }
-  CHECK(threw);
-  threw = false;
-  try {
-    void *p = ::operator new[](kTooMuch, std::align_val_t{64});
-    ::operator delete[](p);
-  } catch (const std::bad_alloc &) {
-    threw = true;
-  }
-  CHECK(threw);
-  CHECK(::operator new(kTooMuch, std::nothrow) == nullptr);
-  CHECK(::operator new[](kTooMuch, std::align_val_t{4096}, std::nothrow) ==
-        nullptr);
+// Each new form, for a size (and an alignment) that cannot be had: whether
+// it threw std::bad_alloc (the throwing forms) or returned null (nothrow).
+struct Form {
+  const char *name;
+  bool nothrow;
+  void *(*call)(size_t size, size_t alignment);
+};
+const Form kForms[] = {
+    {"new", false, [](size_t n, size_t) { return ::operator new(n); }},
+    {"new[]", false, [](size_t n, size_t) { return ::operator new[](n); }},
+    {"new nothrow", true,
+     [](size_t n, size_t) { return ::operator new(n, std::nothrow); }},
+    {"new[] nothrow", true,
+     [](size_t n, size_t) { return ::operator new[](n, std::nothrow); }},
+    {"aligned new", false,
+     [](size_t n, size_t a) {
+       return ::operator new(n, std::align_val_t{a});
+     }},
+    {"aligned new[]", false,
+     [](size_t n, size_t a) {
+       return ::operator new[](n, std::align_val_t{a});
+     }},
+    {"aligned new nothrow", true,
+     [](size_t n, size_t a) {
+       return ::operator new(n, std::align_val_t{a}, std::nothrow);
+     }},
+    {"aligned new[] nothrow", true,
+     [](size_t n, size_t a) {
+       return ::operator new[](n, std::align_val_t{a}, std::nothrow);
+     }},
+};
 
-  // A handler is called until it removes itself, then bad_alloc.
-  handler_calls = 0;
-  std::set_new_handler(give_up_after_three);
-  threw = false;
+// Runs a form that must fail; true when it failed as its kind should.
+bool fails_properly(const Form &form, size_t size, size_t alignment) {
   try {
-    void *p = ::operator new(kTooMuch);
-    ::operator delete(p);
+    void *p = form.call(size, alignment);
+    if (p != nullptr) {
+      std::fprintf(stderr, "%s: got a block\n", form.name);
+      return false;
+    }
+    return form.nothrow;
   } catch (const std::bad_alloc &) {
-    threw = true;
+    return !form.nothrow;
   }
-  CHECK(threw && handler_calls == 3);
-  handler_calls = 0;
+}
+
+void throw_bad_alloc_from_handler() {
+  handler_calls++;
+  throw std::bad_alloc();
+}
+
+void check_failures() {
+  for (const Form &form : kForms) {
+    // No handler: bad_alloc, or null from the nothrow forms.
+    if (!fails_properly(form, kTooMuch, 64)) {
+      std::fprintf(stderr, "%s of too much: wrong failure\n", form.name);
+      std::exit(1);
+    }
+    // A handler is called until it removes itself.
+    handler_calls = 0;
+    std::set_new_handler(give_up_after_three);
+    CHECK(fails_properly(form, kTooMuch, 64) && handler_calls == 3);
+    // A handler that throws bad_alloc: a nothrow form returns null.
+    handler_calls = 0;
+    std::set_new_handler(throw_bad_alloc_from_handler);
+    CHECK(fails_properly(form, kTooMuch, 64) && handler_calls == 1);
+    std::set_new_handler(nullptr);
+  }
+  // An alignment that is no power of two fails at once, handler or not.
   std::set_new_handler(give_up_after_three);
-  CHECK(::operator new(kTooMuch, std::nothrow) == nullptr);
-  CHECK(handler_calls == 3);
+  for (const Form &form : kForms) {
+    if (std::strstr(form.name, "aligned") == nullptr)
+      continue;
+    for (size_t alignment : {size_t(0), size_t(3), size_t(48)}) {
+      handler_calls = 0;
+      if (!fails_properly(form, 100, alignment) || handler_calls != 0) {
+        std::fprintf(stderr, "%s with alignment %zu: wrong failure\n",
+                     form.name, alignment);
+        std::exit(1);
+      }
+    }
+  }
+  std::set_new_handler(nullptr);
 
   // A handler that makes room: the new after it succeeds. A task heap's
   // limit is the room, a block of it the reserve the handler gives back.
