@@ -262,7 +262,7 @@ void zk_stats_json(FILE *out);
 typedef enum zk_option {
   ZK_OPTION_PURGE_DELAY_MS, /* default 1000; free spans purged after */
   ZK_OPTION_PURGE_DECOMMIT, /* default 1: MADV_DONTNEED; 0: MADV_FREE */
-  ZK_OPTION_HUGE_PAGES,     /* zk_huge_pages_t, default ZK_HUGE_PAGES_DENSE */
+  ZK_OPTION_HUGE_PAGES,     /* zk_huge_pages_t, default ZK_HUGE_PAGES_OFF */
   ZK_OPTION_SECURE,         /* default 0; 1 = full checks, guard pages */
   ZK_OPTION_ON_ERROR,       /* default 0 = abort; 1 = warn and leak */
   ZK_OPTION_SHOW_STATS,     /* default 0; 1 = print stats at exit */
@@ -283,9 +283,9 @@ typedef enum zk_huge_pages {
   /* "reserved": MAP_HUGETLB from the system's reserved pages, falling back
    * to transparent */
   ZK_HUGE_PAGES_RESERVED = 2,
-  /* "dense": a 2 MiB half of a segment full of small blocks (up to 4 KiB)
-   * is collapsed into a transparent huge page (Linux 6.1+), split again
-   * when part of it goes back to the OS */
+  /* "dense": advised only for the 2 MiB halves of segments at least 7/8
+   * carved into small blocks (up to 4 KiB), the advice withdrawn before a
+   * purge in the half */
   ZK_HUGE_PAGES_DENSE = 3,
 } zk_huge_pages_t;
 

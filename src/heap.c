@@ -477,8 +477,7 @@ static void arena_release(heap_t *heap, page_t *arena) {
 }
 
 static page_t *arena_new(heap_t *heap) {
-  page_t *arena =
-      segment_span_alloc(1, PAGE_ARENA, false, heap_home_segment(heap));
+  page_t *arena = segment_span_alloc(1, PAGE_ARENA, heap_home_segment(heap));
   if (arena == NULL)
     return NULL;
   track_defined(arena->start, ARENA_TABLE_BYTES);
@@ -1302,12 +1301,7 @@ static page_t *heap_find_page(heap_t *heap, unsigned class_index) {
      * blocks returned, a page out of `full`): that page before a new one. */
     if (queue->first != NULL)
       return heap_find_page(heap, class_index);
-    /* Dense (segment.c, "dense halves"): blocks no larger than an OS
-     * page, so that each of its OS pages is touched once every block was
-     * handed out; not a task's, which its destroy frees at once. */
     page = segment_span_alloc(class_page_slices[class_index], PAGE_SMALL,
-                              heap->task == NULL &&
-                                  class_block_size[class_index] <= OS_PAGE_SIZE,
                               heap_home_segment(heap));
     if (page == NULL)
       return NULL;

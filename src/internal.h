@@ -251,7 +251,23 @@ ZK_INLINE page_kind_t page_kind(const page_t *page) {
   return (page_kind_t)__atomic_load_n(&page->kind, __ATOMIC_RELAXED);
 }
 
+/* A thread heap's small page of blocks no larger than an OS page: each of
+ * its OS pages is touched once its blocks have all been handed out, so the
+ * blocks it carves count as dense memory (segment.c, "dense halves"). */
+ZK_INLINE bool page_dense(const page_t *page) {
+  return page->task == NULL && !page->secure &&
+         page->block_size <= 4096 /* OS_PAGE_SIZE */ &&
+         page_kind(page) == PAGE_SMALL;
+}
+
 typedef enum segment_kind { SEGMENT_NORMAL = 1, SEGMENT_HUGE } segment_kind_t;
+
+/* A segment half's advice (segment.c, "dense halves"). */
+typedef enum segment_half_state {
+  HALF_SMALL = 0,   /* none: 4 KiB pages */
+  HALF_HUGE = 1,    /* advised for transparent huge pages */
+  HALF_REFUSED = 2, /* the kernel refused: not tried again until a purge */
+} segment_half_state_t;
 
 struct segment {
   uintptr_t cookie; /* address ^ process secret: masking found a header */
@@ -266,10 +282,12 @@ struct segment {
   /* HUGE: the block was assembled from several freed mappings, moved side
    * by side, and is as many kernel mappings. */
   uint8_t several_mappings;
-  /* NORMAL: whether each 2 MiB half is collapsed into a huge page, and
-   * which slices hold dense spans (segment.c, "dense halves"). */
+  /* NORMAL: each 2 MiB half's segment_half_state_t, when a purge last split
+   * it, and the bytes of dense pages carved in it (segment.c, "dense
+   * halves"). */
   uint8_t half_state[2];
-  uint64_t dense_slices;
+  uint64_t half_split_ms[2];
+  _Atomic uint32_t half_carved[2];
   uint32_t used_slices;
   size_t mapped_size;
   uint64_t free_since_ms; /* all slices free since (NORMAL) */
@@ -567,11 +585,12 @@ ZK_INLINE page_t *segment_page_of(segment_t *segment, const void *p) {
   uintptr_t back = (uintptr_t)((const page_t *)address)->slice_offset;
   return (page_t *)(address - back * sizeof(page_t));
 }
-/* home: the caller's preferred segment (a heap's), updated; or NULL.
- * dense: the span's memory will be touched throughout as it is used, so
- * it may share a huge page (segment.c, "dense halves"). */
-page_t *segment_span_alloc(size_t slices, page_kind_t kind, bool dense,
-                           segment_t **home);
+/* home: the caller's preferred segment (a heap's), updated; or NULL. */
+page_t *segment_span_alloc(size_t slices, page_kind_t kind, segment_t **home);
+/* `bytes` from `start` carved into blocks of a dense page (page_dense):
+ * counted in their segment's halves, which may collapse into huge pages
+ * (segment.c, "dense halves"). Called by the page's owner, no lock held. */
+void segment_carved(page_t *page, uint8_t *start, size_t bytes);
 /* The longest span a segment can give (secure segments keep a guard
  * slice). */
 size_t segment_span_max_slices(void);

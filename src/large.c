@@ -92,9 +92,8 @@ static void large_cache_release(page_t *span) {
 static void *large_alloc_guarded(heap_t *heap, size_t size) {
   size_t rounded = (size + 15) & ~(size_t)15;
   size_t slices = (rounded + OS_PAGE_SIZE + SLICE_SIZE - 1) >> SLICE_SHIFT;
-  page_t *span =
-      segment_span_alloc(slices, PAGE_LARGE, false,
-                         heap == &heap_empty ? NULL : heap_home_segment(heap));
+  page_t *span = segment_span_alloc(
+      slices, PAGE_LARGE, heap == &heap_empty ? NULL : heap_home_segment(heap));
   if (span == NULL) {
     errno = ENOMEM;
     return NULL;
@@ -128,7 +127,7 @@ static void *large_alloc_any(heap_t *heap, size_t size, size_t alignment) {
   page_t *span = large_cache_take(heap, slices);
   if (span == NULL) {
     purge_maybe();
-    span = segment_span_alloc(slices, PAGE_LARGE, false,
+    span = segment_span_alloc(slices, PAGE_LARGE,
                               heap == &heap_empty ? NULL
                                                   : heap_home_segment(heap));
     if (span == NULL) {

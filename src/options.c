@@ -24,7 +24,7 @@ static const option_descriptor_t option_table[ZK_OPTION_COUNT] = {
     [ZK_OPTION_PURGE_DECOMMIT] =
         {"PURGE_DECOMMIT", 1, 1, {"dontneed", "free"}, {1, 0}},
     [ZK_OPTION_HUGE_PAGES] = {"HUGE_PAGES",
-                              ZK_HUGE_PAGES_DENSE,
+                              ZK_HUGE_PAGES_OFF,
                               ZK_HUGE_PAGES_DENSE,
                               {"reserved", "transparent", "dense"},
                               {ZK_HUGE_PAGES_RESERVED,
@@ -39,7 +39,6 @@ static const option_descriptor_t option_table[ZK_OPTION_COUNT] = {
 long option_values[ZK_OPTION_COUNT] = {
     [ZK_OPTION_PURGE_DELAY_MS] = 1000,
     [ZK_OPTION_PURGE_DECOMMIT] = 1,
-    [ZK_OPTION_HUGE_PAGES] = ZK_HUGE_PAGES_DENSE,
 };
 
 static bool option_parse(const option_descriptor_t *descriptor,

@@ -109,14 +109,12 @@ bool os_purge(void *address, size_t size, bool decommit) {
   return purged;
 }
 
-#ifndef MADV_COLLAPSE
-#define MADV_COLLAPSE 25 /* Linux 6.1; headers before glibc 2.37 lack it */
-#endif
-int os_collapse_huge(void *address, size_t size) {
+bool os_advise_huge(void *address, size_t size, bool huge) {
   int saved_errno = errno;
-  int error = madvise(address, size, MADV_COLLAPSE) == 0 ? 0 : errno;
+  bool done =
+      madvise(address, size, huge ? MADV_HUGEPAGE : MADV_NOHUGEPAGE) == 0;
   errno = saved_errno;
-  return error;
+  return done;
 }
 
 bool os_protect(void *address, size_t size, bool accessible) {

@@ -46,10 +46,9 @@ bool os_release(void *address, size_t size);
 bool os_purge(void *address, size_t size, bool decommit);
 /* Make a range inaccessible (a guard page) or accessible again. */
 bool os_protect(void *address, size_t size, bool accessible);
-/* Back the range (2 MiB aligned) with transparent huge pages now,
- * copying what it holds (MADV_COLLAPSE): 0, or the kernel's error (EINVAL:
- * a kernel without it, before 6.1). */
-int os_collapse_huge(void *address, size_t size);
+/* Transparent huge pages for the range, or none (MADV_HUGEPAGE or
+ * MADV_NOHUGEPAGE); false where the kernel refuses. */
+bool os_advise_huge(void *address, size_t size, bool huge);
 /* Grow or shrink a mapping in place; false if the neighbours are taken. */
 bool os_resize_in_place(void *address, size_t old_size, size_t new_size);
 /* Move a mapping to a fresh region aligned to `alignment` without copying

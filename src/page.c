@@ -334,6 +334,8 @@ bool page_extend(page_t *page) {
   page->free = next;
   /* Read by other threads' frees to validate pointers. */
   __atomic_store_n(&page->capacity, page->capacity + batch, __ATOMIC_RELAXED);
+  if (page_dense(page))
+    segment_carved(page, first, (size_t)batch * page->block_size);
   return true;
 }
 

@@ -226,7 +226,7 @@ static page_t *pool_page_new(zk_pool_t *pool, size_t min_objects) {
     slices = needed;
   if (slices > max_slices)
     slices = max_slices;
-  page_t *page = segment_span_alloc(slices, PAGE_POOL, false, NULL);
+  page_t *page = segment_span_alloc(slices, PAGE_POOL, NULL);
   if (page == NULL)
     return NULL;
   page->pool = pool;

@@ -177,124 +177,151 @@ static bool segment_guard(segment_t *segment) {
   return true;
 }
 
-/* ---- dense halves: ZKMEM_HUGE_PAGES=dense, the default ----
+/* ---- dense halves: ZKMEM_HUGE_PAGES=dense ----
  *
- * A 2 MiB half of a segment whose slices all hold dense spans (and the
- * header) is collapsed into one transparent huge page (MADV_COLLAPSE,
- * Linux 6.1): one TLB entry then covers what took 512. Dense spans are a
- * thread heap's small pages of blocks no larger than an OS page (heap.c):
- * handed out block by block, each of their OS pages is touched once every
- * block was used. Halves with other spans stay in 4 KiB pages: a large
- * block, or one of a 64 KiB class, may be touched only in part, and
- * advising halves for huge pages at their first touch took the mixed
- * scenario's RSS from 24 to 64 MiB. In the server scenario, whose time
- * goes to reads of random blocks among 10 MiB, huge pages ran 1.07x to
- * 1.20x the 4 KiB ones side by side. The collapse copies the half once,
- * in the thread whose span completed it, with no lock held (about 0.5 ms a
- * half here). A purge of part of the half splits the huge page again, and
- * the half may collapse again once it is whole again. Not for secure
- * segments (guard pages split the half), nor where the kernel refuses
- * (before 6.1: never tried again) or transparent huge pages are set to
- * "never". */
-#define HALF_SLICES (SLICES_PER_SEGMENT / 2)
-enum {
-  HALF_SMALL = 0,      /* 4 KiB pages */
-  HALF_COLLAPSING = 1, /* a thread is collapsing it: no purge meanwhile */
-  HALF_HUGE = 2,       /* collapsed */
-  HALF_REFUSED = 3,    /* the kernel refused: not tried again until a purge */
-};
-_Static_assert(SLICES_PER_SEGMENT == 64, "one bit a slice in dense_slices");
+ * A 2 MiB half of a segment at least 7/8 of which dense pages have carved
+ * into blocks is advised for transparent huge pages (MADV_HUGEPAGE), and
+ * the kernel's khugepaged collapses it in the background, off the
+ * program's threads: one TLB entry then covers what took 512. Dense pages
+ * are thread heaps' small pages of blocks no larger than an OS page
+ * (page_dense): a block is carved when it is first handed out, and each OS
+ * page of such blocks is touched once its blocks are, so a collapse, which
+ * fills the holes of the range, adds at most an eighth of the half to the
+ * RSS. What else a half holds keeps it in 4 KiB pages: a large block, or
+ * one of a 64 KiB class, may be touched only in part (advising halves at
+ * their first touch took the mixed scenario's RSS from 24 to 64 MiB), and
+ * so may a page just begun (advising once a half's spans were merely taken
+ * grew the RSS of 16 threads with a block of each small class by 33 MiB).
+ * Collapsing the half at once instead (MADV_COLLAPSE, in the thread whose
+ * carving crossed the mark) copied 2 MiB in about 2 ms: the server scenario
+ * ran 1.07x, but a heap growing by a million 64 B blocks 0.39x and the
+ * producer/consumer batches 0.90x. A purge in an advised half withdraws the
+ * advice (MADV_NOHUGEPAGE) before it returns the pages, so that the
+ * background collapse does not bring them back; the half is advised again
+ * when its carved bytes cross the mark again, but not within four purge
+ * delays of the withdrawal, and never with a delay of 0. Only where
+ * transparent huge pages are "madvise": "always" gives them everywhere
+ * anyway, "never" nowhere; not for secure segments (guard pages split the
+ * half). The advice is a flag on the kernel's mapping, given and withdrawn
+ * under segment_lock like the purges it orders with.
+ *
+ * Opt-in, not the default: khugepaged scans 16 MiB every 10 s by default,
+ * so a run of seconds gains nothing (the benchmark's server runs last 0.1
+ * s), and in 30 s server runs, where it had collapsed 10 MiB by the 20th
+ * second, two runs measured +15% and -14% against 4 KiB pages, within this
+ * machine's noise; each advised half is also a kernel mapping of its own.
+ * Huge pages themselves pay here: the server scenario with every segment
+ * in huge pages from the start (ZKMEM_HUGE_PAGES=transparent) ran 1.04x to
+ * 1.20x tcmalloc where 4 KiB pages ran 0.97x to 1.00x, at 18.9 MiB of RSS
+ * against 15.1. */
+#define HALF_BYTES       (SEGMENT_SIZE / 2)
+#define HALF_DENSE_BYTES (HALF_BYTES - HALF_BYTES / 8)
 
-/* -1 unknown, 0 no, 1 yes: whether collapsing is worth trying here. */
-static _Atomic int collapse_supported = -1;
+/* -1 unknown, 0 no, 1 yes: whether advising is worth trying here. */
+static _Atomic int advice_useful = -1;
 
-static bool collapse_allowed(void) {
-  int known = atomic_load_explicit(&collapse_supported, memory_order_relaxed);
+static bool advice_allowed(void) {
+  int known = atomic_load_explicit(&advice_useful, memory_order_relaxed);
   if (known >= 0)
     return known != 0;
-  int allowed = 1;
+  int allowed = 0;
   int fd =
       open("/sys/kernel/mm/transparent_hugepage/enabled", O_RDONLY | O_CLOEXEC);
   if (fd >= 0) {
     char text[128] = {0};
     ssize_t got = read(fd, text, sizeof(text) - 1);
     close(fd);
-    if (got > 0 && strstr(text, "[never]") != NULL)
-      allowed = 0;
+    allowed = got > 0 && strstr(text, "[madvise]") != NULL;
   }
-  atomic_store_explicit(&collapse_supported, allowed, memory_order_relaxed);
+  atomic_store_explicit(&advice_useful, allowed, memory_order_relaxed);
   return allowed != 0;
 }
 
-static uint64_t slice_bits(size_t first, size_t count) {
-  uint64_t ones = count >= 64 ? ~UINT64_C(0) : (UINT64_C(1) << count) - 1;
-  return ones << first;
-}
-
-static uint64_t half_bits(unsigned half) {
-  return slice_bits(half * HALF_SLICES, HALF_SLICES);
-}
-
-/* After a span was taken: the halves it made whole that may collapse, as
- * a bit mask, marked HALF_COLLAPSING (segment_lock held). */
-static unsigned halves_to_collapse(segment_t *segment, size_t first,
-                                   size_t count, bool dense) {
-  if (!dense)
-    return 0;
-  uint64_t span = slice_bits(first, count);
-  segment->dense_slices |= span;
-  if (option(ZK_OPTION_HUGE_PAGES) != ZK_HUGE_PAGES_DENSE ||
-      segment->huge_pages != 0 || segment->guarded)
-    return 0;
-  unsigned mask = 0;
+/* Counts carved bytes [start, start + bytes) in or out of the halves they
+ * lie in; the halves whose count reached the mark, as a bit mask. */
+static unsigned halves_count_carved(segment_t *segment, const uint8_t *start,
+                                    size_t bytes, bool carved) {
+  unsigned reached = 0;
+  const uint8_t *middle = (const uint8_t *)segment + HALF_BYTES;
   for (unsigned half = 0; half < 2; half++) {
-    uint64_t bits = half_bits(half);
-    if ((span & bits) != 0 && (segment->dense_slices & bits) == bits &&
-        segment->half_state[half] == HALF_SMALL) {
-      segment->half_state[half] = HALF_COLLAPSING;
-      mask |= 1u << half;
+    const uint8_t *low = half == 0 ? start : (start > middle ? start : middle);
+    const uint8_t *high =
+        half == 0 ? (start + bytes < middle ? start + bytes : middle)
+                  : start + bytes;
+    if (low >= high)
+      continue;
+    uint32_t part = (uint32_t)(high - low);
+    if (!carved) {
+      atomic_fetch_sub_explicit(&segment->half_carved[half], part,
+                                memory_order_relaxed);
+      continue;
+    }
+    uint32_t before = atomic_fetch_add_explicit(&segment->half_carved[half],
+                                                part, memory_order_relaxed);
+    if (before < HALF_DENSE_BYTES && before + part >= HALF_DENSE_BYTES)
+      reached |= 1u << half;
+  }
+  return reached;
+}
+
+void segment_carved(page_t *page, uint8_t *start, size_t bytes) {
+  segment_t *segment = segment_of(page);
+  unsigned reached = halves_count_carved(segment, start, bytes, true);
+  if (likely(reached == 0))
+    return;
+  uint64_t delay = (uint64_t)option(ZK_OPTION_PURGE_DELAY_MS);
+  if (option(ZK_OPTION_HUGE_PAGES) != ZK_HUGE_PAGES_DENSE || delay == 0 ||
+      !advice_allowed())
+    return;
+  pthread_mutex_lock(&segment_lock);
+  for (unsigned half = 0; half < 2; half++) {
+    if (!(reached & (1u << half)) || segment->half_state[half] != HALF_SMALL ||
+        segment->huge_pages != 0 || segment->guarded ||
+        (segment->half_split_ms[half] != 0 &&
+         clock_now_ms() - segment->half_split_ms[half] < 4 * delay))
+      continue;
+    if (os_advise_huge((uint8_t *)segment + half * HALF_BYTES, HALF_BYTES,
+                       true)) {
+      segment->half_state[half] = HALF_HUGE;
+      bytes_huge_backed += HALF_BYTES;
+    } else {
+      segment->half_state[half] = HALF_REFUSED;
     }
   }
-  return mask;
+  pthread_mutex_unlock(&segment_lock);
 }
 
-/* With no lock held: the caller's span keeps the segment mapped. */
-static void halves_collapse(segment_t *segment, unsigned mask) {
-  for (unsigned half = 0; half < 2; half++) {
-    if (!(mask & (1u << half)))
-      continue;
-    bool collapsed = false;
-    if (collapse_allowed()) {
-      int error = os_collapse_huge(
-          (uint8_t *)segment + half * (SEGMENT_SIZE / 2), SEGMENT_SIZE / 2);
-      collapsed = error == 0;
-      if (error == EINVAL)
-        atomic_store_explicit(&collapse_supported, 0, memory_order_relaxed);
+/* A dense page leaving its span: its carved blocks no longer count. They
+ * run from carve_first to the end of the span, then from its start. */
+static void halves_uncount_page(page_t *page) {
+  if (!page_dense(page) || page->capacity == 0)
+    return;
+  segment_t *segment = segment_of(page);
+  uint32_t to_end = page->reserved - page->carve_first;
+  uint32_t first = page->capacity < to_end ? page->capacity : to_end;
+  halves_count_carved(
+      segment, page->start + (size_t)page->carve_first * page->block_size,
+      (size_t)first * page->block_size, false);
+  if (page->capacity > first)
+    halves_count_carved(segment, page->start,
+                        (size_t)(page->capacity - first) * page->block_size,
+                        false);
+}
+
+/* Before a purge of [first, first + count): the advice of the halves it
+ * touches withdrawn (segment_lock held). */
+static void halves_before_purge(segment_t *segment, size_t first, size_t count,
+                                uint64_t now_ms) {
+  unsigned low = first >= SLICES_PER_SEGMENT / 2;
+  unsigned high = first + count - 1 >= SLICES_PER_SEGMENT / 2;
+  for (unsigned half = low; half <= high; half++) {
+    if (segment->half_state[half] == HALF_HUGE) {
+      os_advise_huge((uint8_t *)segment + half * HALF_BYTES, HALF_BYTES, false);
+      bytes_huge_backed -= HALF_BYTES;
+      segment->half_split_ms[half] = now_ms != 0 ? now_ms : 1;
     }
-    pthread_mutex_lock(&segment_lock);
-    segment->half_state[half] = collapsed ? HALF_HUGE : HALF_REFUSED;
-    if (collapsed)
-      bytes_huge_backed += SEGMENT_SIZE / 2;
-    pthread_mutex_unlock(&segment_lock);
-  }
-}
-
-/* Before a purge of [first, first + count): false while a half of it is
- * being collapsed (the purge waits for a later pass: the collapse would
- * bring the pages back); a huge half is about to be split (segment_lock
- * held). */
-static bool halves_purgeable(segment_t *segment, size_t first, size_t count) {
-  uint64_t span = slice_bits(first, count);
-  for (unsigned half = 0; half < 2; half++) {
-    if ((span & half_bits(half)) == 0)
-      continue;
-    if (segment->half_state[half] == HALF_COLLAPSING)
-      return false;
-    if (segment->half_state[half] == HALF_HUGE)
-      bytes_huge_backed -= SEGMENT_SIZE / 2;
     segment->half_state[half] = HALF_SMALL;
   }
-  return true;
 }
 
 static segment_t *segment_map_new(void) {
@@ -313,7 +340,6 @@ static segment_t *segment_map_new(void) {
   segment->mapped_size = SEGMENT_SIZE;
   segment_pages(segment)[0].kind = PAGE_HEADER;
   segment_pages(segment)[0].slice_count = 1;
-  segment->dense_slices = 1; /* the header */
   size_t usable = SEGMENT_USABLE_SLICES;
   if (option(ZK_OPTION_SECURE) && segment_guard(segment)) {
     segment->guarded = 1;
@@ -381,8 +407,7 @@ size_t segment_span_max_slices(void) {
                                   : SEGMENT_USABLE_SLICES;
 }
 
-page_t *segment_span_alloc(size_t slices, page_kind_t kind, bool dense,
-                           segment_t **home) {
+page_t *segment_span_alloc(size_t slices, page_kind_t kind, segment_t **home) {
   if (slices == 0 || slices > SEGMENT_USABLE_SLICES) {
     errno = ENOMEM;
     return NULL;
@@ -450,11 +475,7 @@ page_t *segment_span_alloc(size_t slices, page_kind_t kind, bool dense,
   span->huge_pages = huge_pages;
   span->start = slice_address(span);
   span_mark(span, slices);
-  unsigned collapse =
-      halves_to_collapse(segment, slice_index(span), slices, dense);
   pthread_mutex_unlock(&segment_lock);
-  if (collapse != 0)
-    halves_collapse(segment, collapse);
   errno = saved_errno;
   return span;
 }
@@ -467,6 +488,7 @@ void segment_span_free(page_t *span) {
  * its delay from then. */
 void segment_span_free_since(page_t *span, uint64_t now) {
   size_t slices = span->slice_count;
+  halves_uncount_page(span);
   if (span->secure) /* its last OS page was a guard (page.c, large.c) */
     os_protect(slice_address(span) + (slices << SLICE_SHIFT) - OS_PAGE_SIZE,
                OS_PAGE_SIZE, true);
@@ -476,7 +498,6 @@ void segment_span_free_since(page_t *span, uint64_t now) {
   pthread_mutex_lock(&segment_lock);
   segment_t *segment = segment_of(span);
   segment->used_slices -= (uint32_t)slices;
-  segment->dense_slices &= ~slice_bits(slice_index(span), slices);
   span->kind = PAGE_FREE_SPAN;
   span->purged = purged;
   span->is_zero = purged && span->is_zero;
@@ -914,8 +935,8 @@ static size_t span_purge_due(page_t *span, uint64_t now_ms, uint64_t delay,
   if (span->purged || (!force && now_ms - span->free_since_ms < delay))
     return 0;
   uint8_t *start = slice_address(span);
-  if (!halves_purgeable(segment_of(span), slice_index(span), span->slice_count))
-    return 0;
+  halves_before_purge(segment_of(span), slice_index(span), span->slice_count,
+                      now_ms);
   if (!os_purge(start, span_bytes(span), decommit)) {
     span->free_since_ms = now_ms;
     return 0;

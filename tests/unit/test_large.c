@@ -58,7 +58,7 @@ void *mremap(void *old_address, size_t old_size, size_t new_size, int flags,
 
 /* One place that knows the span layer's allocation signature. */
 static page_t *span_alloc(size_t slices) {
-  return segment_span_alloc(slices, PAGE_LARGE, false, NULL);
+  return segment_span_alloc(slices, PAGE_LARGE, NULL);
 }
 
 static size_t rss_now(void) {
@@ -1231,42 +1231,37 @@ static void test_huge_pages(void) {
     CHECK_EQ(stats.segments_mapped, 0);
     CHECK_EQ(stats.bytes_huge_pages, 0);
   }
-  CHECK(zk_option_set(ZK_OPTION_HUGE_PAGES, ZK_HUGE_PAGES_DENSE) == 0);
+  CHECK(zk_option_set(ZK_OPTION_HUGE_PAGES, ZK_HUGE_PAGES_OFF) == 0);
 }
 
-/* AnonHugePages of the mapping holding `address` in /proc/self/smaps, in
- * KiB (-1: no such mapping). */
-static long mapping_huge_kib(const void *address) {
+/* Whether the VmFlags of the mapping holding `address` in /proc/self/smaps
+ * has `flag` (hg: MADV_HUGEPAGE, nh: MADV_NOHUGEPAGE); -1 when the mapping
+ * is not found. */
+static int mapping_has_flag(const void *address, const char *flag) {
   FILE *smaps = fopen("/proc/self/smaps", "r");
   CHECK(smaps != NULL);
   char line[512];
   bool inside = false;
-  long found = -1;
+  int found = -1;
   while (found < 0 && fgets(line, sizeof(line), smaps) != NULL) {
     unsigned long start, end;
-    long kib;
-    if (sscanf(line, "%lx-%lx ", &start, &end) == 2 && line[0] != 'V')
+    if (sscanf(line, "%lx-%lx ", &start, &end) == 2 && line[0] != 'V') {
       inside = (uintptr_t)address >= start && (uintptr_t)address < end;
-    else if (inside && sscanf(line, "AnonHugePages: %ld kB", &kib) == 1)
-      found = kib;
+    } else if (inside && strncmp(line, "VmFlags:", 8) == 0) {
+      char padded[520], wanted[8];
+      snprintf(padded, sizeof(padded), "%s ", line + 8);
+      padded[strcspn(padded, "\n")] = ' ';
+      snprintf(wanted, sizeof(wanted), " %s ", flag);
+      found = strstr(padded, wanted) != NULL;
+    }
   }
   fclose(smaps);
   return found;
 }
 
-/* Whether this kernel collapses a range of ours into a huge page: a
- * kernel before 6.1, or transparent huge pages set to "never", does not. */
-static bool kernel_collapses(void) {
-  size_t size = SEGMENT_SIZE;
-  uint8_t *raw = mmap(NULL, 2 * size, PROT_READ | PROT_WRITE,
-                      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  CHECK(raw != MAP_FAILED);
-  uint8_t *aligned =
-      (uint8_t *)(((uintptr_t)raw + size - 1) & ~(uintptr_t)(size - 1));
-  memset(aligned, 1, size);
-  bool collapses = os_collapse_huge(aligned, size) == 0 &&
-                   mapping_huge_kib(aligned) >= (long)(size >> 10);
-  munmap(raw, 2 * size);
+/* The transparent huge page setting, "madvise" here: only there does the
+ * dense mode advise. */
+static bool thp_madvise(void) {
   FILE *setting = fopen("/sys/kernel/mm/transparent_hugepage/enabled", "r");
   char text[128] = "";
   if (setting != NULL) {
@@ -1274,7 +1269,7 @@ static bool kernel_collapses(void) {
       text[0] = '\0';
     fclose(setting);
   }
-  return collapses && strstr(text, "[never]") == NULL;
+  return strstr(text, "[madvise]") != NULL;
 }
 
 /* 1000 B blocks from the calling thread's heap while they come from the
@@ -1322,37 +1317,90 @@ static size_t huge_bytes_now(void) {
   return stats.bytes_huge_pages;
 }
 
+/* Halves of `segment` advised, checked against the statistics and the
+ * kernel's flags. */
+static int dense_halves_advised(segment_t *segment) {
+  int advised = 0;
+  for (int half = 0; half < 2; half++) {
+    uint8_t *start = (uint8_t *)segment + half * (SEGMENT_SIZE / 2);
+    bool huge = segment->half_state[half] == HALF_HUGE;
+    advised += huge;
+    CHECK_EQ(mapping_has_flag(start, "hg"), huge);
+  }
+  CHECK_EQ(huge_bytes_now(), (size_t)advised * (SEGMENT_SIZE / 2));
+  return advised;
+}
+
+/* Resident OS pages of [start, start + size). */
+static size_t resident_pages(const void *start, size_t size) {
+  static unsigned char vector[SEGMENT_SIZE / 4096];
+  CHECK(size / 4096 <= sizeof(vector));
+  CHECK(mincore((void *)start, size, vector) == 0);
+  size_t resident = 0;
+  for (size_t i = 0; i < size / 4096; i++)
+    resident += vector[i] & 1;
+  return resident;
+}
+
 /* Each in a thread of its own, whose heap starts in a fresh segment. */
 static void *dense_cycles(void *unused) {
   (void)unused;
   segment_t *segment = dense_fill();
-  long huge_kib = mapping_huge_kib(segment);
-  printf("dense: a segment of 1000 B blocks: %zu MiB collapsed, %ld KiB in "
-         "huge pages\n",
-         huge_bytes_now() >> 20, huge_kib);
-  CHECK_EQ(huge_bytes_now(), SEGMENT_SIZE);
-  CHECK(huge_kib >= (long)(SEGMENT_SIZE >> 10));
+  CHECK_EQ(dense_halves_advised(segment), 2);
   void *first = dense_blocks[0];
   CHECK(all_bytes_are(first, 1000, 0x3c));
 
-  /* Purged in part: split, and the pages returned. */
+  /* Purged in part: advice withdrawn, the pages returned. */
   dense_release();
-  CHECK_EQ(huge_bytes_now(), 0);
-  CHECK_EQ(mapping_huge_kib(segment), 0);
+  CHECK_EQ(dense_halves_advised(segment), 0);
+  for (int half = 0; half < 2; half++)
+    CHECK_EQ(
+        mapping_has_flag((uint8_t *)segment + half * (SEGMENT_SIZE / 2), "nh"),
+        1);
+  CHECK_EQ(
+      resident_pages((uint8_t *)segment + SEGMENT_SIZE / 2, SEGMENT_SIZE / 2),
+      0);
   CHECK(all_bytes_are(first, 1000, 0x3c));
 
-  /* Whole again: collapsed again. */
+  /* Dense again at once: not advised within four purge delays of the
+   * withdrawal; after them, advised again. */
+  void *first_before = first;
   CHECK(dense_fill() == segment);
-  CHECK_EQ(huge_bytes_now(), SEGMENT_SIZE);
+  CHECK_EQ(dense_halves_advised(segment), 0);
+  dense_release();
+  zk_free(dense_blocks[0]);
+  sleep_ms(4 * zk_option_get(ZK_OPTION_PURGE_DELAY_MS) + 50);
+  CHECK(dense_fill() == segment);
+  CHECK_EQ(dense_halves_advised(segment), 2);
   for (int i = 0; i < dense_count; i++)
     CHECK(all_bytes_are(dense_blocks[i], 1000, 0x3c));
   dense_release();
   zk_free(dense_blocks[0]);
-  zk_free(first);
+  zk_free(first_before);
   return NULL;
 }
 
-/* A half with a large block in it stays in small pages. */
+/* A block of each class up to 4 KiB: a half of pages begun, hardly
+ * carved, is not advised. */
+static void *dense_sparse(void *unused) {
+  (void)unused;
+  static void *blocks[4096 / 16];
+  int count = 0;
+  for (size_t size = 16; size <= 4096; size += 16) {
+    blocks[count] = zk_malloc(size);
+    CHECK(blocks[count] != NULL);
+    memset(blocks[count], 1, 1);
+    count++;
+  }
+  segment_t *segment = segment_of(blocks[0]);
+  CHECK(segment->used_slices >= SLICES_PER_SEGMENT / 2);
+  CHECK_EQ(dense_halves_advised(segment), 0);
+  for (int i = 0; i < count; i++)
+    zk_free(blocks[i]);
+  return NULL;
+}
+
+/* A half more than an eighth of which is a large block is not advised. */
 static void *dense_with_large(void *unused) {
   (void)unused;
   void *large = zk_malloc(300 << 10);
@@ -1360,19 +1408,19 @@ static void *dense_with_large(void *unused) {
   memset(large, 7, 4096);
   segment_t *segment = dense_fill();
   CHECK(segment_of(large) == segment);
-  CHECK_EQ(huge_bytes_now(), SEGMENT_SIZE / 2);
+  CHECK_EQ(dense_halves_advised(segment), 1);
+  CHECK(segment->half_state[0] == HALF_SMALL);
   dense_release();
   zk_free(dense_blocks[0]);
   zk_free(large);
   return NULL;
 }
 
-/* Mode off: nothing collapsed. */
+/* Mode off: nothing advised. */
 static void *dense_off(void *unused) {
   (void)unused;
   segment_t *segment = dense_fill();
-  CHECK_EQ(huge_bytes_now(), 0);
-  CHECK_EQ(mapping_huge_kib(segment), 0);
+  CHECK_EQ(dense_halves_advised(segment), 0);
   dense_release();
   zk_free(dense_blocks[0]);
   return NULL;
@@ -1384,28 +1432,32 @@ static void run_in_thread(void *(*body)(void *)) {
   CHECK(pthread_join(thread, NULL) == 0);
 }
 
-/* ZKMEM_HUGE_PAGES=dense, the default: a 2 MiB half of a segment all in
- * small pages is collapsed into a huge page, contents kept; a purge in it
- * splits it and returns the pages; whole again, it collapses again; a half
- * holding a large block, or mode off, collapses nothing. */
+/* ZKMEM_HUGE_PAGES=dense: a 2 MiB half of a segment 7/8 of
+ * which is carved small blocks is advised for huge pages; a purge in it
+ * withdraws the advice and returns the pages; dense again, it is advised
+ * again, but not within four purge delays; pages begun but hardly carved,
+ * a large block in the half, or mode off: no advice. */
 static void test_huge_pages_dense(void) {
-  CHECK_EQ(zk_option_get(ZK_OPTION_HUGE_PAGES), ZK_HUGE_PAGES_DENSE);
-  if (!kernel_collapses()) {
-    printf("this kernel does not collapse ranges into huge pages: dense "
-           "mode checked for doing nothing\n");
-    zk_collect(true);
-    run_in_thread(dense_off);
-    return;
-  }
+  CHECK(zk_option_set(ZK_OPTION_HUGE_PAGES, ZK_HUGE_PAGES_DENSE) == 0);
+  CHECK(zk_option_set(ZK_OPTION_PURGE_DELAY_MS, 50) == 0);
   zk_collect(true);
   CHECK_EQ(segments_now(), 0);
-  run_in_thread(dense_cycles);
-  zk_collect(true);
-  run_in_thread(dense_with_large);
+  if (!thp_madvise()) {
+    printf("transparent huge pages are not \"madvise\" here: dense mode "
+           "checked for doing nothing\n");
+    run_in_thread(dense_off);
+  } else {
+    run_in_thread(dense_cycles);
+    zk_collect(true);
+    run_in_thread(dense_sparse);
+    zk_collect(true);
+    run_in_thread(dense_with_large);
+    CHECK(zk_option_set(ZK_OPTION_HUGE_PAGES, ZK_HUGE_PAGES_OFF) == 0);
+    zk_collect(true);
+    run_in_thread(dense_off);
+  }
   CHECK(zk_option_set(ZK_OPTION_HUGE_PAGES, ZK_HUGE_PAGES_OFF) == 0);
-  zk_collect(true);
-  run_in_thread(dense_off);
-  CHECK(zk_option_set(ZK_OPTION_HUGE_PAGES, ZK_HUGE_PAGES_DENSE) == 0);
+  CHECK(zk_option_set(ZK_OPTION_PURGE_DELAY_MS, 1000) == 0);
   zk_collect(true);
 }
 
@@ -1433,7 +1485,7 @@ static void test_huge_pages_purge(void) {
          base >> 20, peak >> 20, after >> 20);
   for (int i = 0; i < COUNT; i += 12)
     zk_free(blocks[i]);
-  CHECK(zk_option_set(ZK_OPTION_HUGE_PAGES, ZK_HUGE_PAGES_DENSE) == 0);
+  CHECK(zk_option_set(ZK_OPTION_HUGE_PAGES, ZK_HUGE_PAGES_OFF) == 0);
   zk_collect(true);
   CHECK(after - base < (peak - base) / 2);
 }
@@ -1682,9 +1734,7 @@ static void test_stats_bytes(void) {
 
 static void test_options(void) {
   static const long defaults[ZK_OPTION_COUNT] = {
-      [ZK_OPTION_PURGE_DELAY_MS] = 1000,
-      [ZK_OPTION_PURGE_DECOMMIT] = 1,
-      [ZK_OPTION_HUGE_PAGES] = ZK_HUGE_PAGES_DENSE};
+      [ZK_OPTION_PURGE_DELAY_MS] = 1000, [ZK_OPTION_PURGE_DECOMMIT] = 1};
   for (int i = 0; i < ZK_OPTION_COUNT; i++)
     CHECK_EQ(zk_option_get((zk_option_t)i), defaults[i]);
   CHECK(zk_option_set(ZK_OPTION_PURGE_DELAY_MS, 12345) == 0);
@@ -1705,7 +1755,7 @@ static void test_options(void) {
   errno = 0;
   CHECK(zk_option_set(ZK_OPTION_HUGE_PAGES, 4) == -1 && errno == EINVAL);
   CHECK_EQ(zk_option_get(ZK_OPTION_PURGE_DELAY_MS), 12345);
-  CHECK_EQ(zk_option_get(ZK_OPTION_HUGE_PAGES), ZK_HUGE_PAGES_DENSE);
+  CHECK_EQ(zk_option_get(ZK_OPTION_HUGE_PAGES), ZK_HUGE_PAGES_OFF);
   CHECK(zk_option_set(ZK_OPTION_PURGE_DELAY_MS, 1000) == 0);
 }
 
@@ -1783,9 +1833,9 @@ static void test_environment(void) {
   /* Order: purge_delay_ms purge_decommit huge_pages secure on_error
    * show_stats verbose limit. */
   const char *const nothing[] = {NULL};
-  check_environment(nothing, "1000 1 3 0 0 0 0 0", NULL);
+  check_environment(nothing, "1000 1 0 0 0 0 0 0", NULL);
   const char *const bad_delay[] = {"ZKMEM_PURGE_DELAY_MS", "abc", NULL};
-  check_environment(bad_delay, "1000 1 3 0 0 0 0 0",
+  check_environment(bad_delay, "1000 1 0 0 0 0 0 0",
                     "warning: ZKMEM_PURGE_DELAY_MS=\"abc\" is not valid; "
                     "using 1000");
   const char *const reserved[] = {"ZKMEM_HUGE_PAGES", "reserved", NULL};
@@ -1803,39 +1853,39 @@ static void test_environment(void) {
                                NULL};
   check_environment(words, "250 0 1 1 1 0 0 0", NULL);
   const char *const negative[] = {"ZKMEM_PURGE_DELAY_MS", "-5", NULL};
-  check_environment(negative, "1000 1 3 0 0 0 0 0",
+  check_environment(negative, "1000 1 0 0 0 0 0 0",
                     "ZKMEM_PURGE_DELAY_MS=\"-5\" is not valid");
   const char *const too_big[] = {"ZKMEM_PURGE_DELAY_MS", "99999999999999999999",
                                  NULL};
-  check_environment(too_big, "1000 1 3 0 0 0 0 0",
+  check_environment(too_big, "1000 1 0 0 0 0 0 0",
                     "ZKMEM_PURGE_DELAY_MS=\"99999999999999999999\" is not "
                     "valid");
   const char *const out_of_range[] = {"ZKMEM_HUGE_PAGES", "4", NULL};
-  check_environment(out_of_range, "1000 1 3 0 0 0 0 0",
-                    "ZKMEM_HUGE_PAGES=\"4\" is not valid; using 3");
+  check_environment(out_of_range, "1000 1 0 0 0 0 0 0",
+                    "ZKMEM_HUGE_PAGES=\"4\" is not valid; using 0");
   const char *const dense[] = {"ZKMEM_HUGE_PAGES", "DENSE", NULL};
   check_environment(dense, "1000 1 3 0 0 0 0 0", NULL);
   const char *const off[] = {"ZKMEM_HUGE_PAGES", "off", NULL};
   check_environment(off, "1000 1 0 0 0 0 0 0", NULL);
   const char *const trailing[] = {"ZKMEM_SECURE", "1x", NULL};
-  check_environment(trailing, "1000 1 3 0 0 0 0 0",
+  check_environment(trailing, "1000 1 0 0 0 0 0 0",
                     "ZKMEM_SECURE=\"1x\" is not valid");
   const char *const limit[] = {"ZKMEM_LIMIT", "64M", NULL};
-  check_environment(limit, "1000 1 3 0 0 0 0 67108864", NULL);
+  check_environment(limit, "1000 1 0 0 0 0 0 67108864", NULL);
   const char *const limit_kib[] = {"ZKMEM_LIMIT", "3KiB", NULL};
-  check_environment(limit_kib, "1000 1 3 0 0 0 0 3072", NULL);
+  check_environment(limit_kib, "1000 1 0 0 0 0 0 3072", NULL);
   const char *const limit_bad[] = {"ZKMEM_LIMIT", "64X", NULL};
-  check_environment(limit_bad, "1000 1 3 0 0 0 0 0",
+  check_environment(limit_bad, "1000 1 0 0 0 0 0 0",
                     "ZKMEM_LIMIT=\"64X\" is not valid");
   const char *const limit_huge[] = {"ZKMEM_LIMIT", "99999999999T", NULL};
-  check_environment(limit_huge, "1000 1 3 0 0 0 0 0",
+  check_environment(limit_huge, "1000 1 0 0 0 0 0 0",
                     "ZKMEM_LIMIT=\"99999999999T\" is not valid");
   const char *const empty[] = {"ZKMEM_PURGE_DELAY_MS", "", NULL};
-  check_environment(empty, "1000 1 3 0 0 0 0 0", NULL);
+  check_environment(empty, "1000 1 0 0 0 0 0 0", NULL);
   /* Verbose lists every option; show_stats prints the report at exit. */
   const char *const verbose[] = {"ZKMEM_VERBOSE", "1", "ZKMEM_SHOW_STATS", "on",
                                  NULL};
-  check_environment(verbose, "1000 1 3 0 0 1 1 0",
+  check_environment(verbose, "1000 1 0 0 0 1 1 0",
                     "zkmem: option ZKMEM_PURGE_DELAY_MS = 1000");
   static char output[1 << 16];
   run_with_environment(verbose, output, sizeof(output));
