@@ -264,9 +264,8 @@ typedef enum segment_kind { SEGMENT_NORMAL = 1, SEGMENT_HUGE } segment_kind_t;
 
 /* A segment half's advice (segment.c, "dense halves"). */
 typedef enum segment_half_state {
-  HALF_SMALL = 0,   /* none: 4 KiB pages */
-  HALF_HUGE = 1,    /* advised for transparent huge pages */
-  HALF_REFUSED = 2, /* the kernel refused: not tried again until a purge */
+  HALF_SMALL = 0, /* none: 4 KiB pages */
+  HALF_HUGE = 1,  /* advised for transparent huge pages */
 } segment_half_state_t;
 
 struct segment {
@@ -282,16 +281,18 @@ struct segment {
   /* HUGE: the block was assembled from several freed mappings, moved side
    * by side, and is as many kernel mappings. */
   uint8_t several_mappings;
-  /* NORMAL: each 2 MiB half's segment_half_state_t, when a purge last split
-   * it, and the bytes of dense pages carved in it (segment.c, "dense
-   * halves"). */
+  /* NORMAL: each 2 MiB half's segment_half_state_t and when its advice was
+   * last withdrawn (segment.c, "dense halves"). */
   uint8_t half_state[2];
   uint64_t half_split_ms[2];
-  _Atomic uint32_t half_carved[2];
   uint32_t used_slices;
   size_t mapped_size;
   uint64_t free_since_ms; /* all slices free since (NORMAL) */
   segment_t *next, *prev; /* list of NORMAL segments */
+  /* NORMAL: bytes of dense pages carved in each half, added to by any heap
+   * carving in the segment: on the header's second line, off the first,
+   * which span allocations write. */
+  _Atomic uint32_t half_carved[2];
 };
 /* A segment's slice descriptors (segment_pages): 64 of 128 bytes, in its
  * header slice after the fields above, at one of four 8 KiB offsets picked
@@ -309,6 +310,8 @@ struct segment {
 #define SEGMENT_HEADER_BYTES                                                   \
   (SEGMENT_PAGES_OFFSET +                                                      \
    (SEGMENT_COLOURS << SEGMENT_COLOUR_SHIFT)) /* 32 KiB + 128 */
+_Static_assert(offsetof(struct segment, half_carved) >= 64,
+               "carving counts off the line span allocations write");
 _Static_assert(sizeof(struct segment) <= SEGMENT_PAGES_OFFSET,
                "segment fields before the descriptors");
 _Static_assert(SLICES_PER_SEGMENT * 128 == (1 << SEGMENT_COLOUR_SHIFT),

@@ -180,7 +180,8 @@ static bool segment_guard(segment_t *segment) {
 /* ---- dense halves: ZKMEM_HUGE_PAGES=dense ----
  *
  * A 2 MiB half of a segment at least 7/8 of which dense pages have carved
- * into blocks is advised for transparent huge pages (MADV_HUGEPAGE), and
+ * into blocks is advised for transparent huge pages (MADV_HUGEPAGE) by the
+ * purge pass (halves_review; every quarter purge delay at most), and
  * the kernel's khugepaged collapses it in the background, off the
  * program's threads: one TLB entry then covers what took 512. Dense pages
  * are thread heaps' small pages of blocks no larger than an OS page
@@ -197,13 +198,21 @@ static bool segment_guard(segment_t *segment) {
  * ran 1.07x, but a heap growing by a million 64 B blocks 0.39x and the
  * producer/consumer batches 0.90x. A purge in an advised half withdraws the
  * advice (MADV_NOHUGEPAGE) before it returns the pages, so that the
- * background collapse does not bring them back; the half is advised again
- * when its carved bytes cross the mark again, but not within four purge
- * delays of the withdrawal, and never with a delay of 0. Only where
+ * background collapse does not bring them back, and so does a pass that
+ * finds the half carved below half (its pages gone, the span reused for
+ * something else); it is advised again when dense again, but not within
+ * four purge delays of the withdrawal, and never with a delay of 0. A
+ * purge of part of a collapsed half leaves the kernel holding the whole
+ * 2 MiB page until it splits its queue of such pages under memory
+ * pressure, though the RSS falls at once. Only where
  * transparent huge pages are "madvise": "always" gives them everywhere
  * anyway, "never" nowhere; not for secure segments (guard pages split the
  * half). The advice is a flag on the kernel's mapping, given and withdrawn
- * under segment_lock like the purges it orders with.
+ * under segment_lock like the purges it orders with; it takes the
+ * kernel's mapping lock for writing, so it is given in the pass, not in
+ * the carving that allocations do. The counts are kept in every mode (an
+ * atomic add per 4 KiB carved), so that the mode may be switched on at run
+ * time.
  *
  * Opt-in, not the default: khugepaged scans 16 MiB every 10 s by default,
  * so a run of seconds gains nothing (the benchmark's server runs last 0.1
@@ -238,10 +247,9 @@ static bool advice_allowed(void) {
 }
 
 /* Counts carved bytes [start, start + bytes) in or out of the halves they
- * lie in; the halves whose count reached the mark, as a bit mask. */
-static unsigned halves_count_carved(segment_t *segment, const uint8_t *start,
-                                    size_t bytes, bool carved) {
-  unsigned reached = 0;
+ * lie in. */
+static void halves_count_carved(segment_t *segment, const uint8_t *start,
+                                size_t bytes, bool carved) {
   const uint8_t *middle = (const uint8_t *)segment + HALF_BYTES;
   for (unsigned half = 0; half < 2; half++) {
     const uint8_t *low = half == 0 ? start : (start > middle ? start : middle);
@@ -251,44 +259,61 @@ static unsigned halves_count_carved(segment_t *segment, const uint8_t *start,
     if (low >= high)
       continue;
     uint32_t part = (uint32_t)(high - low);
-    if (!carved) {
+    if (carved)
+      atomic_fetch_add_explicit(&segment->half_carved[half], part,
+                                memory_order_relaxed);
+    else
       atomic_fetch_sub_explicit(&segment->half_carved[half], part,
                                 memory_order_relaxed);
-      continue;
-    }
-    uint32_t before = atomic_fetch_add_explicit(&segment->half_carved[half],
-                                                part, memory_order_relaxed);
-    if (before < HALF_DENSE_BYTES && before + part >= HALF_DENSE_BYTES)
-      reached |= 1u << half;
   }
-  return reached;
 }
 
 void segment_carved(page_t *page, uint8_t *start, size_t bytes) {
-  segment_t *segment = segment_of(page);
-  unsigned reached = halves_count_carved(segment, start, bytes, true);
-  if (likely(reached == 0))
-    return;
-  uint64_t delay = (uint64_t)option(ZK_OPTION_PURGE_DELAY_MS);
-  if (option(ZK_OPTION_HUGE_PAGES) != ZK_HUGE_PAGES_DENSE || delay == 0 ||
-      !advice_allowed())
-    return;
-  pthread_mutex_lock(&segment_lock);
+  halves_count_carved(segment_of(page), start, bytes, true);
+}
+
+/* Withdraws a half's advice (segment_lock held): false where the kernel
+ * refused, and the advice stays, to be withdrawn at the next try. */
+static bool half_withdraw(segment_t *segment, unsigned half, uint64_t now_ms) {
+  if (!os_advise_huge((uint8_t *)segment + half * HALF_BYTES, HALF_BYTES,
+                      false))
+    return false;
+  bytes_huge_backed -= HALF_BYTES;
+  segment->half_state[half] = HALF_SMALL;
+  segment->half_split_ms[half] = now_ms != 0 ? now_ms : 1;
+  return true;
+}
+
+/* The purge pass's look at a segment's halves (segment_lock held): advice
+ * for a half carved past the mark whose wait is over, withdrawn from one
+ * carved below half (its pages freed, the span reused for other things),
+ * and from all when the mode is no longer dense. In the pass, not on the
+ * carve that crosses the mark: the advice takes the kernel's mapping lock
+ * for writing, which the program's page faults wait for, and the pass
+ * also catches a crossing made while the half was waiting. */
+static void halves_review(segment_t *segment, uint64_t now_ms, uint64_t delay) {
+  bool dense = option(ZK_OPTION_HUGE_PAGES) == ZK_HUGE_PAGES_DENSE &&
+               delay != 0 && segment->huge_pages == 0 && !segment->guarded;
   for (unsigned half = 0; half < 2; half++) {
-    if (!(reached & (1u << half)) || segment->half_state[half] != HALF_SMALL ||
-        segment->huge_pages != 0 || segment->guarded ||
+    uint32_t carved =
+        atomic_load_explicit(&segment->half_carved[half], memory_order_relaxed);
+    if (segment->half_state[half] == HALF_HUGE) {
+      if (!dense || carved < HALF_BYTES / 2)
+        half_withdraw(segment, half, now_ms);
+      continue;
+    }
+    if (!dense || carved < HALF_DENSE_BYTES || !advice_allowed() ||
         (segment->half_split_ms[half] != 0 &&
-         clock_now_ms() - segment->half_split_ms[half] < 4 * delay))
+         now_ms - segment->half_split_ms[half] < 4 * delay))
       continue;
     if (os_advise_huge((uint8_t *)segment + half * HALF_BYTES, HALF_BYTES,
                        true)) {
       segment->half_state[half] = HALF_HUGE;
       bytes_huge_backed += HALF_BYTES;
     } else {
-      segment->half_state[half] = HALF_REFUSED;
+      segment->half_split_ms[half] = now_ms != 0 ? now_ms : 1;
     }
   }
-  pthread_mutex_unlock(&segment_lock);
 }
 
 /* A dense page leaving its span: its carved blocks no longer count. They
@@ -309,19 +334,15 @@ static void halves_uncount_page(page_t *page) {
 }
 
 /* Before a purge of [first, first + count): the advice of the halves it
- * touches withdrawn (segment_lock held). */
+ * touches withdrawn, so that the kernel's background collapse does not
+ * bring back the pages (segment_lock held). */
 static void halves_before_purge(segment_t *segment, size_t first, size_t count,
                                 uint64_t now_ms) {
   unsigned low = first >= SLICES_PER_SEGMENT / 2;
   unsigned high = first + count - 1 >= SLICES_PER_SEGMENT / 2;
-  for (unsigned half = low; half <= high; half++) {
-    if (segment->half_state[half] == HALF_HUGE) {
-      os_advise_huge((uint8_t *)segment + half * HALF_BYTES, HALF_BYTES, false);
-      bytes_huge_backed -= HALF_BYTES;
-      segment->half_split_ms[half] = now_ms != 0 ? now_ms : 1;
-    }
-    segment->half_state[half] = HALF_SMALL;
-  }
+  for (unsigned half = low; half <= high; half++)
+    if (segment->half_state[half] == HALF_HUGE)
+      half_withdraw(segment, half, now_ms);
 }
 
 static segment_t *segment_map_new(void) {
@@ -980,6 +1001,7 @@ static size_t segment_purge_locked(uint64_t now_ms, bool force) {
       segment = next;
       continue;
     }
+    halves_review(segment, now_ms, delay);
     for (size_t index = SEGMENT_FIRST_SLICE; index < SLICES_PER_SEGMENT;) {
       page_t *span = &segment_pages(segment)[index];
       size_t slices = span->slice_count ? span->slice_count : 1;

@@ -1342,10 +1342,16 @@ static size_t resident_pages(const void *start, size_t size) {
   return resident;
 }
 
+/* The purge pass, which gives and withdraws the advice. */
+static void dense_review(void) {
+  zk_collect(false);
+}
+
 /* Each in a thread of its own, whose heap starts in a fresh segment. */
 static void *dense_cycles(void *unused) {
   (void)unused;
   segment_t *segment = dense_fill();
+  dense_review();
   CHECK_EQ(dense_halves_advised(segment), 2);
   void *first = dense_blocks[0];
   CHECK(all_bytes_are(first, 1000, 0x3c));
@@ -1363,20 +1369,26 @@ static void *dense_cycles(void *unused) {
   CHECK(all_bytes_are(first, 1000, 0x3c));
 
   /* Dense again at once: not advised within four purge delays of the
-   * withdrawal; after them, advised again. */
-  void *first_before = first;
+   * withdrawal; after them, advised at the next pass, with no carving
+   * since. */
   CHECK(dense_fill() == segment);
+  dense_review();
   CHECK_EQ(dense_halves_advised(segment), 0);
-  dense_release();
-  zk_free(dense_blocks[0]);
   sleep_ms(4 * zk_option_get(ZK_OPTION_PURGE_DELAY_MS) + 50);
-  CHECK(dense_fill() == segment);
+  dense_review();
   CHECK_EQ(dense_halves_advised(segment), 2);
   for (int i = 0; i < dense_count; i++)
     CHECK(all_bytes_are(dense_blocks[i], 1000, 0x3c));
-  dense_release();
+
+  /* The blocks freed, the pages back in the segment and not yet purged:
+   * no longer dense, the advice goes at the next pass. */
+  for (int i = 1; i < dense_count; i++)
+    zk_free(dense_blocks[i]);
+  dense_review();
+  CHECK_EQ(dense_halves_advised(segment), 0);
+  zk_collect(true);
   zk_free(dense_blocks[0]);
-  zk_free(first_before);
+  zk_free(first);
   return NULL;
 }
 
@@ -1394,6 +1406,7 @@ static void *dense_sparse(void *unused) {
   }
   segment_t *segment = segment_of(blocks[0]);
   CHECK(segment->used_slices >= SLICES_PER_SEGMENT / 2);
+  dense_review();
   CHECK_EQ(dense_halves_advised(segment), 0);
   for (int i = 0; i < count; i++)
     zk_free(blocks[i]);
@@ -1408,6 +1421,7 @@ static void *dense_with_large(void *unused) {
   memset(large, 7, 4096);
   segment_t *segment = dense_fill();
   CHECK(segment_of(large) == segment);
+  dense_review();
   CHECK_EQ(dense_halves_advised(segment), 1);
   CHECK(segment->half_state[0] == HALF_SMALL);
   dense_release();
@@ -1420,6 +1434,7 @@ static void *dense_with_large(void *unused) {
 static void *dense_off(void *unused) {
   (void)unused;
   segment_t *segment = dense_fill();
+  dense_review();
   CHECK_EQ(dense_halves_advised(segment), 0);
   dense_release();
   zk_free(dense_blocks[0]);
@@ -1458,6 +1473,107 @@ static void test_huge_pages_dense(void) {
   }
   CHECK(zk_option_set(ZK_OPTION_HUGE_PAGES, ZK_HUGE_PAGES_OFF) == 0);
   CHECK(zk_option_set(ZK_OPTION_PURGE_DELAY_MS, 1000) == 0);
+  zk_collect(true);
+}
+
+/* The bytes dense pages carved in each half of `segment`, counted from
+ * its descriptors, against the counters the carving and the frees keep
+ * (in every mode: dense mode reads them). Threads quiet. */
+static void check_carved_counts(segment_t *segment) {
+  uint64_t expected[2] = {0, 0};
+  uint8_t *middle = (uint8_t *)segment + SEGMENT_SIZE / 2;
+  page_t *pages = segment_pages(segment);
+  for (size_t index = SEGMENT_FIRST_SLICE; index < SLICES_PER_SEGMENT;) {
+    page_t *page = &pages[index];
+    size_t slices = page->slice_count != 0 ? page->slice_count : 1;
+    if (page_dense(page) && page->capacity != 0) {
+      uint32_t to_end = page->reserved - page->carve_first;
+      uint32_t first = page->capacity < to_end ? page->capacity : to_end;
+      uint8_t *ranges[2][2] = {
+          {page->start + (size_t)page->carve_first * page->block_size,
+           page->start +
+               (size_t)(page->carve_first + first) * page->block_size},
+          {page->start,
+           page->start + (size_t)(page->capacity - first) * page->block_size}};
+      for (int r = 0; r < 2; r++) {
+        uint8_t *low = ranges[r][0], *high = ranges[r][1];
+        if (low < middle)
+          expected[0] += (size_t)((high < middle ? high : middle) - low);
+        if (high > middle)
+          expected[1] += (size_t)(high - (low > middle ? low : middle));
+      }
+    }
+    index += slices;
+  }
+  for (int half = 0; half < 2; half++)
+    CHECK_EQ(atomic_load(&segment->half_carved[half]), expected[half]);
+}
+
+#define CARVE_THREADS 4
+#define CARVE_BLOCKS  12000
+static void *carve_blocks[CARVE_THREADS][CARVE_BLOCKS];
+static pthread_barrier_t carve_barrier;
+
+static void *carve_worker(void *argument) {
+  int self = (int)(intptr_t)argument;
+  uint64_t state = 0x9e3779b97f4a7c15u * (uint64_t)(self + 1);
+  for (int i = 0; i < CARVE_BLOCKS; i++) {
+    state = state * 6364136223846793005u + 1442695040888963407u;
+    size_t size = (size_t)(state >> 33) % 4096 + 8;
+    if (i % 97 == 0)
+      size = 9000 + (size_t)(state >> 40) % 60000; /* other kinds of span */
+    carve_blocks[self][i] = zk_malloc(size);
+    CHECK(carve_blocks[self][i] != NULL);
+    memset(carve_blocks[self][i], 1, 8);
+  }
+  pthread_barrier_wait(&carve_barrier);
+  /* Half of the next thread's blocks, freed here: remote frees. */
+  int other = (self + 1) % CARVE_THREADS;
+  for (int i = self % 2; i < CARVE_BLOCKS; i += 2) {
+    zk_free(carve_blocks[other][i]);
+    carve_blocks[other][i] = NULL;
+  }
+  return NULL; /* exits with its heap's pages abandoned */
+}
+
+static void check_carved_counts_of_live_blocks(void) {
+  for (int t = 0; t < CARVE_THREADS; t++)
+    for (int i = 0; i < CARVE_BLOCKS; i++)
+      if (carve_blocks[t][i] != NULL &&
+          segment_map_state(segment_of(carve_blocks[t][i])) ==
+              SEGMENT_MAP_HEADER)
+        check_carved_counts(segment_of(carve_blocks[t][i]));
+}
+
+/* The carving counters stay exact through threads that carve, free each
+ * other's blocks and exit, pages adopted, purged and released: counted
+ * from the descriptors at each quiet point. */
+static void test_carved_counts(void) {
+  pthread_t threads[CARVE_THREADS];
+  CHECK(pthread_barrier_init(&carve_barrier, NULL, CARVE_THREADS) == 0);
+  for (int t = 0; t < CARVE_THREADS; t++)
+    CHECK(pthread_create(&threads[t], NULL, carve_worker,
+                         (void *)(intptr_t)t) == 0);
+  for (int t = 0; t < CARVE_THREADS; t++)
+    CHECK(pthread_join(threads[t], NULL) == 0);
+  pthread_barrier_destroy(&carve_barrier);
+  check_carved_counts_of_live_blocks();
+  zk_collect(false);
+  check_carved_counts_of_live_blocks();
+  for (int t = 0; t < CARVE_THREADS; t++)
+    for (int i = 0; i < CARVE_BLOCKS; i += 3)
+      if (carve_blocks[t][i] != NULL) {
+        zk_free(carve_blocks[t][i]);
+        carve_blocks[t][i] = NULL;
+      }
+  zk_collect(true);
+  check_carved_counts_of_live_blocks();
+  for (int t = 0; t < CARVE_THREADS; t++)
+    for (int i = 0; i < CARVE_BLOCKS; i++)
+      if (carve_blocks[t][i] != NULL) {
+        zk_free(carve_blocks[t][i]);
+        carve_blocks[t][i] = NULL;
+      }
   zk_collect(true);
 }
 
@@ -1941,6 +2057,7 @@ int main(int argc, char **argv) {
   RUN(test_stats_bytes);
   RUN(test_huge_pages_purge);
   RUN(test_huge_pages_dense);
+  RUN(test_carved_counts);
   RUN(test_thread_churn_reuse);
   RUN(test_reclaimed_pages_feed_bins);
   RUN(test_stale_owner_remote_free);
