@@ -262,12 +262,6 @@ ZK_INLINE bool page_dense(const page_t *page) {
 
 typedef enum segment_kind { SEGMENT_NORMAL = 1, SEGMENT_HUGE } segment_kind_t;
 
-/* A segment half's advice (segment.c, "dense halves"). */
-typedef enum segment_half_state {
-  HALF_SMALL = 0, /* none: 4 KiB pages */
-  HALF_HUGE = 1,  /* advised for transparent huge pages */
-} segment_half_state_t;
-
 struct segment {
   uintptr_t cookie; /* address ^ process secret: masking found a header */
   uint8_t kind;     /* segment_kind_t */
@@ -281,9 +275,9 @@ struct segment {
   /* HUGE: the block was assembled from several freed mappings, moved side
    * by side, and is as many kernel mappings. */
   uint8_t several_mappings;
-  /* NORMAL: each 2 MiB half's segment_half_state_t and when its advice was
-   * last withdrawn (segment.c, "dense halves"). */
-  uint8_t half_state[2];
+  /* NORMAL: whether each 2 MiB half is advised for transparent huge pages,
+   * and when its advice was last withdrawn (segment.c, "dense halves"). */
+  uint8_t half_advised[2];
   uint64_t half_split_ms[2];
   uint32_t used_slices;
   size_t mapped_size;

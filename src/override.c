@@ -310,72 +310,71 @@ static ZK_COLD void *cxx_nothrow_failed(const char *name, const void *own,
 
 /* ---- the forms ---- */
 
-ZK_EXPORT __attribute__((aligned(64))) void *_Znwm(size_t size) {
+/* The new forms' bodies: each form is a function of its own (valgrind),
+ * these are inlined into them. */
+ZK_INLINE void *cxx_new(size_t size) {
   void *p = alloc_malloc(size);
   if (likely(p != NULL))
     return p;
   return cxx_new_failed(size, 0, false);
+}
+/* std::align_val_t is a size_t underneath. */
+ZK_INLINE void *cxx_new_aligned(size_t size, size_t alignment) {
+  void *p = zk_aligned_alloc(alignment, size);
+  if (likely(p != NULL))
+    return p;
+  return cxx_new_failed(size, alignment, true);
+}
+/* `name` and `own`: the form itself, whose runtime version a failure calls
+ * (CXX_SELF). */
+ZK_INLINE void *cxx_new_nothrow(const char *name, const void *own, size_t size,
+                                size_t alignment, bool aligned) {
+  void *p = cxx_may_delegate() ? NULL
+            : aligned          ? zk_aligned_alloc(alignment, size)
+                               : alloc_malloc(size);
+  if (likely(p != NULL))
+    return p;
+  return cxx_nothrow_failed(name, own, size, alignment, aligned);
+}
+#define CXX_SELF(form) #form, (const void *)form
+
+ZK_EXPORT __attribute__((aligned(64))) void *_Znwm(size_t size) {
+  return cxx_new(size);
 }
 ZK_EXPORT __attribute__((aligned(64))) void *_Znam(size_t size) {
   if (cxx_may_delegate())
     return cxx_targets.new_single(size);
-  void *p = alloc_malloc(size);
-  if (likely(p != NULL))
-    return p;
-  return cxx_new_failed(size, 0, false);
+  return cxx_new(size);
 }
 ZK_EXPORT void *_ZnwmRKSt9nothrow_t(size_t size, const void *nothrow) {
-  void *p = cxx_may_delegate() ? NULL : alloc_malloc(size);
-  if (likely(p != NULL))
-    return p;
   (void)nothrow;
-  return cxx_nothrow_failed("_ZnwmRKSt9nothrow_t",
-                            (const void *)_ZnwmRKSt9nothrow_t, size, 0, false);
+  return cxx_new_nothrow(CXX_SELF(_ZnwmRKSt9nothrow_t), size, 0, false);
 }
 ZK_EXPORT void *_ZnamRKSt9nothrow_t(size_t size, const void *nothrow) {
-  void *p = cxx_may_delegate() ? NULL : alloc_malloc(size);
-  if (likely(p != NULL))
-    return p;
   (void)nothrow;
-  return cxx_nothrow_failed("_ZnamRKSt9nothrow_t",
-                            (const void *)_ZnamRKSt9nothrow_t, size, 0, false);
+  return cxx_new_nothrow(CXX_SELF(_ZnamRKSt9nothrow_t), size, 0, false);
 }
-/* std::align_val_t is a size_t underneath. */
 ZK_EXPORT void *_ZnwmSt11align_val_t(size_t size, size_t alignment) {
-  void *p = zk_aligned_alloc(alignment, size);
-  if (likely(p != NULL))
-    return p;
-  return cxx_new_failed(size, alignment, true);
+  return cxx_new_aligned(size, alignment);
 }
 ZK_EXPORT void *_ZnamSt11align_val_t(size_t size, size_t alignment) {
   if (cxx_may_delegate())
     return cxx_targets.new_aligned(size, alignment);
-  void *p = zk_aligned_alloc(alignment, size);
-  if (likely(p != NULL))
-    return p;
-  return cxx_new_failed(size, alignment, true);
+  return cxx_new_aligned(size, alignment);
 }
 ZK_EXPORT void *_ZnwmSt11align_val_tRKSt9nothrow_t(size_t size,
                                                    size_t alignment,
                                                    const void *nothrow) {
-  void *p = cxx_may_delegate() ? NULL : zk_aligned_alloc(alignment, size);
-  if (likely(p != NULL))
-    return p;
   (void)nothrow;
-  return cxx_nothrow_failed("_ZnwmSt11align_val_tRKSt9nothrow_t",
-                            (const void *)_ZnwmSt11align_val_tRKSt9nothrow_t,
-                            size, alignment, true);
+  return cxx_new_nothrow(CXX_SELF(_ZnwmSt11align_val_tRKSt9nothrow_t), size,
+                         alignment, true);
 }
 ZK_EXPORT void *_ZnamSt11align_val_tRKSt9nothrow_t(size_t size,
                                                    size_t alignment,
                                                    const void *nothrow) {
-  void *p = cxx_may_delegate() ? NULL : zk_aligned_alloc(alignment, size);
-  if (likely(p != NULL))
-    return p;
   (void)nothrow;
-  return cxx_nothrow_failed("_ZnamSt11align_val_tRKSt9nothrow_t",
-                            (const void *)_ZnamSt11align_val_tRKSt9nothrow_t,
-                            size, alignment, true);
+  return cxx_new_nothrow(CXX_SELF(_ZnamSt11align_val_tRKSt9nothrow_t), size,
+                         alignment, true);
 }
 
 /* The deletes other than delete(void *): their paths test one word for

@@ -272,16 +272,21 @@ void segment_carved(page_t *page, uint8_t *start, size_t bytes) {
   halves_count_carved(segment_of(page), start, bytes, true);
 }
 
-/* Withdraws a half's advice (segment_lock held): false where the kernel
- * refused, and the advice stays, to be withdrawn at the next try. */
-static bool half_withdraw(segment_t *segment, unsigned half, uint64_t now_ms) {
+/* No advice for the half before four purge delays from now (0 in
+ * half_split_ms: never withdrawn). */
+static void half_wait(segment_t *segment, unsigned half, uint64_t now_ms) {
+  segment->half_split_ms[half] = now_ms != 0 ? now_ms : 1;
+}
+
+/* Withdraws a half's advice (segment_lock held); where the kernel refuses,
+ * the advice stays, to be withdrawn at the next try. */
+static void half_withdraw(segment_t *segment, unsigned half, uint64_t now_ms) {
   if (!os_advise_huge((uint8_t *)segment + half * HALF_BYTES, HALF_BYTES,
                       false))
-    return false;
+    return;
   bytes_huge_backed -= HALF_BYTES;
-  segment->half_state[half] = HALF_SMALL;
-  segment->half_split_ms[half] = now_ms != 0 ? now_ms : 1;
-  return true;
+  segment->half_advised[half] = 0;
+  half_wait(segment, half, now_ms);
 }
 
 /* The purge pass's look at a segment's halves (segment_lock held): advice
@@ -297,7 +302,7 @@ static void halves_review(segment_t *segment, uint64_t now_ms, uint64_t delay) {
   for (unsigned half = 0; half < 2; half++) {
     uint32_t carved =
         atomic_load_explicit(&segment->half_carved[half], memory_order_relaxed);
-    if (segment->half_state[half] == HALF_HUGE) {
+    if (segment->half_advised[half]) {
       if (!dense || carved < HALF_BYTES / 2)
         half_withdraw(segment, half, now_ms);
       continue;
@@ -308,10 +313,10 @@ static void halves_review(segment_t *segment, uint64_t now_ms, uint64_t delay) {
       continue;
     if (os_advise_huge((uint8_t *)segment + half * HALF_BYTES, HALF_BYTES,
                        true)) {
-      segment->half_state[half] = HALF_HUGE;
+      segment->half_advised[half] = 1;
       bytes_huge_backed += HALF_BYTES;
     } else {
-      segment->half_split_ms[half] = now_ms != 0 ? now_ms : 1;
+      half_wait(segment, half, now_ms);
     }
   }
 }
@@ -341,7 +346,7 @@ static void halves_before_purge(segment_t *segment, size_t first, size_t count,
   unsigned low = first >= SLICES_PER_SEGMENT / 2;
   unsigned high = first + count - 1 >= SLICES_PER_SEGMENT / 2;
   for (unsigned half = low; half <= high; half++)
-    if (segment->half_state[half] == HALF_HUGE)
+    if (segment->half_advised[half])
       half_withdraw(segment, half, now_ms);
 }
 
@@ -401,7 +406,7 @@ static void segment_unmap(segment_t *segment) {
   if (segment->huge_pages)
     bytes_huge_backed -= SEGMENT_SIZE;
   for (unsigned half = 0; half < 2; half++)
-    if (segment->half_state[half] == HALF_HUGE)
+    if (segment->half_advised[half])
       bytes_huge_backed -= SEGMENT_SIZE / 2;
   track_header_gone(segment, SLICE_SIZE);
   if (os_release(segment, SEGMENT_SIZE))

@@ -1323,7 +1323,7 @@ static int dense_halves_advised(segment_t *segment) {
   int advised = 0;
   for (int half = 0; half < 2; half++) {
     uint8_t *start = (uint8_t *)segment + half * (SEGMENT_SIZE / 2);
-    bool huge = segment->half_state[half] == HALF_HUGE;
+    bool huge = segment->half_advised[half];
     advised += huge;
     CHECK_EQ(mapping_has_flag(start, "hg"), huge);
   }
@@ -1423,7 +1423,7 @@ static void *dense_with_large(void *unused) {
   CHECK(segment_of(large) == segment);
   dense_review();
   CHECK_EQ(dense_halves_advised(segment), 1);
-  CHECK(segment->half_state[0] == HALF_SMALL);
+  CHECK(!segment->half_advised[0]);
   dense_release();
   zk_free(dense_blocks[0]);
   zk_free(large);
