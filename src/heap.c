@@ -111,20 +111,29 @@ static void queue_remove(page_queue_t *queue, page_t *page) {
 /* A bin holds up to BIN_BYTES of blocks, and from BIN_MIN_COUNT to
  * BIN_MAX_COUNT of them: enough that a class's mallocs and frees, however
  * interleaved, seldom reach either end; little enough that blocks do not
- * wait long in one thread's bin while their pages could be given back. */
-#define BIN_BYTES     ((size_t)256 * 1024)
-#define BIN_MIN_COUNT 8
-#define BIN_MAX_COUNT 512
+ * wait long in one thread's bin while their pages could be given back.
+ * A thread heap's bin whose class swings past that grows (bin_grow), up
+ * to BIN_GROWN_MAX_COUNT blocks and still BIN_BYTES. */
+#define BIN_BYTES           ((size_t)256 * 1024)
+#define BIN_MIN_COUNT       8
+#define BIN_MAX_COUNT       512
+#define BIN_GROWN_MAX_COUNT 4096
+_Static_assert(BIN_GROWN_MAX_COUNT <= BIN_KEEP_MASK / 2,
+               "a room and-ed with the keep mask stays a room");
 static uint32_t bin_limit[CLASS_COUNT];
+static uint32_t bin_limit_grown[CLASS_COUNT];
+
+static uint32_t bin_count_for(unsigned class_index, size_t most) {
+  size_t count = BIN_BYTES / class_block_size[class_index];
+  if (count < BIN_MIN_COUNT)
+    count = BIN_MIN_COUNT;
+  return (uint32_t)(count > most ? most : count);
+}
 
 static void bin_limits_init(void) {
   for (unsigned c = 0; c < CLASS_COUNT; c++) {
-    size_t count = BIN_BYTES / class_block_size[c];
-    if (count < BIN_MIN_COUNT)
-      count = BIN_MIN_COUNT;
-    if (count > BIN_MAX_COUNT)
-      count = BIN_MAX_COUNT;
-    bin_limit[c] = (uint32_t)count;
+    bin_limit[c] = bin_count_for(c, BIN_MAX_COUNT);
+    bin_limit_grown[c] = bin_count_for(c, BIN_GROWN_MAX_COUNT);
   }
 }
 
@@ -144,15 +153,23 @@ static void remote_chain_limits_init(void) {
 
 /* Another heap's blocks a bin keeps (see heap_free_foreign): 128 B to
  * 1 KiB, in a thread heap's bin that ran empty since the last decay pass,
- * while it is under half full. The free fast path reads the bin's part as
- * one field, set here whenever it changes (the page's: its keep_mask). */
+ * while it holds under half its class's limit (a grown bin keeps no more
+ * of them). The free fast path reads the bin's part as one field, set here
+ * whenever it changes (the page's: its keep_mask). */
+static void bin_set_keep_floor(const heap_t *heap, bin_t *bin) {
+  unsigned class_index = (unsigned)(bin - heap->bins);
+  uint32_t size = class_block_size[class_index];
+  bin->keep_floor =
+      (bin->flags & BIN_REFILLED) && heap->task == NULL &&
+              size >= FOREIGN_KEEP_MIN && size <= FOREIGN_KEEP_MAX
+          ? (uint16_t)(bin->limit - bin_limit[class_index] / 2 + 1)
+          : BIN_KEEPS_NONE;
+}
+
 static void bin_set_refilled(const heap_t *heap, bin_t *bin, bool refilled) {
-  uint32_t size = class_block_size[bin - heap->bins];
-  bin->refilled = refilled;
-  bin->keep_floor = refilled && heap->task == NULL &&
-                            size >= FOREIGN_KEEP_MIN && size <= FOREIGN_KEEP_MAX
-                        ? (uint16_t)(bin->limit / 2 + 1)
-                        : BIN_KEEPS_NONE;
+  bin->flags = refilled ? BIN_REFILLED | BIN_CYCLED
+                        : (uint8_t)(bin->flags & ~BIN_REFILLED);
+  bin_set_keep_floor(heap, bin);
 }
 
 static bool heap_page_return_block(heap_t *heap, page_t *page, block_t *block,
@@ -167,6 +184,41 @@ static ZK_COLD void report_corrupted_list(const block_t *block, size_t size) {
 
 static void bin_set_count(bin_t *bin, uint32_t count) {
   bin->room = (int32_t)(bin->limit - count);
+}
+
+/* The blocks held stay; the room and the keep floor follow the limit. */
+static void bin_set_limit(const heap_t *heap, bin_t *bin, uint32_t limit) {
+  uint32_t count = bin_count(bin);
+  bin->limit = limit;
+  bin_set_count(bin, count);
+  bin_set_keep_floor(heap, bin);
+}
+
+/* A flush of a bin that ran empty since its last flush: the thread's live
+ * blocks of the class swing wider than the bin, and every swing would give
+ * half of it back to its pages, block by block, and take them again. A
+ * thread heap's bin doubles its limit instead, up to its class's grown
+ * limit (a task heap's bins hold blocks charged to its task: they keep
+ * theirs); the decay pass that empties it sets it back. A thread that
+ * allocates 1,600 blocks of 16 B and frees them all, over and over (glibc's
+ * malloc-simple benchmark), ran 1.17x as fast. */
+static ZK_COLD bool bin_grow(heap_t *heap, bin_t *bin) {
+  unsigned class_index = (unsigned)(bin - heap->bins);
+  if (heap->task != NULL || bin->limit >= bin_limit_grown[class_index])
+    return false;
+  uint32_t limit = bin->limit * 2;
+  bin_set_limit(heap, bin,
+                limit < bin_limit_grown[class_index]
+                    ? limit
+                    : bin_limit_grown[class_index]);
+  return bin->room >= 0; /* a refill may have taken it far past */
+}
+
+/* A bin emptied for good: back to its class's limit. */
+static void bin_reset_limit(const heap_t *heap, bin_t *bin) {
+  unsigned class_index = (unsigned)(bin - heap->bins);
+  if (bin->limit != bin_limit[class_index])
+    bin_set_limit(heap, bin, bin_limit[class_index]);
 }
 
 /* Gives the blocks of a bin beyond its first `keep` back to their pages:
@@ -278,8 +330,10 @@ void heap_bins_decay(heap_t *heap, uint64_t now) {
   heap_chains_push(heap);
   for (unsigned c = 0; c < CLASS_COUNT; c++) {
     bin_t *bin = &heap->bins[c];
-    if (!bin->refilled || thread_was_idle)
+    if ((bin->flags & BIN_REFILLED) == 0 || thread_was_idle) {
       heap_bin_trim(heap, bin, 0, idle_since);
+      bin_reset_limit(heap, bin);
+    }
     bin_set_refilled(heap, bin, false);
   }
   /* A remote free whose owner read was stale hinted the wrong heap; if no
@@ -293,10 +347,14 @@ static void heap_bins_decay_maybe(heap_t *heap) {
     purge_maybe(); /* decays this heap's bins, then purges */
 }
 
-/* The free that took a bin above its limit: keep half. */
+/* The free that took a bin above its limit: the bin grows, or keeps
+ * half. */
 ZK_NOINLINE void heap_bin_flush(heap_t *heap, bin_t *bin) {
   int saved_errno = errno; /* a free's */
-  heap_bin_trim(heap, bin, bin->limit / 2, 0);
+  bool cycled = (bin->flags & BIN_CYCLED) != 0;
+  bin->flags &= (uint8_t)~BIN_CYCLED;
+  if (!cycled || !bin_grow(heap, bin))
+    heap_bin_trim(heap, bin, bin->limit / 2, 0);
   heap_bins_decay_maybe(heap);
   errno = saved_errno;
 }
@@ -319,8 +377,10 @@ static void heap_bin_push(heap_t *heap, bin_t *bin, block_t *block) {
 
 void heap_flush_bins(heap_t *heap) {
   heap_chains_push(heap);
-  for (unsigned c = 0; c < CLASS_COUNT; c++)
+  for (unsigned c = 0; c < CLASS_COUNT; c++) {
     heap_bin_trim(heap, &heap->bins[c], 0, 0);
+    bin_reset_limit(heap, &heap->bins[c]);
+  }
   if (heap->task_credit != 0) {
     task_uncharge(heap->task, heap->task_credit);
     heap->task_credit = 0;

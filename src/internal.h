@@ -346,8 +346,8 @@ typedef struct bin {
    * free takes one, each a single read-modify-write, and the free that
    * takes it below zero flushes. */
   int32_t room;
-  uint32_t limit;   /* blocks the bin holds at most */
-  uint8_t refilled; /* ran empty since the last decay pass */
+  uint32_t limit; /* blocks the bin holds at most (see bin_grow) */
+  uint8_t flags;  /* BIN_REFILLED, BIN_CYCLED */
   /* Task sub-heaps' arena carves (heap_malloc_bin_empty), beside the head
    * the malloc just read: the class's entry in an arena's table (the class
    * carved, plus one), and the bytes a carve takes, ARENA_CARVE_NEVER for
@@ -366,6 +366,8 @@ typedef struct bin {
   uint16_t keep_floor;
   uint32_t arena_carve;
 } bin_t;
+#define BIN_REFILLED   1 /* ran empty since the last decay pass */
+#define BIN_CYCLED     2 /* ran empty since its last flush */
 #define BIN_KEEP_MASK  0x7fff
 #define BIN_KEEPS_NONE 0xffff /* above any room and-ed with the mask */
 

@@ -1,7 +1,8 @@
 /* Task heaps: accounting that follows blocks across threads, entering a
  * heap, limits that fail one heap and nest, destroy, and misuse. Checks of
  * live bytes run once the threads that used the heap are quiet, as the
- * statistics promise. */
+ * statistics promise. Also the bins every heap keeps: a thread heap's bin
+ * grows when its class swings past it, a task heap's does not. */
 #include "internal.h" /* heap_t: a list corrupted on purpose */
 #include "sizeclass.h"
 #include "test_util.h"
@@ -1323,6 +1324,79 @@ static void *over_task_thread(void *unused) {
   return NULL;
 }
 
+/* A thread that allocates a class's blocks past its bin's limit and frees
+ * them all, over and over: the bin grows until a swing fits, up to 256 KiB
+ * (4,096 blocks of 16 B), and every block stays in it instead of going
+ * back to its page; zk_collect and the decay of an unused bin set the limit
+ * back. A task heap's bin keeps its limit: its blocks are charged. */
+enum { GROW_SIZE = 16, GROW_SWING = 1600, GROW_BASE = 512, GROW_MOST = 4096 };
+static void *grow_blocks[3 * GROW_MOST];
+
+static void grow_swing(unsigned count) {
+  for (unsigned i = 0; i < count; i++) {
+    CHECK((grow_blocks[i] = zk_malloc(GROW_SIZE)) != NULL);
+    memset(grow_blocks[i], (int)i, GROW_SIZE);
+  }
+  for (unsigned i = 0; i < count; i++)
+    zk_free(grow_blocks[i]);
+}
+
+static uint32_t bin_held(const bin_t *bin) {
+  return (uint32_t)((int64_t)bin->limit - bin->room);
+}
+
+static void *grow_thread(void *unused) {
+  (void)unused;
+  zk_free(zk_malloc(GROW_SIZE)); /* a heap of its own */
+  bin_t *bin = &heap_current->bins[size_to_class(GROW_SIZE)];
+  CHECK_EQ(bin->limit, GROW_BASE);
+  for (int round = 0; round < 4; round++)
+    grow_swing(GROW_SWING);
+  CHECK(bin->limit >= GROW_SWING && bin->limit <= GROW_MOST);
+  uint32_t grown = bin->limit;
+  grow_swing(GROW_SWING); /* fits: nothing flushed, nothing grows */
+  CHECK(bin_held(bin) >= GROW_SWING);
+  CHECK_EQ(bin->limit, grown);
+  /* Swings past the most a bin may hold: it stops there and flushes. */
+  for (int round = 0; round < 6; round++)
+    grow_swing(3 * GROW_MOST);
+  CHECK_EQ(bin->limit, GROW_MOST);
+  CHECK(bin_held(bin) <= GROW_MOST);
+  zk_collect(true);
+  CHECK_EQ(bin->limit, GROW_BASE);
+  CHECK_EQ(bin_held(bin), 0);
+  /* A decay pass a whole purge delay after the last: every bin goes, and
+   * a grown one shrinks back. */
+  for (int round = 0; round < 4; round++)
+    grow_swing(GROW_SWING);
+  CHECK(bin->limit > GROW_BASE);
+  uint64_t delay = (uint64_t)zk_option_get(ZK_OPTION_PURGE_DELAY_MS);
+  heap_bins_decay(heap_current, clock_now_ms() + 2 * delay + 1);
+  CHECK_EQ(bin->limit, GROW_BASE);
+  CHECK_EQ(bin_held(bin), 0);
+  /* A task heap's bin: the same swings, the same limit. */
+  zk_heap_t *task = zk_heap_create(NULL);
+  CHECK(task != NULL);
+  CHECK(zk_heap_enter(task) == NULL);
+  bin_t *task_bin = &heap_current->bins[size_to_class(GROW_SIZE)];
+  CHECK(task_bin != bin);
+  uint32_t task_limit = task_bin->limit;
+  for (int round = 0; round < 4; round++)
+    grow_swing(GROW_SWING);
+  CHECK_EQ(task_bin->limit, task_limit);
+  CHECK(zk_heap_enter(NULL) == task);
+  zk_heap_destroy(task);
+  return NULL;
+}
+
+static void test_bins_grow(void) {
+  pthread_t thread;
+  CHECK(pthread_create(&thread, NULL, grow_thread, NULL) == 0);
+  CHECK(pthread_join(thread, NULL) == 0);
+  printf("bins grow: a 16 B bin held %d blocks, up to %d, and shrank back\n",
+         GROW_SWING, GROW_MOST);
+}
+
 static void test_bin_past_limit_keeps_nothing(void) {
   CHECK((over_foreign = zk_malloc(OVER_SIZE)) != NULL);
   CHECK((over_task = zk_heap_create(NULL)) != NULL);
@@ -1353,6 +1427,7 @@ int main(int argc, char **argv) {
   test_many_heaps();
   test_review_findings();
   test_bin_past_limit_keeps_nothing();
+  test_bins_grow();
   test_misuse();
   printf("test_heap: ok\n");
   return 0;

@@ -263,7 +263,8 @@ static void test_bins_return_blocks(void) {
 /* A bin the thread stops using gives its blocks back while the thread goes
  * on allocating other sizes. */
 static void test_bins_decay(void) {
-  enum { COUNT = 200, SIZE = 2000, CHURN = 600 };
+  /* CHURN: more 64 B blocks than a grown bin holds (4,096). */
+  enum { COUNT = 200, SIZE = 2000, CHURN = 6000 };
   unsigned c = size_to_class(SIZE);
   static void *blocks[CHURN];
   zk_collect(true);
