@@ -186,11 +186,12 @@ static void bin_set_count(bin_t *bin, uint32_t count) {
   bin->room = (int32_t)(bin->limit - count);
 }
 
-/* The blocks held stay; the room and the keep floor follow the limit. */
+/* The blocks held stay; the room and the keep floor follow the limit. The
+ * room and the limit in one store (see bin_t). */
 static void bin_set_limit(const heap_t *heap, bin_t *bin, uint32_t limit) {
-  uint32_t count = bin_count(bin);
-  bin->limit = limit;
-  bin_set_count(bin, count);
+  bin_t next = {.limit = limit};
+  bin_set_count(&next, bin_count(bin));
+  *(volatile uint64_t *)&bin->room_and_limit = next.room_and_limit;
   bin_set_keep_floor(heap, bin);
 }
 
@@ -1108,7 +1109,7 @@ ZK_STATS_READER void heap_bin_counts(const heap_t *heap,
   FOR_EACH_USED_CLASS(heap, c) {
     const bin_t *bin = &heap->bins[c];
     uint64_t frees = STATS_LOAD(bin->frees);
-    uint64_t held = BIN_COUNT_RACY(bin);
+    uint64_t held = bin_count_racy(bin);
     *pushed_less_held += frees - held;
     *pushed += frees;
     *held_bytes += held * class_block_size[c];
@@ -1121,7 +1122,7 @@ void heap_adopt_task(heap_t *heap, zk_heap_t *task) {
     arena->task = task;
   atomic_store_explicit(&heap->task, task, memory_order_release);
   for (unsigned c = 0; c < CLASS_COUNT; c++)
-    heap->bins[c].keep_floor = BIN_KEEPS_NONE; /* see bin_set_refilled */
+    heap->bins[c].keep_floor = BIN_KEEPS_NONE; /* see bin_set_keep_floor */
 }
 
 /* A task sub-heap no thread uses (its task is being destroyed): every page
@@ -1668,7 +1669,8 @@ static void heap_free_remote(page_t *page, block_t *block) {
  * shared tables), a remote free costs a CAS on the page's list and the
  * owner's walk of that list, a cache miss a block: 39% of the time of the
  * server scenario (perf). Only into a bin this thread allocates from (it
- * ran empty since the last decay pass) and while it is under half full: a
+ * ran empty since the last decay pass) and while it holds under half its
+ * class's base limit (a grown bin no more): a
  * thread that only frees (a consumer) sends every block straight back, as
  * before (keeping half a bin of them cost the producer/consumer batches
  * 10%, 11 runs side by side). A bin that overflows or decays sends its
@@ -1684,7 +1686,7 @@ static void heap_free_remote(page_t *page, block_t *block) {
  * task heap (its bins charge the task), nor for a task heap's block (its
  * heap counts it free when it is) or a secure page's (checked remote
  * free). The bin's side of these conditions is one field, keep_floor,
- * set by bin_set_refilled; the page's is its keep mask (page_set_owner).
+ * set by bin_set_keep_floor; the page's is its keep mask (page_set_owner).
  * The free fast path alone keeps blocks, testing both (bin_takes) with the
  * owner's test: what it leaves to the paths below, they check and push to
  * the block's page. */
@@ -1991,7 +1993,7 @@ ZK_STATS_READER void heap_collect_stats(zk_stats_t *out) {
       /* Pages count a bin's blocks as used: they are free. */
       const bin_t *bin = &heap->bins[c];
       uint64_t frees = STATS_LOAD(bin->frees);
-      uint64_t held = BIN_COUNT_RACY(bin);
+      uint64_t held = bin_count_racy(bin);
       out->classes[c].frees += frees;
       out->classes[c].allocations += frees - held;
       out->bytes_live -= held * class_block_size[c];

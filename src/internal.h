@@ -342,20 +342,30 @@ typedef struct heap_stats {
 typedef struct bin {
   block_t *head;  /* links encoded with the heap's bin_key */
   uint64_t frees; /* by this thread into this bin (statistics) */
-  /* How many more blocks the bin takes, limit - count: malloc adds one and
-   * free takes one, each a single read-modify-write, and the free that
-   * takes it below zero flushes. */
-  int32_t room;
-  uint32_t limit; /* blocks the bin holds at most (see bin_grow) */
-  uint8_t flags;  /* BIN_REFILLED, BIN_CYCLED */
+  union {
+    struct {
+      /* How many more blocks the bin takes, limit - count: malloc adds one
+       * and free takes one, each a single read-modify-write, and the free
+       * that takes it below zero flushes. */
+      int32_t room;
+      uint32_t limit; /* blocks the bin holds at most (see bin_grow) */
+    };
+    /* Both: a limit changes with its room in one store, and a statistics
+     * reader loads them in one (bin_count_racy), so that it never takes a
+     * room for another limit's. */
+    uint64_t room_and_limit;
+  };
+  uint8_t flags; /* BIN_REFILLED, BIN_CYCLED */
   /* Task sub-heaps' arena carves (heap_malloc_bin_empty), beside the head
    * the malloc just read: the class's entry in an arena's table (the class
    * carved, plus one), and the bytes a carve takes, ARENA_CARVE_NEVER for
    * a class that pages serve (above the arena classes, or hot). */
   uint8_t arena_code;
   /* Another heap's block is kept here while its page's keep mask and-ed
-   * with room is at least keep_floor (bin_takes): half the limit plus one
-   * while the bin is refilled and keeps its class, else BIN_KEEPS_NONE.
+   * with room is at least keep_floor (bin_takes): the limit less half the
+   * class's base limit, plus one (the bin holds under half the base
+   * limit), while the bin is refilled and keeps its class, else
+   * BIN_KEEPS_NONE.
    * A refill may take a bin past its limit (a page's remote list is taken
    * whole), and its room stays negative until the next free flushes it:
    * the mask makes such a room a large positive one, never BIN_KEEPS_NONE,
@@ -399,8 +409,11 @@ ZK_INLINE uint32_t bin_count(const bin_t *bin) {
   return (uint32_t)((int64_t)bin->limit - bin->room);
 }
 /* bin_count of another thread's bin (statistics). */
-#define BIN_COUNT_RACY(bin)                                                    \
-  ((uint32_t)((int64_t)STATS_LOAD((bin)->limit) - STATS_LOAD((bin)->room)))
+ZK_INLINE uint32_t bin_count_racy(const bin_t *bin) {
+  bin_t seen;
+  seen.room_and_limit = STATS_LOAD(bin->room_and_limit);
+  return bin_count(&seen);
+}
 
 struct heap {
   /* Fast paths: bins[class], and pool_magazines[] mapping a pool slot to

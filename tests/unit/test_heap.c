@@ -1326,16 +1326,21 @@ static void *over_task_thread(void *unused) {
 
 /* A thread that allocates a class's blocks past its bin's limit and frees
  * them all, over and over: the bin grows until a swing fits, up to 256 KiB
- * (4,096 blocks of 16 B), and every block stays in it instead of going
- * back to its page; zk_collect and the decay of an unused bin set the limit
- * back. A task heap's bin keeps its limit: its blocks are charged. */
+ * and 4,096 blocks, and every block stays in it instead of going back to
+ * its page; a flush with no refill since the last trims instead; decay,
+ * zk_collect and zk_thread_idle set the limit back. A grown bin keeps
+ * another heap's blocks only while it holds under half its base limit. A
+ * task heap's bin keeps its limit: its blocks are charged. */
 enum { GROW_SIZE = 16, GROW_SWING = 1600, GROW_BASE = 512, GROW_MOST = 4096 };
+enum { KEEP_SIZE = 128, KEEP_MOST = 2048 /* 256 KiB */, KEEP_BLOCKS = 2 };
 static void *grow_blocks[3 * GROW_MOST];
+static void *grow_foreign[KEEP_BLOCKS];
+static pthread_barrier_t grow_owner_done;
 
-static void grow_swing(unsigned count) {
+static void grow_swing(size_t size, unsigned count) {
   for (unsigned i = 0; i < count; i++) {
-    CHECK((grow_blocks[i] = zk_malloc(GROW_SIZE)) != NULL);
-    memset(grow_blocks[i], (int)i, GROW_SIZE);
+    CHECK((grow_blocks[i] = zk_malloc(size)) != NULL);
+    memset(grow_blocks[i], (int)i, size);
   }
   for (unsigned i = 0; i < count; i++)
     zk_free(grow_blocks[i]);
@@ -1345,35 +1350,93 @@ static uint32_t bin_held(const bin_t *bin) {
   return (uint32_t)((int64_t)bin->limit - bin->room);
 }
 
+static uint64_t class_live(size_t size) {
+  zk_stats_t stats;
+  zk_stats_get(&stats);
+  CHECK(stats.bytes_live < ((size_t)1 << 40)); /* no count wrapped */
+  return stats.classes[size_to_class(size)].live;
+}
+
+/* Holds blocks of KEEP_SIZE of its own heap until the grown bin's thread
+ * has freed them. */
+static void *grow_owner(void *unused) {
+  (void)unused;
+  for (int i = 0; i < KEEP_BLOCKS; i++)
+    CHECK((grow_foreign[i] = zk_malloc(KEEP_SIZE)) != NULL);
+  pthread_barrier_wait(&grow_owner_done);
+  pthread_barrier_wait(&grow_owner_done);
+  return NULL;
+}
+
+/* Pops the bin down to `held` blocks, frees another heap's block and says
+ * whether the bin took it. */
+static bool grow_bin_keeps(bin_t *bin, uint32_t held, void *foreign) {
+  unsigned popped = 0;
+  while (bin_held(bin) > held)
+    CHECK((grow_blocks[popped++] = zk_malloc(KEEP_SIZE)) != NULL);
+  CHECK_EQ(bin_held(bin), held);
+  zk_free(foreign);
+  bool kept = bin_held(bin) == held + 1;
+  for (unsigned i = 0; i < popped; i++)
+    zk_free(grow_blocks[i]);
+  return kept;
+}
+
 static void *grow_thread(void *unused) {
   (void)unused;
   zk_free(zk_malloc(GROW_SIZE)); /* a heap of its own */
   bin_t *bin = &heap_current->bins[size_to_class(GROW_SIZE)];
   CHECK_EQ(bin->limit, GROW_BASE);
+  uint64_t live_before = class_live(GROW_SIZE);
   for (int round = 0; round < 4; round++)
-    grow_swing(GROW_SWING);
+    grow_swing(GROW_SIZE, GROW_SWING);
   CHECK(bin->limit >= GROW_SWING && bin->limit <= GROW_MOST);
+  CHECK_EQ(class_live(GROW_SIZE), live_before); /* the bin's blocks: free */
   uint32_t grown = bin->limit;
-  grow_swing(GROW_SWING); /* fits: nothing flushed, nothing grows */
+  grow_swing(GROW_SIZE, GROW_SWING); /* fits: nothing flushed, nothing grows */
   CHECK(bin_held(bin) >= GROW_SWING);
   CHECK_EQ(bin->limit, grown);
   /* Swings past the most a bin may hold: it stops there and flushes. */
   for (int round = 0; round < 6; round++)
-    grow_swing(3 * GROW_MOST);
+    grow_swing(GROW_SIZE, 3 * GROW_MOST);
   CHECK_EQ(bin->limit, GROW_MOST);
   CHECK(bin_held(bin) <= GROW_MOST);
   zk_collect(true);
   CHECK_EQ(bin->limit, GROW_BASE);
   CHECK_EQ(bin_held(bin), 0);
+  CHECK_EQ(class_live(GROW_SIZE), live_before);
+  /* A free-only run after the allocations' refills: the first overflow
+   * grows the bin once, the next (no refill since) trims. */
+  for (unsigned i = 0; i < 3 * GROW_MOST; i++)
+    CHECK((grow_blocks[i] = zk_malloc(GROW_SIZE)) != NULL);
+  zk_thread_idle();
+  CHECK_EQ(bin->limit, GROW_BASE);
+  for (unsigned i = 0; i < 3 * GROW_MOST; i++)
+    zk_free(grow_blocks[i]);
+  CHECK_EQ(bin->limit, 2 * GROW_BASE);
+  zk_thread_idle();
+  CHECK_EQ(bin->limit, GROW_BASE);
   /* A decay pass a whole purge delay after the last: every bin goes, and
    * a grown one shrinks back. */
   for (int round = 0; round < 4; round++)
-    grow_swing(GROW_SWING);
+    grow_swing(GROW_SIZE, GROW_SWING);
   CHECK(bin->limit > GROW_BASE);
   uint64_t delay = (uint64_t)zk_option_get(ZK_OPTION_PURGE_DELAY_MS);
-  heap_bins_decay(heap_current, clock_now_ms() + 2 * delay + 1);
+  uint64_t now = clock_now_ms();
+  heap_current->bin_decay_ms = now - 2 * delay - 1;
+  heap_bins_decay(heap_current, now);
   CHECK_EQ(bin->limit, GROW_BASE);
   CHECK_EQ(bin_held(bin), 0);
+  /* 128 B: 256 KiB is the cap, and another heap's blocks are kept while
+   * the grown bin holds under half its base limit (256 blocks). */
+  bin_t *keep_bin = &heap_current->bins[size_to_class(KEEP_SIZE)];
+  for (int round = 0; round < 6; round++)
+    grow_swing(KEEP_SIZE, 3 * KEEP_MOST);
+  CHECK_EQ(keep_bin->limit, KEEP_MOST);
+  grow_swing(KEEP_SIZE, 600); /* refilled: keeps its class */
+  CHECK(grow_bin_keeps(keep_bin, 255, grow_foreign[0]));
+  CHECK(!grow_bin_keeps(keep_bin, 256, grow_foreign[1]));
+  pthread_barrier_wait(&grow_owner_done);
   /* A task heap's bin: the same swings, the same limit. */
   zk_heap_t *task = zk_heap_create(NULL);
   CHECK(task != NULL);
@@ -1382,7 +1445,7 @@ static void *grow_thread(void *unused) {
   CHECK(task_bin != bin);
   uint32_t task_limit = task_bin->limit;
   for (int round = 0; round < 4; round++)
-    grow_swing(GROW_SWING);
+    grow_swing(GROW_SIZE, GROW_SWING);
   CHECK_EQ(task_bin->limit, task_limit);
   CHECK(zk_heap_enter(NULL) == task);
   zk_heap_destroy(task);
@@ -1390,11 +1453,17 @@ static void *grow_thread(void *unused) {
 }
 
 static void test_bins_grow(void) {
-  pthread_t thread;
+  pthread_t owner, thread;
+  CHECK(pthread_barrier_init(&grow_owner_done, NULL, 2) == 0);
+  CHECK(pthread_create(&owner, NULL, grow_owner, NULL) == 0);
+  pthread_barrier_wait(&grow_owner_done); /* its blocks are out */
   CHECK(pthread_create(&thread, NULL, grow_thread, NULL) == 0);
   CHECK(pthread_join(thread, NULL) == 0);
-  printf("bins grow: a 16 B bin held %d blocks, up to %d, and shrank back\n",
-         GROW_SWING, GROW_MOST);
+  CHECK(pthread_join(owner, NULL) == 0);
+  pthread_barrier_destroy(&grow_owner_done);
+  printf("bins grow: a 16 B bin held %d blocks, up to %d, and shrank back; "
+         "128 B up to %d\n",
+         GROW_SWING, GROW_MOST, KEEP_MOST);
 }
 
 static void test_bin_past_limit_keeps_nothing(void) {
