@@ -1121,8 +1121,12 @@ void heap_adopt_task(heap_t *heap, zk_heap_t *task) {
   for (page_t *arena = heap->arenas; arena != NULL; arena = arena->next)
     arena->task = task;
   atomic_store_explicit(&heap->task, task, memory_order_release);
-  for (unsigned c = 0; c < CLASS_COUNT; c++)
+  for (unsigned c = 0; c < CLASS_COUNT; c++) {
+    /* A task's bins hold charged blocks and never grow: each task starts
+     * at its classes' limits, whatever the heap served before. */
+    bin_reset_limit(heap, &heap->bins[c]);
     heap->bins[c].keep_floor = BIN_KEEPS_NONE; /* see bin_set_keep_floor */
+  }
 }
 
 /* A task sub-heap no thread uses (its task is being destroyed): every page
