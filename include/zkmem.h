@@ -254,6 +254,8 @@ typedef struct zk_stats {
   size_t bytes_mapped_huge;
 } zk_stats_t;
 
+/* Exact once the threads that allocate are quiet; read while they run, an
+ * estimate of the moment, never below zero. */
 void zk_stats_get(zk_stats_t *out);
 void zk_stats_print(FILE *out);
 void zk_stats_json(FILE *out);

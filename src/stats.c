@@ -7,6 +7,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
@@ -42,13 +43,21 @@ ZK_EXPORT void zk_stats_get(zk_stats_t *out) {
   process_init();
   out->class_count = CLASS_COUNT;
   heap_collect_stats(out);
+  /* Read while other threads allocate, the sums are a moment's estimate:
+   * a page that moves between queues while they are walked, or blocks
+   * that move from a page to a bin between two reads, can make the frees
+   * read outnumber the allocations. They never read below zero. */
   for (unsigned c = 0; c < CLASS_COUNT; c++) {
     zk_class_stats_t *cls = &out->classes[c];
     cls->block_size = class_block_size[c];
+    if ((int64_t)(cls->allocations - cls->frees) < 0) /* modulo 2^64 */
+      cls->allocations = cls->frees;
     cls->live = cls->allocations - cls->frees;
   }
   segment_collect_stats(out);
   large_collect_stats(out);
+  if ((ptrdiff_t)out->bytes_live < 0)
+    out->bytes_live = 0;
   out->rss = stats_rss(&out->peak_rss);
   out->fragmentation = out->bytes_live != 0
                            ? (double)out->bytes_committed / out->bytes_live
