@@ -254,8 +254,9 @@ typedef struct zk_stats {
   size_t bytes_mapped_huge;
 } zk_stats_t;
 
-/* Exact once the threads that allocate are quiet; read while they run, an
- * estimate of the moment, never below zero. */
+/* Read while threads allocate, an estimate of the moment, never below zero.
+ * A block another thread freed counts as live until its owner's heap
+ * collects it (zk_thread_idle on the freeing thread, then zk_collect). */
 void zk_stats_get(zk_stats_t *out);
 void zk_stats_print(FILE *out);
 void zk_stats_json(FILE *out);

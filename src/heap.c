@@ -159,11 +159,13 @@ static void remote_chain_limits_init(void) {
 static void bin_set_keep_floor(const heap_t *heap, bin_t *bin) {
   unsigned class_index = (unsigned)(bin - heap->bins);
   uint32_t size = class_block_size[class_index];
-  bin->keep_floor =
-      (bin->flags & BIN_REFILLED) && heap->task == NULL &&
-              size >= FOREIGN_KEEP_MIN && size <= FOREIGN_KEEP_MAX
-          ? (uint16_t)(bin->limit - bin_limit[class_index] / 2 + 1)
-          : BIN_KEEPS_NONE;
+  /* Kept while the bin holds under half its base limit (rounded up),
+   * grown or not: the room is then above the limit less that half. */
+  uint32_t base = bin_limit[class_index];
+  bin->keep_floor = (bin->flags & BIN_REFILLED) && heap->task == NULL &&
+                            size >= FOREIGN_KEEP_MIN && size <= FOREIGN_KEEP_MAX
+                        ? (uint16_t)(bin->limit - (base - base / 2) + 1)
+                        : BIN_KEEPS_NONE;
 }
 
 static void bin_set_refilled(const heap_t *heap, bin_t *bin, bool refilled) {
@@ -215,9 +217,11 @@ static ZK_COLD bool bin_grow(heap_t *heap, bin_t *bin) {
   return bin->room >= 0; /* a refill may have taken it far past */
 }
 
-/* A bin emptied for good: back to its class's limit. */
+/* A bin emptied for good: back to its class's limit, and a flush like any
+ * other (it grows again only after running empty since). */
 static void bin_reset_limit(const heap_t *heap, bin_t *bin) {
   unsigned class_index = (unsigned)(bin - heap->bins);
+  bin->flags &= (uint8_t)~BIN_CYCLED;
   if (bin->limit != bin_limit[class_index])
     bin_set_limit(heap, bin, bin_limit[class_index]);
 }
