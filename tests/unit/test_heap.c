@@ -1347,10 +1347,6 @@ static void grow_swing(size_t size, unsigned count) {
     zk_free(grow_blocks[i]);
 }
 
-static uint32_t bin_held(const bin_t *bin) {
-  return (uint32_t)((int64_t)bin->limit - bin->room);
-}
-
 static uint64_t class_live(size_t size) {
   zk_stats_t stats;
   zk_stats_get(&stats);
@@ -1372,11 +1368,11 @@ static void *grow_owner(void *unused) {
  * whether the bin took it. */
 static bool grow_bin_keeps(bin_t *bin, uint32_t held, void *foreign) {
   unsigned popped = 0;
-  while (bin_held(bin) > held)
+  while (bin_count(bin) > held)
     CHECK((grow_blocks[popped++] = zk_malloc(KEEP_SIZE)) != NULL);
-  CHECK_EQ(bin_held(bin), held);
+  CHECK_EQ(bin_count(bin), held);
   zk_free(foreign);
-  bool kept = bin_held(bin) == held + 1;
+  bool kept = bin_count(bin) == held + 1;
   for (unsigned i = 0; i < popped; i++)
     zk_free(grow_blocks[i]);
   return kept;
@@ -1394,16 +1390,16 @@ static void *grow_thread(void *unused) {
   CHECK_EQ(class_live(GROW_SIZE), live_before); /* the bin's blocks: free */
   uint32_t grown = bin->limit;
   grow_swing(GROW_SIZE, GROW_SWING); /* fits: nothing flushed, nothing grows */
-  CHECK(bin_held(bin) >= GROW_SWING);
+  CHECK(bin_count(bin) >= GROW_SWING);
   CHECK_EQ(bin->limit, grown);
   /* Swings past the most a bin may hold: it stops there and flushes. */
   for (int round = 0; round < 6; round++)
     grow_swing(GROW_SIZE, 3 * GROW_MOST);
   CHECK_EQ(bin->limit, GROW_MOST);
-  CHECK(bin_held(bin) <= GROW_MOST);
+  CHECK(bin_count(bin) <= GROW_MOST);
   zk_collect(true);
   CHECK_EQ(bin->limit, GROW_BASE);
-  CHECK_EQ(bin_held(bin), 0);
+  CHECK_EQ(bin_count(bin), 0);
   CHECK_EQ(class_live(GROW_SIZE), live_before);
   /* A free-only run after a flush: every overflow trims. */
   for (unsigned i = 0; i < 3 * GROW_MOST; i++)
@@ -1425,7 +1421,7 @@ static void *grow_thread(void *unused) {
   heap_current->bin_decay_ms = now - 2 * delay - 1;
   heap_bins_decay(heap_current, now);
   CHECK_EQ(bin->limit, GROW_BASE);
-  CHECK_EQ(bin_held(bin), 0);
+  CHECK_EQ(bin_count(bin), 0);
   /* 128 B: 256 KiB is the cap, and another heap's blocks are kept while
    * the grown bin holds under half its base limit (256 blocks). */
   bin_t *keep_bin = &heap_current->bins[size_to_class(KEEP_SIZE)];
