@@ -1334,8 +1334,10 @@ static void *over_task_thread(void *unused) {
  * task heap's bin keeps its limit: its blocks are charged. */
 enum { GROW_SIZE = 16, GROW_SWING = 1600, GROW_BASE = 512, GROW_MOST = 4096 };
 enum { KEEP_SIZE = 128, KEEP_MOST = 2048 /* 256 KiB */, KEEP_BLOCKS = 2 };
+/* A class whose base limit is odd (409 blocks of 640 B): kept under 205. */
+enum { ODD_SIZE = 640, ODD_BASE = 409 };
 static void *grow_blocks[3 * GROW_MOST];
-static void *grow_foreign[KEEP_BLOCKS];
+static void *grow_foreign[KEEP_BLOCKS], *grow_foreign_odd[KEEP_BLOCKS];
 static pthread_barrier_t grow_owner_done;
 
 static void grow_swing(size_t size, unsigned count) {
@@ -1353,23 +1355,26 @@ static uint64_t class_live(size_t size) {
   return stats.classes[size_to_class(size)].live;
 }
 
-/* Holds blocks of KEEP_SIZE of its own heap until the grown bin's thread
- * has freed them. */
+/* Holds blocks of KEEP_SIZE and ODD_SIZE of its own heap until the grown
+ * bin's thread has freed them. */
 static void *grow_owner(void *unused) {
   (void)unused;
-  for (int i = 0; i < KEEP_BLOCKS; i++)
+  for (int i = 0; i < KEEP_BLOCKS; i++) {
     CHECK((grow_foreign[i] = zk_malloc(KEEP_SIZE)) != NULL);
+    CHECK((grow_foreign_odd[i] = zk_malloc(ODD_SIZE)) != NULL);
+  }
   pthread_barrier_wait(&grow_owner_done);
   pthread_barrier_wait(&grow_owner_done);
   return NULL;
 }
 
-/* Pops the bin down to `held` blocks, frees another heap's block and says
- * whether the bin took it. */
-static bool grow_bin_keeps(bin_t *bin, uint32_t held, void *foreign) {
+/* Pops the bin of `size` down to `held` blocks, frees another heap's block
+ * and says whether the bin took it. */
+static bool grow_bin_keeps(size_t size, uint32_t held, void *foreign) {
+  bin_t *bin = &heap_current->bins[size_to_class(size)];
   unsigned popped = 0;
   while (bin_count(bin) > held)
-    CHECK((grow_blocks[popped++] = zk_malloc(KEEP_SIZE)) != NULL);
+    CHECK((grow_blocks[popped++] = zk_malloc(size)) != NULL);
   CHECK_EQ(bin_count(bin), held);
   zk_free(foreign);
   bool kept = bin_count(bin) == held + 1;
@@ -1429,8 +1434,16 @@ static void *grow_thread(void *unused) {
     grow_swing(KEEP_SIZE, 3 * KEEP_MOST);
   CHECK_EQ(keep_bin->limit, KEEP_MOST);
   CHECK(keep_bin->flags & BIN_REFILLED); /* no decay pass since: keeps */
-  CHECK(grow_bin_keeps(keep_bin, 255, grow_foreign[0]));
-  CHECK(!grow_bin_keeps(keep_bin, 256, grow_foreign[1]));
+  CHECK(grow_bin_keeps(KEEP_SIZE, 255, grow_foreign[0]));
+  CHECK(!grow_bin_keeps(KEEP_SIZE, 256, grow_foreign[1]));
+  /* A bin that does not grow, with an odd base limit: the floor is the one
+   * before bins grew, (base + 1) / 2 blocks held stop the keeping. */
+  bin_t *odd_bin = &heap_current->bins[size_to_class(ODD_SIZE)];
+  grow_swing(ODD_SIZE, 3 * ODD_BASE);
+  CHECK_EQ(odd_bin->limit, ODD_BASE);
+  CHECK(odd_bin->flags & BIN_REFILLED);
+  CHECK(grow_bin_keeps(ODD_SIZE, ODD_BASE / 2, grow_foreign_odd[0]));
+  CHECK(!grow_bin_keeps(ODD_SIZE, ODD_BASE / 2 + 1, grow_foreign_odd[1]));
   pthread_barrier_wait(&grow_owner_done);
   /* A task heap's bin: the same swings, the same limit. */
   zk_heap_t *task = zk_heap_create(NULL);
