@@ -834,6 +834,7 @@ static void fork_parent(void) {
  * safe to destroy (taskheap.c). */
 static void fork_child(void) {
   fork_parent();
+  random_fork_child();
   heap_t *current = heap_current;
   task_fork_child(current->home != NULL ? current->home : current);
 }

@@ -788,6 +788,7 @@ ZK_INLINE size_t page_block_index(const page_t *page, const void *block) {
 }
 uint64_t random_next(uint64_t *state);
 uint64_t random_seed(void);
+void random_fork_child(void);
 
 /* ---- heap.c ---- */
 extern __thread heap_t *heap_current;

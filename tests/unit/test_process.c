@@ -10,9 +10,12 @@
 #include "zkmem.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
+#include <stdarg.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
@@ -254,6 +257,74 @@ static void test_errno_kept_without_address_space(void) {
   printf("errno kept by a malloc that fell back to an existing segment\n");
 }
 
+/* ---- the OS's entropy, read once per process ---- */
+
+/* Linked with -Wl,--wrap=open: counts zkmem's reads of /dev/urandom. */
+static atomic_uint urandom_opens;
+int __real_open(const char *path, int flags, ...);
+int __wrap_open(const char *path, int flags, ...) {
+  if (strcmp(path, "/dev/urandom") == 0)
+    atomic_fetch_add(&urandom_opens, 1);
+  mode_t mode = 0;
+  if (flags & O_CREAT) {
+    va_list arguments;
+    va_start(arguments, flags);
+    mode = (mode_t)va_arg(arguments, int);
+    va_end(arguments);
+  }
+  return __real_open(path, flags, mode);
+}
+
+#define SEED_THREADS 4
+#define SEEDS        512
+static uint64_t seeds[SEED_THREADS * SEEDS];
+
+static void *draw_seeds(void *arg) {
+  uint64_t *mine = arg;
+  zk_free(zk_malloc(32)); /* a thread heap of its own */
+  for (int i = 0; i < SEEDS; i++)
+    mine[i] = random_seed();
+  return NULL;
+}
+
+static int compare_seeds(const void *a, const void *b) {
+  uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+  return x < y ? -1 : x > y;
+}
+
+static void forked_seed_child(void) {
+  unsigned before = atomic_load(&urandom_opens);
+  zk_free(zk_malloc(64));
+  random_seed();
+  random_seed();
+  /* The child's stream is its own, read once. */
+  _exit(atomic_load(&urandom_opens) == before + 1 ? 0 : 1);
+}
+
+/* A new thread's heap draws its seed from the process's stream, with no
+ * system call (it opened /dev/urandom each time); seeds drawn at once by
+ * several threads all differ; a fork child reads the OS once for a
+ * stream of its own. */
+static void test_entropy_read_once(void) {
+  zk_free(zk_malloc(16));
+  random_seed();
+  unsigned before = atomic_load(&urandom_opens);
+  pthread_t threads[SEED_THREADS];
+  for (int i = 0; i < SEED_THREADS; i++)
+    CHECK(pthread_create(&threads[i], NULL, draw_seeds, &seeds[i * SEEDS]) ==
+          0);
+  for (int i = 0; i < SEED_THREADS; i++)
+    CHECK(pthread_join(threads[i], NULL) == 0);
+  CHECK_EQ(atomic_load(&urandom_opens), before);
+  qsort(seeds, SEED_THREADS * SEEDS, sizeof(seeds[0]), compare_seeds);
+  for (int i = 1; i < SEED_THREADS * SEEDS; i++)
+    CHECK(seeds[i] != seeds[i - 1]);
+  fflush(stdout);
+  test_expect_success("fork child's entropy", forked_seed_child);
+  printf("%d threads' heaps and %d seeds without reading /dev/urandom\n",
+         SEED_THREADS, SEED_THREADS * SEEDS);
+}
+
 /* ---- statistics read while other threads change them ---- */
 
 static void *churn_for_stats(void *arg) {
@@ -351,6 +422,7 @@ int main(int argc, char **argv) {
   test_fork_while_churning(churn);
   test_fork_while_churning(churn_large);
   test_stats_while_churning();
+  test_entropy_read_once();
   printf("test_process: ok\n");
   return 0;
 }
