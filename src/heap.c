@@ -1433,9 +1433,10 @@ static uint32_t heap_bin_take(heap_t *heap, bin_t *bin, page_t *page,
 }
 
 /* Fills an empty bin to half its limit (a full one would flush at the next
- * free) from the first page of the class's queue and, where that page has
- * fewer, the next few: the queue puts nearly full pages first (see
- * heap_unfull), and gathering keeps refills rare all the same. */
+ * free; BIN_FIRST_REFILL blocks at a first refill) from the first page of the
+ * class's queue and, where that page has fewer, the next few: the queue puts
+ * nearly full pages first (see heap_unfull), and gathering keeps refills rare
+ * all the same. */
 #define BIN_REFILL_PAGES 4
 
 /* A page's remote frees go to the bin whole, in one splice: the walk that
@@ -1483,6 +1484,8 @@ static uint32_t heap_bin_take_page(heap_t *heap, bin_t *bin, page_t *page,
 
 static uint32_t heap_bin_refill(heap_t *heap, bin_t *bin, page_t *page) {
   uint32_t want = bin->limit / 2;
+  if ((bin->flags & BIN_REFILLED) == 0 && want > BIN_FIRST_REFILL)
+    want = BIN_FIRST_REFILL;
   uint32_t got = heap_bin_take_page(heap, bin, page, want);
   unsigned pages = 1;
   for (page_t *more = page->next;

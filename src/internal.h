@@ -380,6 +380,14 @@ typedef struct bin {
 #define BIN_CYCLED     2 /* ran empty since its last flush */
 #define BIN_KEEP_MASK  0x7fff
 #define BIN_KEEPS_NONE 0xffff /* above any room and-ed with the mask */
+/* The first refill of a bin in a new heap, or after a decay pass, takes a
+ * few blocks; one that runs empty again takes half its limit. A thread
+ * that allocates once and exits walked half a bin of its page's list for
+ * one block, and gave the rest back at its exit: 3.4% of the time of a
+ * program that starts 5,000 threads each allocating one 128 B block
+ * (mleak), 0.4% with this, which ran 1.02x faster (41 alternating rounds,
+ * ahead in 27). */
+#define BIN_FIRST_REFILL 16
 
 /* Whether a free goes onto `bin`: the owner's (foreign, the owner word
  * xor the heap, is 0) always; another thread heap's block where its page's

@@ -1479,6 +1479,57 @@ static void test_bins_grow(void) {
          GROW_SWING, GROW_MOST, KEEP_MOST);
 }
 
+/* A bin's first refill after a decay pass takes BIN_FIRST_REFILL blocks
+ * from pages that hold many more; once it runs empty again, half its
+ * limit. */
+#define FIRST_SIZE   256
+#define FIRST_BLOCKS 1000
+#define FIRST_KEPT   64 /* one block in this many stays live */
+static void *first_blocks[FIRST_BLOCKS];
+
+static void *first_refill_thread(void *arg) {
+  (void)arg;
+  for (int i = 0; i < FIRST_BLOCKS; i++)
+    CHECK((first_blocks[i] = zk_malloc(FIRST_SIZE)) != NULL);
+  /* Pages with many free blocks each, kept from release by a live one. */
+  for (int i = 0; i < FIRST_BLOCKS; i++)
+    if (i % FIRST_KEPT != 0)
+      zk_free(first_blocks[i]);
+  zk_thread_idle();
+  bin_t *bin = &heap_current->bins[size_to_class(FIRST_SIZE)];
+  uint64_t delay = (uint64_t)zk_option_get(ZK_OPTION_PURGE_DELAY_MS);
+  uint64_t now = clock_now_ms();
+  heap_current->bin_decay_ms = now - 2 * delay - 1;
+  heap_bins_decay(heap_current, now);
+  CHECK_EQ(bin_count(bin), 0);
+  CHECK((bin->flags & BIN_REFILLED) == 0);
+  void *taken[BIN_FIRST_REFILL + 1];
+  CHECK((taken[0] = zk_malloc(FIRST_SIZE)) != NULL);
+  CHECK_EQ(bin_count(bin), BIN_FIRST_REFILL - 1);
+  for (int i = 1; i < BIN_FIRST_REFILL; i++)
+    CHECK((taken[i] = zk_malloc(FIRST_SIZE)) != NULL);
+  CHECK_EQ(bin_count(bin), 0);
+  CHECK((taken[BIN_FIRST_REFILL] = zk_malloc(FIRST_SIZE)) != NULL);
+  CHECK_EQ(bin_count(bin), bin->limit / 2 - 1);
+  for (int i = 0; i <= BIN_FIRST_REFILL; i++)
+    zk_free(taken[i]);
+  for (int i = 0; i < FIRST_BLOCKS; i += FIRST_KEPT)
+    zk_free(first_blocks[i]);
+  return NULL;
+}
+
+static void test_first_refill(void) {
+  long delay = zk_option_get(ZK_OPTION_PURGE_DELAY_MS);
+  CHECK(zk_option_set(ZK_OPTION_PURGE_DELAY_MS, 3600 * 1000) == 0);
+  pthread_t thread;
+  CHECK(pthread_create(&thread, NULL, first_refill_thread, NULL) == 0);
+  CHECK(pthread_join(thread, NULL) == 0);
+  CHECK(zk_option_set(ZK_OPTION_PURGE_DELAY_MS, delay) == 0);
+  printf("a bin's first refill after a decay pass took %d blocks, the next "
+         "half its limit\n",
+         BIN_FIRST_REFILL);
+}
+
 static void test_bin_past_limit_keeps_nothing(void) {
   CHECK((over_foreign = zk_malloc(OVER_SIZE)) != NULL);
   CHECK((over_task = zk_heap_create(NULL)) != NULL);
@@ -1510,6 +1561,7 @@ int main(int argc, char **argv) {
   test_review_findings();
   test_bin_past_limit_keeps_nothing();
   test_bins_grow();
+  test_first_refill();
   test_misuse();
   printf("test_heap: ok\n");
   return 0;
