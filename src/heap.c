@@ -834,9 +834,15 @@ static void fork_parent(void) {
  * safe to destroy (taskheap.c). */
 static void fork_child(void) {
   fork_parent();
-  random_fork_child();
   heap_t *current = heap_current;
-  task_fork_child(current->home != NULL ? current->home : current);
+  heap_t *home = current->home != NULL ? current->home : current;
+  /* Secure keys and shuffles of its own, not the ones its parent and every
+   * other child of this thread would draw next. */
+  if (home != &heap_empty)
+    home->random_state ^= random_seed();
+  if (current != home)
+    current->random_state ^= random_seed();
+  task_fork_child(home);
 }
 
 void process_init(void) {
@@ -1130,6 +1136,7 @@ void heap_adopt_task(heap_t *heap, zk_heap_t *task) {
     /* A task's bins hold charged blocks and never grow: each task starts
      * at its classes' limits, whatever the heap served before. */
     bin_reset_limit(heap, &heap->bins[c]);
+    heap->bins[c].flags = 0; /* its first refill takes BIN_FIRST_REFILL */
     heap->bins[c].keep_floor = BIN_KEEPS_NONE; /* see bin_set_keep_floor */
   }
 }

@@ -380,8 +380,10 @@ typedef struct bin {
 #define BIN_CYCLED     2 /* ran empty since its last flush */
 #define BIN_KEEP_MASK  0x7fff
 #define BIN_KEEPS_NONE 0xffff /* above any room and-ed with the mask */
-/* The first refill of a bin in a new heap, or after a decay pass, takes a
- * few blocks; one that runs empty again takes half its limit. A thread
+/* The first refill of a bin in a new heap, a sub-heap adopted for a task,
+ * or after a decay pass, takes a few blocks from a page's list (a page's
+ * remote list, spliced whole, may give more); one that runs empty again
+ * takes half its limit. A thread
  * that allocates once and exits walked half a bin of its page's list for
  * one block, and gave the rest back at its exit: 3.4% of the time of a
  * program that starts 5,000 threads each allocating one 128 B block
@@ -796,7 +798,6 @@ ZK_INLINE size_t page_block_index(const page_t *page, const void *block) {
 }
 uint64_t random_next(uint64_t *state);
 uint64_t random_seed(void);
-void random_fork_child(void);
 
 /* ---- heap.c ---- */
 extern __thread heap_t *heap_current;

@@ -257,16 +257,17 @@ static void test_errno_kept_without_address_space(void) {
   printf("errno kept by a malloc that fell back to an existing segment\n");
 }
 
-/* ---- the OS's entropy, read once per process ---- */
+/* ---- seeds: the OS's entropy, one system call each ---- */
 
-/* Linked with -Wl,--wrap=open: counts zkmem's reads of /dev/urandom. */
-static atomic_uint urandom_opens;
+/* Linked with -Wl,--wrap=open,--wrap=getrandom: counts zkmem's opens of
+ * /dev/urandom and its getrandom calls. */
+static atomic_uint urandom_opens, getrandom_calls;
 int __real_open(const char *path, int flags, ...);
 int __wrap_open(const char *path, int flags, ...) {
   if (strcmp(path, "/dev/urandom") == 0)
     atomic_fetch_add(&urandom_opens, 1);
   mode_t mode = 0;
-  if (flags & O_CREAT) {
+  if (flags & O_CREAT) { /* the test's own opens never pass O_TMPFILE */
     va_list arguments;
     va_start(arguments, flags);
     mode = (mode_t)va_arg(arguments, int);
@@ -275,54 +276,46 @@ int __wrap_open(const char *path, int flags, ...) {
   return __real_open(path, flags, mode);
 }
 
-#define SEED_THREADS 4
-#define SEEDS        512
-static uint64_t seeds[SEED_THREADS * SEEDS];
+ssize_t __real_getrandom(void *buffer, size_t length, unsigned flags);
+ssize_t __wrap_getrandom(void *buffer, size_t length, unsigned flags) {
+  atomic_fetch_add(&getrandom_calls, 1);
+  return __real_getrandom(buffer, length, flags);
+}
 
-static void *draw_seeds(void *arg) {
-  uint64_t *mine = arg;
-  zk_free(zk_malloc(32)); /* a thread heap of its own */
-  for (int i = 0; i < SEEDS; i++)
-    mine[i] = random_seed();
+#define SEED_THREADS 4
+
+static void *first_malloc_of_thread(void *arg) {
+  (void)arg;
+  zk_free(zk_malloc(32));
   return NULL;
 }
 
-static int compare_seeds(const void *a, const void *b) {
-  uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-  return x < y ? -1 : x > y;
-}
+static uint64_t parent_random_state;
 
 static void forked_seed_child(void) {
-  unsigned before = atomic_load(&urandom_opens);
-  zk_free(zk_malloc(64));
-  random_seed();
-  random_seed();
-  /* The child's stream is its own, read once. */
-  _exit(atomic_load(&urandom_opens) == before + 1 ? 0 : 1);
+  _exit(heap_current->random_state != parent_random_state ? 0 : 1);
 }
 
-/* A new thread's heap draws its seed from the process's stream, with no
- * system call (it opened /dev/urandom each time); seeds drawn at once by
- * several threads all differ; a fork child reads the OS once for a
- * stream of its own. */
-static void test_entropy_read_once(void) {
+/* A new thread's heap takes its seed with one getrandom call and opens no
+ * file (it opened, read and closed /dev/urandom); a fork child's heap
+ * draws secure keys of its own, not the ones its parent would draw next. */
+static void test_seeds(void) {
   zk_free(zk_malloc(16));
-  random_seed();
-  unsigned before = atomic_load(&urandom_opens);
+  unsigned opens = atomic_load(&urandom_opens);
+  unsigned calls = atomic_load(&getrandom_calls);
   pthread_t threads[SEED_THREADS];
   for (int i = 0; i < SEED_THREADS; i++)
-    CHECK(pthread_create(&threads[i], NULL, draw_seeds, &seeds[i * SEEDS]) ==
-          0);
+    CHECK(pthread_create(&threads[i], NULL, first_malloc_of_thread, NULL) == 0);
   for (int i = 0; i < SEED_THREADS; i++)
     CHECK(pthread_join(threads[i], NULL) == 0);
-  CHECK_EQ(atomic_load(&urandom_opens), before);
-  qsort(seeds, SEED_THREADS * SEEDS, sizeof(seeds[0]), compare_seeds);
-  for (int i = 1; i < SEED_THREADS * SEEDS; i++)
-    CHECK(seeds[i] != seeds[i - 1]);
+  CHECK_EQ(atomic_load(&urandom_opens), opens);
+  CHECK_EQ(atomic_load(&getrandom_calls), calls + SEED_THREADS);
+  parent_random_state = heap_current->random_state;
   fflush(stdout);
-  test_expect_success("fork child's entropy", forked_seed_child);
-  printf("%d threads' heaps and %d seeds without reading /dev/urandom\n",
-         SEED_THREADS, SEED_THREADS * SEEDS);
+  test_expect_success("fork child's seed", forked_seed_child);
+  printf("%d threads' heaps seeded with one getrandom call each, no file; a "
+         "fork child reseeded\n",
+         SEED_THREADS);
 }
 
 /* ---- statistics read while other threads change them ---- */
@@ -422,7 +415,7 @@ int main(int argc, char **argv) {
   test_fork_while_churning(churn);
   test_fork_while_churning(churn_large);
   test_stats_while_churning();
-  test_entropy_read_once();
+  test_seeds();
   printf("test_process: ok\n");
   return 0;
 }
