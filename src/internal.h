@@ -383,12 +383,11 @@ typedef struct bin {
 /* The first refill of a bin in a new heap, a sub-heap adopted for a task,
  * or after a decay pass, takes a few blocks from a page's list (a page's
  * remote list, spliced whole, may give more); one that runs empty again
- * takes half its limit. A thread
- * that allocates once and exits walked half a bin of its page's list for
- * one block, and gave the rest back at its exit: 3.4% of the time of a
- * program that starts 5,000 threads each allocating one 128 B block
- * (mleak), 0.4% with this, which ran 1.02x faster (41 alternating rounds,
- * ahead in 27). */
+ * takes half its limit. A thread that allocates once and exits walked half
+ * a bin of its page's list for one block, and gave the rest back at its
+ * exit: 3.4% of the time of a program that starts 5,000 threads each
+ * allocating one 128 B block (mleak), 0.4% with this, which ran 1.02x
+ * faster (41 alternating rounds, ahead in 27). */
 #define BIN_FIRST_REFILL 16
 
 /* Whether a free goes onto `bin`: the owner's (foreign, the owner word
