@@ -1136,8 +1136,9 @@ void heap_adopt_task(heap_t *heap, zk_heap_t *task) {
     /* A task's bins hold charged blocks and never grow: each task starts
      * at its classes' limits, whatever the heap served before. */
     bin_reset_limit(heap, &heap->bins[c]);
-    heap->bins[c].flags = 0; /* its first refill takes BIN_FIRST_REFILL */
-    heap->bins[c].keep_floor = BIN_KEEPS_NONE; /* see bin_set_keep_floor */
+    /* Not refilled: its first refill takes BIN_FIRST_REFILL, and a task
+     * heap's bin keeps no other heap's block (bin_set_keep_floor). */
+    bin_set_refilled(heap, &heap->bins[c], false);
   }
 }
 

@@ -15,7 +15,6 @@
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
@@ -267,7 +266,7 @@ int __wrap_open(const char *path, int flags, ...) {
   if (strcmp(path, "/dev/urandom") == 0)
     atomic_fetch_add(&urandom_opens, 1);
   mode_t mode = 0;
-  if (flags & O_CREAT) { /* the test's own opens never pass O_TMPFILE */
+  if (flags & O_CREAT) { /* nothing in this program opens with O_TMPFILE */
     va_list arguments;
     va_start(arguments, flags);
     mode = (mode_t)va_arg(arguments, int);
