@@ -6,7 +6,8 @@
  * spans so that a free/malloc pattern of similar sizes takes no lock.
  *
  * Huge (above LARGE_MAX, or alignment above a slice): a mapping of its own,
- * unmapped on free and resized with mremap. */
+ * resized with mremap; at free the segment layer keeps it for later huge
+ * blocks until the purge delay. */
 #include "internal.h"
 
 #include "os.h"
