@@ -128,8 +128,12 @@ static size_t alloc_usable_in(const page_t *page, const void *p) {
     return page->block_size -
            (uint32_t)((uint8_t *)p - page->start) % page->block_size;
   case PAGE_LARGE:
-  case PAGE_HUGE:
-    return page->large_size - (size_t)((uint8_t *)p - page->start);
+  case PAGE_HUGE: {
+    /* Before the block or past it: the rest of a guarded block's segment,
+     * or a mapping that is not zkmem's beside it. */
+    size_t into = (size_t)((uint8_t *)p - page->start);
+    return into < page->large_size ? page->large_size - into : 0;
+  }
   case PAGE_ARENA:
     return heap_arena_usable_size(page, p);
   default:

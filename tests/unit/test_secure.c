@@ -8,6 +8,7 @@
 #include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -238,6 +239,35 @@ static void test_guarded_blocks_work(void) {
   CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
 }
 
+/* A guarded huge block still maps the whole segment its owned-map entry
+ * names: it ends at its guard page, and starts later in the segment. A
+ * block of 2 MiB and a byte mapped 2 MiB and two pages, and a mapping the
+ * program made could sit in the rest of the segment, where zkmem took its
+ * addresses for the block's (zk_usable_size answered 2^64 - 1 MiB). An
+ * address before the block has no usable bytes. */
+static void test_guarded_block_owns_its_segment(void) {
+  pid_t child = fork();
+  if (child == 0) {
+    zk_option_set(ZK_OPTION_SECURE, 1);
+    const size_t segment = (size_t)4 << 20;
+    size_t size = ((size_t)2 << 20) + 1;
+    char *p = zk_malloc(size);
+    CHECK(p != NULL);
+    char *base = (char *)((uintptr_t)p & ~(uintptr_t)(segment - 1));
+    static unsigned char resident[1024];
+    /* mincore fails with ENOMEM where a page of the range is unmapped. */
+    CHECK(mincore(base, segment, resident) == 0);
+    CHECK(zk_usable_size(p) >= size);
+    CHECK(zk_usable_size(p - 4096) == 0);
+    CHECK(zk_usable_size(base + (64 << 10)) == 0);
+    zk_free(p);
+    _exit(0);
+  }
+  int status;
+  waitpid(child, &status, 0);
+  CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+}
+
 static void test_shuffled_order(void) {
   pid_t child = fork();
   if (child == 0) {
@@ -309,6 +339,7 @@ int main(void) {
   test_no_batch_in_address_order();
   test_guard_page();
   test_guarded_blocks_work();
+  test_guarded_block_owns_its_segment();
   printf("test_secure: ok\n");
   return 0;
 }
