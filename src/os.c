@@ -141,30 +141,40 @@ bool os_move_to(void *from, size_t size, void *to) {
 }
 
 /* A range whose pages sit in two mappings (the first page's flags
- * differ), moved with one call into a range of the probe's own. */
-static bool os_probe_moves_mappings(void) {
+ * differ), moved with one call into a range of the probe's own: 2 if it
+ * moved, 1 if the kernel refused the range (EFAULT; EINVAL), 0 if the
+ * probe could not tell (no memory or no mapping to spare: ENOMEM,
+ * EAGAIN). */
+static int os_probe_moves_mappings(void) {
   int saved_errno = errno;
   uint8_t *area = mmap(NULL, 4 * OS_PAGE_SIZE, PROT_READ | PROT_WRITE,
                        MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  bool moved = false;
+  int answer = 0;
   if (area != MAP_FAILED) {
     area[0] = area[OS_PAGE_SIZE] = 1;
-    moved = madvise(area, OS_PAGE_SIZE, MADV_DONTFORK) == 0 &&
-            mremap(area, 2 * OS_PAGE_SIZE, 2 * OS_PAGE_SIZE,
-                   MREMAP_MAYMOVE | MREMAP_FIXED,
-                   area + 2 * OS_PAGE_SIZE) != MAP_FAILED;
+    if (madvise(area, OS_PAGE_SIZE, MADV_DONTFORK) == 0) {
+      if (mremap(area, 2 * OS_PAGE_SIZE, 2 * OS_PAGE_SIZE,
+                 MREMAP_MAYMOVE | MREMAP_FIXED,
+                 area + 2 * OS_PAGE_SIZE) != MAP_FAILED)
+        answer = 2;
+      else if (errno == EFAULT || errno == EINVAL)
+        answer = 1;
+    }
     munmap(area, 4 * OS_PAGE_SIZE);
   }
   errno = saved_errno;
-  return moved;
+  return answer;
 }
 
+/* A probe that could not tell answers no for now and runs again at the
+ * next call: one refused call must not turn moves off for good. */
 bool os_moves_mappings(void) {
-  static int known; /* 0: not probed yet, 1: no, 2: yes */
+  static int known; /* 0: not known yet, 1: no, 2: yes */
   int state = __atomic_load_n(&known, __ATOMIC_RELAXED);
   if (state == 0) { /* two threads may both probe: same answer */
-    state = os_probe_moves_mappings() ? 2 : 1;
-    __atomic_store_n(&known, state, __ATOMIC_RELAXED);
+    state = os_probe_moves_mappings();
+    if (state != 0)
+      __atomic_store_n(&known, state, __ATOMIC_RELAXED);
   }
   return state == 2;
 }
