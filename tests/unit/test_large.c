@@ -1052,6 +1052,44 @@ static void test_huge_join_within_limit(void) {
   CHECK_EQ(bytes_mapped_now(), before);
 }
 
+/* A cache out of entries (32 pieces) but not of bytes drops its smallest
+ * piece, not its oldest: 31 freed 4 MiB mappings after a freed 40 MiB
+ * one, then one more, unmap a 4 MiB piece (oldest first unmapped the 40
+ * MiB one, which holds ten times the pages). Live blocks between the
+ * freed ones keep them from joining; live blocks aligned to a segment
+ * (never cached) raise the cache's limit above the pieces' bytes. */
+static void test_huge_cache_out_of_entries(void) {
+  const size_t mb = (size_t)1 << 20, header = (size_t)64 << 10;
+  enum { SMALL = 32 };
+  zk_collect(true);
+  long delay = zk_option_get(ZK_OPTION_PURGE_DELAY_MS);
+  CHECK(zk_option_set(ZK_OPTION_PURGE_DELAY_MS, 600000) == 0);
+  void *raise = zk_aligned_alloc(4 * mb, 100 * mb);
+  uint8_t *big = zk_malloc(40 * mb - header);
+  void *after_big = zk_malloc(4 * mb - header);
+  void *small[SMALL], *spacer[SMALL];
+  CHECK(raise != NULL && big != NULL && after_big != NULL);
+  for (int i = 0; i < SMALL; i++) {
+    small[i] = zk_malloc(4 * mb - header);
+    spacer[i] = zk_malloc(4 * mb - header);
+    CHECK(small[i] != NULL && spacer[i] != NULL);
+  }
+  zk_free(big);
+  for (int i = 0; i < SMALL - 1; i++)
+    zk_free(small[i]);
+  size_t full = bytes_mapped_now();
+  zk_free(small[SMALL - 1]);
+  size_t unmapped = full - bytes_mapped_now();
+  printf("a 33rd piece in a full huge cache unmapped %zu MiB\n", unmapped / mb);
+  CHECK_EQ(unmapped, 4 * mb);
+  zk_free(after_big);
+  for (int i = 0; i < SMALL; i++)
+    zk_free(spacer[i]);
+  zk_free(raise);
+  CHECK(zk_option_set(ZK_OPTION_PURGE_DELAY_MS, delay) == 0);
+  zk_collect(true);
+}
+
 static size_t kernel_mappings(void) {
   FILE *maps = fopen("/proc/self/maps", "r");
   CHECK(maps != NULL);
@@ -2086,6 +2124,7 @@ int main(int argc, char **argv) {
   RUN(test_huge_cache_follows_live);
   RUN(test_huge_neighbours_join);
   RUN(test_huge_join_within_limit);
+  RUN(test_huge_cache_out_of_entries);
   RUN(test_os_moves_mappings);
   RUN(test_huge_assembled_grows);
   RUN(test_huge_churn_then_grow);
