@@ -725,7 +725,7 @@ static segment_t *huge_pieces_assemble(size_t *total, bool *several_mappings) {
     huge_piece_take(source, move); /* its pages now back the target */
     bytes_mapped -= move;
     filled += move;
-    if ((move & (HUGE_PIECE_CUT - 1)) != 0 || filled >= bytes)
+    if ((move & (HUGE_PIECE_CUT - 1)) != 0)
       break; /* a piece's partial end ends the pieces' part */
   }
   size_t size = filled > bytes ? filled : bytes;
